@@ -1,0 +1,94 @@
+"""Grouped GEMMs over a dispatch plan: torch's grouped_mm where it runs, a per-expert loop elsewhere.
+
+Both primitives read rows [0, num_routed) of a plan-sorted operand; expert e owns rows
+``offsets[e-1]:offsets[e]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .plan import DispatchPlan
+
+Tensor = torch.Tensor
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
+    """Probe grouped_mm once per device and dtype: support differs by torch version, device and GPU arch."""
+    if _GROUPED_MM is None:
+        return False
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    try:
+        x = torch.ones(8, 16, device=device, dtype=dtype)
+        w = torch.ones(2, 16, 16, device=device, dtype=dtype)
+        offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+        out = _GROUPED_MM(x, w, offs=offs)
+        wgrad = _GROUPED_MM(x.t(), x[:, :16], offs=offs)
+        return bool((out == 16).all()) and tuple(wgrad.shape) == (2, 16, 16)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _aligned(*tensors: Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned base pointers and strides (except a unit stride)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16:
+            return False
+        if any(stride != 1 and (stride * size) % 16 for stride in t.stride()):
+            return False
+    return True
+
+
+def _use_grouped_mm(*tensors: Tensor) -> bool:
+    first = tensors[0]
+    if any(t.dtype != first.dtype for t in tensors) or not _aligned(*tensors):
+        return False
+    return _grouped_mm_works(first.device.type, first.device.index, first.dtype)
+
+
+def grouped_matmul(rows: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
+    """rows [n, in] (plan-sorted, n = num_routed) @ weight[e] [in, out] per expert -> [n, out].
+
+    ``weight`` is [E, in, out] and may be a transposed view of an [E, out, in] parameter.
+    """
+    n = plan.num_routed
+    out_features = weight.shape[-1]
+    if n == 0:
+        return rows.new_zeros(0, out_features)
+    if _use_grouped_mm(rows, weight):
+        return _GROUPED_MM(rows, weight, offs=plan.offsets)
+    out = rows.new_empty(n, out_features)
+    for expert, start, end in plan.expert_blocks():
+        torch.mm(rows[start:end], weight[expert], out=out[start:end])
+    return out
+
+
+def grouped_outer(left: Tensor, right: Tensor, plan: DispatchPlan) -> Tensor:
+    """Per-expert sum over its rows of left_rowᵀ right_row: left [n, p], right [n, q] -> [E, p, q].
+
+    This is every weight gradient (dW_e = dYᵀ X over the expert's rows). Experts with no rows get zeros.
+    """
+    num_experts, p, q = plan.num_experts, left.shape[-1], right.shape[-1]
+    if plan.num_routed == 0:
+        return left.new_zeros(num_experts, p, q)
+    left_t = left.t()
+    if _use_grouped_mm(left_t, right):
+        return _GROUPED_MM(left_t, right, offs=plan.offsets)
+    out = left.new_zeros(num_experts, p, q)
+    for expert, start, end in plan.expert_blocks():
+        torch.mm(left_t[:, start:end], right[start:end], out=out[expert])
+    return out
+
+
+def segment_sum(rows: Tensor, plan: DispatchPlan) -> Tensor:
+    """Per-expert sum of plan-sorted rows [n, d] -> [E, d] in fp32, deterministic (bias gradients)."""
+    if plan.num_routed == 0:
+        return rows.new_zeros(plan.num_experts, rows.shape[-1], dtype=torch.float32)
+    return torch.segment_reduce(rows.float(), "sum", lengths=plan.tokens_per_expert, axis=0, unsafe=True)

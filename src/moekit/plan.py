@@ -1,0 +1,92 @@
+"""The dispatch plan: which (token, slot) rows go to which expert, built once per call.
+
+Routing is the model's: it hands us ``top_k_index [T, K]``. The plan sorts the T*K (token, slot) rows by
+expert id so every expert owns one contiguous block of rows; the up-projection, the down-projection and the
+backward pass all walk the same plan. Expert-parallel sentinel rows (id == num_experts) sort to the tail and
+are excluded from every block, so they cost no GEMM work and contribute nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Rows sorted by expert. S = T*K rows in all, of which ``num_routed`` go to a real expert.
+
+    sorted_rows:       [S] int64  flat row index (token * K + slot) at each sorted position
+    token_of_row:      [S] int64  token index at each sorted position (sorted_rows // K)
+    expert_of_row:     [S] int64  expert id at each sorted position (ascending; sentinels last)
+    tokens_per_expert: [E] int64  rows per expert
+    offsets:           [E] int32  cumulative end of each expert's block (grouped_mm's ``offs``)
+    """
+
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    num_routed: int
+    sorted_rows: Tensor
+    token_of_row: Tensor
+    expert_of_row: Tensor
+    tokens_per_expert: Tensor
+    offsets: Tensor
+
+    @cached_property
+    def tokens_per_expert_list(self) -> list[int]:
+        """Host copy of ``tokens_per_expert`` for per-expert loops (one device sync, once per plan)."""
+        return self.tokens_per_expert.tolist()
+
+    def expert_blocks(self) -> list[tuple[int, int, int]]:
+        """(expert, start, end) for every expert that received rows."""
+        blocks, start = [], 0
+        for expert, count in enumerate(self.tokens_per_expert_list):
+            if count:
+                blocks.append((expert, start, start + count))
+            start += count
+        return blocks
+
+
+def build_plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
+    """Sort the routed rows of ``top_k_index [T, K]`` by expert.
+
+    Ids must lie in [0, num_experts]; ``num_experts`` itself is the expert-parallel sentinel ("not on this
+    rank") and is skipped. Anything else is a caller bug and raises instead of reading out of bounds.
+    """
+    if top_k_index.dim() != 2:
+        raise ValueError(f"top_k_index must have shape [num_tokens, top_k], got {tuple(top_k_index.shape)}")
+    if top_k_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"top_k_index must be an integer tensor, got dtype {top_k_index.dtype}")
+    num_tokens, top_k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1).long()  # [S]
+    # Counts of every id 0..E (E = sentinel) plus range statistics, fetched in one sync.
+    if expert_ids.numel():
+        low, high = torch.aminmax(expert_ids)
+        low, high = int(low), int(high)
+        if low < 0 or high > num_experts:
+            raise ValueError(
+                f"top_k_index holds expert id {low if low < 0 else high}, outside [0, {num_experts}] "
+                f"(num_experts={num_experts}; {num_experts} itself marks an expert-parallel sentinel)"
+            )
+    # Stable sort: rows of one expert keep token order, so results are reproducible run to run.
+    expert_of_row, sorted_rows = torch.sort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=num_experts + 1)
+    tokens_per_expert = counts[:num_experts]
+    offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
+    num_routed = int(expert_ids.numel() - counts[num_experts]) if expert_ids.numel() else 0
+    return DispatchPlan(
+        num_tokens=num_tokens,
+        top_k=top_k,
+        num_experts=num_experts,
+        num_routed=num_routed,
+        sorted_rows=sorted_rows,
+        token_of_row=sorted_rows // max(top_k, 1),
+        expert_of_row=expert_of_row,
+        tokens_per_expert=tokens_per_expert,
+        offsets=offsets,
+    )

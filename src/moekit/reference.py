@@ -1,0 +1,198 @@
+"""The reference engine: pure PyTorch, runs on every device, and is the oracle for the Triton kernels.
+
+Data path (S = T*K routed rows, n of them to real experts, sorted by the plan):
+
+    x [T, H] --gather--> xs [n, H] --up (+LoRA, +bias)--> h [n, 2I|I] --act--> a [n, I]
+      --down (+LoRA, +bias)--> y [n, H] --* routing weight, fp32--> combine over K --> out [T, H]
+
+Memory plan: backward keeps x, the routing weights, the plan and h. It recomputes the gather xs, the
+activation a, and never needs y: the routing-weight gradient is <dOut[token], y> = <dOut[token] @ W_down, a>
+(+ <dOut[token], b_down>), which reuses the dA GEMM backward does anyway.
+
+LoRA: per projection the caller passes A [E, R, in] and B [E, out, R] with the scaling already folded into B
+(several adapters concatenated along R), so y = x W_eᵀ + (x A_eᵀ) B_eᵀ and no ΔW is ever formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .activations import Activation
+from .grouped import grouped_matmul, grouped_outer, segment_sum
+from .plan import DispatchPlan
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """Static facts the engine needs about the experts module."""
+
+    activation: Activation
+    transposed: bool  # weights stored [E, in, out] (gpt-oss) instead of [E, out, in]
+
+
+def _in_out(weight: Tensor, transposed: bool) -> Tensor:
+    """View a stored expert weight as [E, in, out]."""
+    return weight if transposed else weight.transpose(1, 2)
+
+
+def _project(
+    rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    plan: DispatchPlan,
+    transposed: bool,
+) -> Tensor:
+    """Per-expert linear on plan-sorted rows [n, in] -> [n, out]."""
+    out = grouped_matmul(rows, _in_out(weight, transposed), plan)
+    if lora_a is not None:
+        low_rank = grouped_matmul(rows, lora_a.transpose(1, 2), plan)  # [n, R]
+        out = out + grouped_matmul(low_rank, lora_b.transpose(1, 2), plan)
+    if bias is not None:
+        out = out + bias[plan.expert_of_row[: plan.num_routed]]
+    return out
+
+
+def _weight_grad(grad_out_rows: Tensor, in_rows: Tensor, plan: DispatchPlan, transposed: bool) -> Tensor:
+    """dW in the stored layout: [E, out, in], or [E, in, out] when transposed."""
+    if transposed:
+        return grouped_outer(in_rows, grad_out_rows, plan)
+    return grouped_outer(grad_out_rows, in_rows, plan)
+
+
+def combine(rows: Tensor, plan: DispatchPlan) -> Tensor:
+    """Sum plan-sorted rows [n, H] back into tokens [T, H] in fp32.
+
+    Rows go to their (token, slot) position (each written once, so no atomics), then the K slots are
+    summed in slot order: deterministic, and sentinel slots stay zero.
+    """
+    num_rows = plan.num_tokens * plan.top_k
+    slots = rows.new_zeros(num_rows, rows.shape[-1], dtype=torch.float32)
+    slots.index_copy_(0, plan.sorted_rows[: plan.num_routed], rows.float())
+    return slots.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """Forward and backward of the whole expert layer over one dispatch plan."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        layout: ExpertsLayout,
+        plan: DispatchPlan,
+        x: Tensor,
+        routing_weights: Tensor,
+        up_weight: Tensor,
+        up_bias: Tensor | None,
+        down_weight: Tensor,
+        down_bias: Tensor | None,
+        up_lora_a: Tensor | None,
+        up_lora_b: Tensor | None,
+        down_lora_a: Tensor | None,
+        down_lora_b: Tensor | None,
+    ) -> Tensor:
+        n = plan.num_routed
+        xs = x[plan.token_of_row[:n]]  # [n, H]
+        h = _project(xs, up_weight, up_bias, up_lora_a, up_lora_b, plan, layout.transposed)  # [n, 2I|I]
+        a = layout.activation.forward(h)  # [n, I]
+        y = _project(a, down_weight, down_bias, down_lora_a, down_lora_b, plan, layout.transposed)  # [n, H]
+        row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].float()  # [n]
+        out = combine(y.float() * row_weights[:, None], plan)  # [T, H] fp32
+
+        ctx.layout, ctx.plan = layout, plan
+        ctx.save_for_backward(
+            x, routing_weights, h, up_weight, up_bias, down_weight, down_bias,
+            up_lora_a, up_lora_b, down_lora_a, down_lora_b,
+        )  # fmt: skip
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        layout, plan = ctx.layout, ctx.plan
+        (x, routing_weights, h, w_up, b_up, w_down, b_down, a_up, b_up_lora, a_down, b_down_lora) = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # aligned with forward's arguments
+        n, dtype, transposed = plan.num_routed, x.dtype, layout.transposed
+        expert_of_row = plan.expert_of_row[:n]
+
+        xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather
+        a = layout.activation.forward(h)  # [n, I] recomputed activation
+        grad_rows = grad_out[plan.token_of_row[:n]].to(dtype)  # [n, H] dOut of each row's token
+        row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].float()  # [n]
+
+        # dL/da before the routing weight: dOut @ W_down(+LoRA)  [n, I]
+        grad_a = grouped_matmul(grad_rows, _in_out(w_down, transposed).transpose(1, 2), plan)
+        grad_low_down = None
+        if a_down is not None:
+            grad_low_down = grouped_matmul(grad_rows, b_down_lora, plan)  # [n, R]
+            grad_a = grad_a + grouped_matmul(grad_low_down, a_down, plan)
+
+        grad_routing = None
+        if needs[3]:
+            # <dOut, y> without y: <dOut @ W_downᵀ..., a> + <dOut, b_down>
+            per_row = (grad_a.float() * a.float()).sum(-1)
+            if b_down is not None:
+                per_row = per_row + (grad_rows.float() * b_down[expert_of_row].float()).sum(-1)
+            grad_routing = per_row.new_zeros(plan.num_tokens * plan.top_k)
+            grad_routing.index_copy_(0, plan.sorted_rows[:n], per_row)
+            grad_routing = grad_routing.view_as(routing_weights).to(routing_weights.dtype)
+
+        grad_y = (grad_rows.float() * row_weights[:, None]).to(dtype)  # [n, H]
+        grad_a = (grad_a.float() * row_weights[:, None]).to(dtype)  # [n, I]
+
+        grad_w_down = _weight_grad(grad_y, a, plan, transposed) if needs[6] else None
+        grad_b_down = segment_sum(grad_y, plan).to(b_down.dtype) if needs[7] else None
+        grad_a_down = grad_b_down_lora = None
+        if a_down is not None:
+            if needs[11]:
+                low = grouped_matmul(a, a_down.transpose(1, 2), plan)  # [n, R]
+                grad_b_down_lora = grouped_outer(grad_y, low, plan)  # [E, H, R]
+            if needs[10]:
+                grad_low = (grad_low_down.float() * row_weights[:, None]).to(dtype)
+                grad_a_down = grouped_outer(grad_low, a, plan)  # [E, R, I]
+
+        grad_h = layout.activation.backward(h, grad_a)  # [n, 2I|I]
+
+        grad_w_up = _weight_grad(grad_h, xs, plan, transposed) if needs[4] else None
+        grad_b_up = segment_sum(grad_h, plan).to(b_up.dtype) if needs[5] else None
+        grad_xs = grouped_matmul(grad_h, _in_out(w_up, transposed).transpose(1, 2), plan) if needs[2] else None
+        grad_a_up = grad_b_up_lora = None
+        if a_up is not None:
+            grad_low_up = grouped_matmul(grad_h, b_up_lora, plan)  # [n, R]
+            if needs[9]:
+                low = grouped_matmul(xs, a_up.transpose(1, 2), plan)  # [n, R]
+                grad_b_up_lora = grouped_outer(grad_h, low, plan)  # [E, out, R]
+            if needs[8]:
+                grad_a_up = grouped_outer(grad_low_up, xs, plan)  # [E, R, H]
+            if grad_xs is not None:
+                grad_xs = grad_xs + grouped_matmul(grad_low_up, a_up, plan)
+
+        grad_x = combine(grad_xs, plan).to(dtype) if grad_xs is not None else None
+        return (
+            None, None, grad_x, grad_routing, grad_w_up, grad_b_up, grad_w_down, grad_b_down,
+            grad_a_up, grad_b_up_lora, grad_a_down, grad_b_down_lora,
+        )  # fmt: skip
+
+
+def experts_reference(
+    layout: ExpertsLayout,
+    plan: DispatchPlan,
+    x: Tensor,
+    routing_weights: Tensor,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_lora: tuple[Tensor, Tensor] | None = None,
+    down_lora: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Expert layer output [T, H] in x's dtype. LoRA pairs are (A [E, R, in], B [E, out, R]), scaling folded."""
+    up_a, up_b = up_lora if up_lora is not None else (None, None)
+    down_a, down_b = down_lora if down_lora is not None else (None, None)
+    return ExpertsFunction.apply(
+        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_a, up_b, down_a, down_b
+    )
