@@ -74,7 +74,7 @@ def combine(rows: Tensor, plan: DispatchPlan) -> Tensor:
     num_rows = plan.num_tokens * plan.top_k
     slots = rows.new_zeros(num_rows, rows.shape[-1], dtype=torch.float32)
     slots.index_copy_(0, plan.sorted_rows[: plan.num_routed], rows.float())
-    return slots.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+    return slots.view(plan.num_tokens, plan.top_k, rows.shape[-1]).sum(dim=1)
 
 
 class ExpertsFunction(torch.autograd.Function):
