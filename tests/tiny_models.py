@@ -243,7 +243,7 @@ MODEL_TYPES: list[str] = list(_REGISTRY)
 # gpt-oss clamps its SwiGLU at ``limit`` (7.0 in the checkpoints). Tiny random activations never get near 7, so
 # the tiny model lowers the limit on its experts modules to exercise both clamp branches (the backends read
 # ``module.limit``; transformers 5.17 hard-codes it in __init__, so it is set on the instance, not the config).
-GPT_OSS_TEST_LIMIT = 0.5
+GPT_OSS_TEST_LIMIT = 1.0
 
 
 def make_config(model_type: str, experts_implementation: str | None = "eager", **overrides):
@@ -334,3 +334,59 @@ def sample_batch(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     """Random token ids [batch, seq] (no special tokens)."""
     generator = torch.Generator().manual_seed(1000 + seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparison helpers shared by the parity and training tests.
+# ---------------------------------------------------------------------------------------------------------------
+
+FP32_TOL = 2e-5
+BF16_TOL = 3e-2
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|a - b| / max|b| (absolute error when ``expected`` is all zeros)."""
+    actual, expected = actual.detach().float(), expected.detach().float()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape mismatch {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits): "ce" is the model's own causal-LM loss with labels=input_ids, "sumsq" is sum(logits²)."""
+    if loss == "ce":
+        out = model(input_ids=input_ids, labels=input_ids)
+        return out.loss, out.logits
+    if loss == "sumsq":
+        logits = model(input_ids=input_ids).logits
+        return logits.float().square().sum(), logits
+    raise ValueError(loss)
+
+
+def forward_backward(
+    model: torch.nn.Module, input_ids: torch.Tensor, loss: str = "ce"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Run one forward and backward; returns (logits, {trainable parameter name: grad})."""
+    model.zero_grad(set_to_none=True)
+    value, logits = lm_loss(model, input_ids, loss)
+    value.backward()
+    grads = {name: (p.grad.detach().clone() if p.grad is not None else None)
+             for name, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    return logits.detach(), grads
+
+
+def add_lora(model: torch.nn.Module, seed: int = 0, r: int = 4, alpha: int = 8):
+    """``peft.get_peft_model`` with LoRA on both expert projections; A and B re-initialised to random values."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=[], target_parameters=lora_target_parameters(model))
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                value = 0.1 * torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                param.copy_(value.to(param.dtype))
+    return peft_model

@@ -36,12 +36,10 @@ def _grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.d
 
 
 def _aligned(*tensors: Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned base pointers and strides (except a unit stride)."""
+    """grouped_mm needs 16-byte aligned base pointers, one unit stride, and 16-byte multiples for the others."""
     for t in tensors:
-        size = t.element_size()
-        if t.data_ptr() % 16:
-            return False
-        if any(stride != 1 and (stride * size) % 16 for stride in t.stride()):
+        unit, *others = sorted(t.stride())
+        if t.data_ptr() % 16 or unit != 1 or any((stride * t.element_size()) % 16 for stride in others):
             return False
     return True
 

@@ -1,0 +1,88 @@
+"""Down-projection (and dX): grouped GEMM over plan-sorted rows + bias + routing weight in the epilogue.
+
+    out[r] = (A[r] @ B[e] (+ bias[e])) * (routing_weight[sorted_rows[r]] if SCALE)     r in expert e's block
+
+Forward: A = a [n, I], B = W_down viewed [E, I, H], with bias and routing weight: out = the weighted expert
+output, which the combine kernel sums over K. Backward dX: A = dL/dh [n, W], B = W_up viewed [E, W, H], no bias,
+no weight. Operands are read through strides, so stored [E, out, in] and transposed [E, in, out] weights both
+work without copies. Accumulation in fp32, one rounding to the output dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiling import Autotuned, block_e, dot_precision, expert_tile, num_row_tiles, rows_bucket, swizzle
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr,
+    n_rows, E, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
+    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(n_rows, BLOCK_M) + tl.minimum(E, n_rows)
+    pid_m, pid_n = swizzle(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    total, expert, row_start, row_end = expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E)
+    if pid_m >= total:
+        return
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
+    rows64 = tl.where(m_mask, offs_m, row_start).to(tl.int64)  # clamp: loads stay inside the block
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(at, wt, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if SCALE:
+        slot = tl.load(rows_ptr + rows64)
+        acc *= tl.load(rw_ptr + slot).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+_KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=["N", "K", "M_BUCKET", "HAS_BIAS", "SCALE"])
+
+
+def grouped_gemm(rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None):
+    """rows [n, K] (plan-sorted) @ weight[e] [K, N] (+ bias[e]) (* routing weight per row) -> [n, N]."""
+    num_experts, k_dim, n_dim = weight_in_out.shape
+    out = rows.new_empty(n, n_dim)
+    if n == 0:
+        return out
+    has_bias, scale = bias is not None, routing_weights is not None
+    b = bias if has_bias else out
+    rw = routing_weights if scale else out
+    idx = sorted_rows if scale else counts
+
+    def grid(meta):
+        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+
+    _KERNEL[grid](
+        rows, weight_in_out, b, rw, idx, out, counts,
+        n, num_experts, n_dim, k_dim, rows_bucket(n, num_experts),
+        rows.stride(0), rows.stride(1), *weight_in_out.stride(),
+        b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
+        HAS_BIAS=has_bias, SCALE=scale,
+        PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,120 @@
+"""Up-projection: gather token rows + grouped GEMM + bias + fused activation epilogue.
+
+    h[r] = x[token_of_row[r]] @ W_up[e]  (+ b_up[e])       r in expert e's block, h [n, W], W = 2I (gated) or I
+    a[r] = act(h[r])                                        a [n, I]
+
+The token rows are gathered inside the kernel's operand loads (no [n, H] copy of x). Each program owns a
+BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it runs two accumulators, one over the gate columns and one
+over the matching up columns of W_up (concatenated: j and I + j; interleaved: 2j and 2j + 1), so the
+activation is applied in registers. ``h`` is stored (rounded to the input dtype) for backward and ``a`` is
+computed from the rounded h, as the reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import act_fn, gated_forward
+from .tiling import Autotuned, block_e, dot_precision, expert_tile, num_row_tiles, rows_bucket, swizzle
+
+
+@triton.jit
+def _up_proj_kernel(
+    x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, a_ptr, counts_ptr,
+    n_rows, E, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_hm, stride_am,
+    up_off, alpha, limit,
+    ACT: tl.constexpr, GATED: tl.constexpr, COL_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(n_rows, BLOCK_M) + tl.minimum(E, n_rows)
+    pid_m, pid_n = swizzle(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    total, expert, row_start, row_end = expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E)
+    if pid_m >= total:
+        return
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    tok = tl.load(tok_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    col_g = offs_n * COL_STRIDE  # gate column (or the only column, non-gated)
+    wg_ptrs = w_base + offs_k[:, None] * stride_wk + col_g[None, :].to(tl.int64) * stride_wn
+    wu_ptrs = wg_ptrs + up_off * stride_wn
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc_g = tl.dot(xt, wg, acc_g, input_precision=PRECISION)
+        if GATED:
+            wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc_u = tl.dot(xt, wu, acc_u, input_precision=PRECISION)
+            wu_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wk
+
+    dtype = h_ptr.dtype.element_ty
+    if HAS_BIAS:
+        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        acc_g += tl.load(b_base + col_g * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + (col_g + up_off) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    rows64 = offs_m.to(tl.int64)
+    h_rows = h_ptr + rows64[:, None] * stride_hm
+    hg = acc_g.to(dtype)
+    tl.store(h_rows + col_g[None, :], hg, mask=out_mask)
+    if GATED:
+        hu = acc_u.to(dtype)
+        tl.store(h_rows + (col_g + up_off)[None, :], hu, mask=out_mask)
+        a = gated_forward(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT)
+    else:
+        a = act_fn(hg.to(tl.float32), ACT)
+    tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], a.to(dtype), mask=out_mask)
+
+
+_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=["N", "K", "M_BUCKET"])
+_GATED = Autotuned(_up_proj_kernel, "gated", key=["N", "K", "M_BUCKET"])
+
+
+def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation):
+    """h [n, W], a [n, I] for plan rows [0, n). ``weight_in_out`` is W_up viewed [E, H, W] (any strides)."""
+    num_experts, hidden, width = weight_in_out.shape
+    gated = activation.gated
+    inner = width // 2 if gated else width
+    h = x.new_empty(n, width)
+    a = x.new_empty(n, inner)
+    if n == 0:
+        return h, a
+    if gated and not activation.concatenated:
+        col_stride, up_off = 2, 1
+    else:
+        col_stride, up_off = 1, inner
+    kernel = _GATED if gated else _PLAIN
+
+    def grid(meta):
+        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(inner, meta["BLOCK_N"]),)
+
+    has_bias = bias is not None
+    b = bias if has_bias else h
+    kernel[grid](
+        x, token_of_row, weight_in_out, b, h, a, counts,
+        n, num_experts, inner, hidden, rows_bucket(n, num_experts),
+        x.stride(0), x.stride(1), *weight_in_out.stride(),
+        b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, h.stride(0), a.stride(0),
+        up_off, float(activation.alpha), float(activation.limit),
+        ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride, HAS_BIAS=has_bias,
+        PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
+    )  # fmt: skip
+    return h, a

@@ -1,0 +1,212 @@
+"""PEFT LoRA on expert weights (``target_parameters``) through moekit: exact, and never builds ΔW."""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
+
+import moekit
+import moekit.reference
+
+from experts_factory import FAMILIES, make_experts, make_inputs, rel_err
+
+
+class Block(torch.nn.Module):
+    """The smallest model PEFT can wrap: a parent holding ``experts``."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.experts(hidden_states, top_k_index, top_k_weights)
+
+
+def _targets(experts: torch.nn.Module, which: str = "both") -> list[str]:
+    up = "experts.gate_up_proj" if experts.has_gate else "experts.up_proj"
+    return {"both": [up, "experts.down_proj"], "up": [up], "down": ["experts.down_proj"]}[which]
+
+
+def _lora_model(family, dtype=torch.float32, rank=4, which="both", use_rslora=False, seed=0):
+    experts = make_experts(family, dtype=dtype, seed=seed)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank + 1, target_modules=[], target_parameters=_targets(experts, which),
+        use_rslora=use_rslora, init_lora_weights=False,  # random, non-zero B: the adapter changes the output
+    )  # fmt: skip
+    model = get_peft_model(Block(experts), config)
+    return model, experts
+
+
+def _forward_backward(model, experts, implementation, inputs):
+    experts.config._experts_implementation = implementation
+    model.zero_grad(set_to_none=True)
+    x, index, weights = inputs
+    x = x.clone().requires_grad_(True)
+    weights = weights.clone().requires_grad_(True)
+    out = model(x, index, weights)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    (out.float() * upstream.float()).sum().backward()
+    grads = {"x": x.grad, "routing_weights": weights.grad}
+    grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    return out.detach(), grads
+
+
+@contextlib.contextmanager
+def _no_delta_weight():
+    """Fail if PEFT is asked for ΔW (or its factors) while moekit runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ΔW was requested on the moekit path")
+
+    with mock.patch.object(ParamWrapper, "get_delta_weight", refuse), mock.patch.object(
+        ParamWrapper, "get_delta_factors", refuse
+    ):
+        yield
+
+
+def _compare(model, experts, inputs, tol):
+    """moekit (with ΔW forbidden) against PEFT + eager on the same model."""
+    theirs = _forward_backward(model, experts, "eager", inputs)
+    with _no_delta_weight():
+        ours = _forward_backward(model, experts, "moekit", inputs)
+    assert rel_err(ours[0], theirs[0]) <= tol
+    assert ours[1].keys() == theirs[1].keys()
+    for name in theirs[1]:
+        assert rel_err(ours[1][name], theirs[1][name]) <= tol, name
+    return ours
+
+
+@pytest.mark.parametrize("rank", [1, 8])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_matches_peft_and_builds_no_delta_weight(family, rank, monkeypatch):
+    model, experts = _lora_model(family, rank=rank)
+    inputs = make_inputs(30, 32, 6, 2)
+    theirs = _forward_backward(model, experts, "eager", inputs)
+    weight_grad_calls = []
+    original = moekit.reference._weight_grad
+    monkeypatch.setattr(moekit.reference, "_weight_grad", lambda *a: weight_grad_calls.append(1) or original(*a))
+    with _no_delta_weight():
+        ours = _forward_backward(model, experts, "moekit", inputs)
+    assert rel_err(ours[0], theirs[0]) <= 2e-5
+    assert ours[1].keys() == theirs[1].keys()
+    assert any("lora_A" in name for name in ours[1]) and any("lora_B" in name for name in ours[1])
+    for name in theirs[1]:
+        assert rel_err(ours[1][name], theirs[1][name]) <= 2e-5, name
+    assert not weight_grad_calls, "a frozen base must get no weight-gradient work"
+    assert all(p.grad is None for p in experts.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_bf16(family):
+    """bf16 moekit against the exact answer: PEFT + eager in fp32 on the same (bf16-representable) weights.
+
+    PEFT's own bf16 path rounds W + ΔW to bf16 before the GEMM; on gpt-oss that flips clamp decisions and
+    puts it 0.14 off the exact gradient, while moekit (base and low-rank products kept apart) stays < 0.01.
+    """
+    model, experts = _lora_model(family, dtype=torch.bfloat16)
+    inputs = make_inputs(30, 32, 6, 2, dtype=torch.bfloat16)
+    with _no_delta_weight():
+        ours = _forward_backward(model, experts, "moekit", inputs)
+    model.float()
+    exact = _forward_backward(model, experts, "eager", tuple(t.float() if t.is_floating_point() else t for t in inputs))
+    assert rel_err(ours[0], exact[0]) <= 3e-2
+    for name in exact[1]:
+        assert rel_err(ours[1][name], exact[1][name]) <= 3e-2, name
+
+
+@pytest.mark.parametrize("which", ["up", "down"])
+def test_lora_on_one_projection(which):
+    model, experts = _lora_model("qwen3_moe", which=which)
+    _compare(model, experts, make_inputs(30, 32, 6, 2), 2e-5)
+
+
+def test_rslora():
+    model, experts = _lora_model("nemotron_h", rank=4, use_rslora=True)
+    wrapper = next(m for m in model.modules() if isinstance(m, ParamWrapper))
+    assert wrapper.scaling["default"] == pytest.approx(9 / 2)  # alpha / sqrt(r)
+    _compare(model, experts, make_inputs(30, 32, 6, 2), 2e-5)
+
+
+def test_several_active_adapters_sum():
+    model, experts = _lora_model("gpt_oss", rank=2)
+    second = LoraConfig(
+        r=3, lora_alpha=5, target_modules=[], target_parameters=_targets(experts), init_lora_weights=False
+    )
+    model.add_adapter("second", second)
+    model.base_model.set_adapter(["default", "second"])
+    ours = _compare(model, experts, make_inputs(30, 32, 6, 2), 2e-5)
+    assert any("second" in name for name in ours[1]) and any("default" in name for name in ours[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainable_base_plus_lora(family):
+    model, experts = _lora_model(family)
+    experts.requires_grad_(True)
+    _compare(model, experts, make_inputs(30, 32, 6, 2), 2e-5)
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in experts.parameters())
+
+
+def test_every_expert_with_tokens_gets_adapter_gradients():
+    model, experts = _lora_model("nemotron_h", rank=2)
+    x, index, weights = make_inputs(20, 32, 6, 2)
+    index = index % 4  # experts 4 and 5 get nothing
+    index[:, 1] = (index[:, 0] + 1) % 4
+    _, grads = _forward_backward(model, experts, "moekit", (x, index, weights))
+    for name, grad in grads.items():
+        if "lora_A" in name:
+            per_expert = grad.view(6, 2, -1).abs().amax(dim=(1, 2))  # rows e*r:(e+1)*r
+        elif "lora_B" in name:
+            per_expert = grad.view(grad.shape[0], 2, 6).abs().amax(dim=(0, 1))  # columns e::E
+        else:
+            continue
+        assert (per_expert[:4] > 0).all(), name
+        assert (per_expert[4:] == 0).all(), name
+
+
+def test_enable_before_get_peft_model():
+    experts = make_experts("qwen3_moe")
+    block = Block(experts)
+    experts.config._experts_implementation = "moekit"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=_targets(experts), init_lora_weights=False)
+    model = get_peft_model(block, config)
+    calls = []
+    original = moekit.backend.experts_reference
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["up_lora"] is not None and kwargs["down_lora"] is not None)
+        return original(*args, **kwargs)
+
+    moekit.backend.experts_reference = spy
+    try:
+        model(*make_inputs(10, 32, 6, 2))
+    finally:
+        moekit.backend.experts_reference = original
+    assert calls == [True]
+
+
+def test_disabled_and_merged_adapters_follow_peft():
+    model, experts = _lora_model("qwen3_moe")
+    inputs = make_inputs(10, 32, 6, 2)
+    with model.disable_adapter():
+        base_out = _forward_backward(model, experts, "moekit", inputs)[0]
+        eager_base = _forward_backward(model, experts, "eager", inputs)[0]
+    assert rel_err(base_out, eager_base) <= 2e-5
+    lora_out = _forward_backward(model, experts, "moekit", inputs)[0]
+    assert rel_err(lora_out, base_out) > 1e-3  # the adapter matters
+    model.merge_adapter()
+    merged_out = _forward_backward(model, experts, "moekit", inputs)[0]
+    assert rel_err(merged_out, lora_out) <= 2e-5
+
+
+def test_lora_on_an_unsupported_expert_parameter_is_refused():
+    experts = make_experts("gpt_oss")
+    config = LoraConfig(r=2, target_modules=[], target_parameters=["experts.down_proj_bias"])
+    model = get_peft_model(Block(experts), config)
+    experts.config._experts_implementation = "moekit"
+    with pytest.raises(ValueError, match="cannot apply LoRA to expert parameter 'down_proj_bias'"):
+        model(*make_inputs(10, 32, 6, 2))
