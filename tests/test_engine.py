@@ -208,3 +208,22 @@ def test_saves_less_for_backward_than_grouped_mm(family):
     theirs = _saved_activation_bytes(module, "grouped_mm", inputs)
     # x [T, H] + h [T*K, 2I|I] + the plan, against grouped_mm's gathered input, pre- and post-activation, ...
     assert ours < 0.6 * theirs, (ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def test_engine_selection(monkeypatch):
+    from moekit.backend import experts_layout, select_engine
+
+    module = make_experts("qwen3_moe")
+    layout = experts_layout(module)
+    x = torch.randn(2, 32)
+    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    assert select_engine(x, layout, has_lora=False) == "reference"  # CPU
+    monkeypatch.setenv("MOEKIT_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="MOEKIT_BACKEND=triton, but the Triton engine cannot run here"):
+        select_engine(x, layout, has_lora=False)
+    monkeypatch.setenv("MOEKIT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MOEKIT_BACKEND must be one of"):
+        select_engine(x, layout, has_lora=False)
+    monkeypatch.setenv("MOEKIT_BACKEND", "reference")
+    assert select_engine(x, layout, has_lora=True) == "reference"

@@ -8,6 +8,8 @@ Everything is derived from the module's flags (``has_gate``, ``is_transposed``, 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .activations import Activation, resolve_activation
@@ -82,6 +84,39 @@ def _check_inputs(module: torch.nn.Module, hidden: Tensor, index: Tensor, weight
             raise ValueError(f"hidden_states is on {hidden.device} but the {name} expert weights are on {param.device}")
 
 
+ENGINES = ("reference", "triton")
+
+
+def _triton_blocker(hidden: Tensor, layout: ExpertsLayout, has_lora: bool) -> str | None:
+    """Why the Triton engine cannot run this call, or None when it can."""
+    if hidden.device.type != "cuda":
+        return f"hidden_states is on {hidden.device.type}, the Triton engine needs a CUDA device"
+    try:
+        from .triton_engine import triton_available
+    except ImportError as error:
+        return f"Triton is not importable ({error})"
+    if not triton_available(hidden.device):
+        return "Triton cannot compile for this device"
+    if layout.activation.custom is not None:
+        return "the experts' activation is not in moekit's activation table (it runs through autograd)"
+    if has_lora:
+        return "LoRA on expert weights runs on the reference engine until the fused-LoRA kernels land"
+    return None
+
+
+def select_engine(hidden: Tensor, layout: ExpertsLayout, has_lora: bool) -> str:
+    """"triton" on CUDA where the kernels cover the call, "reference" elsewhere; MOEKIT_BACKEND forces one."""
+    forced = os.environ.get("MOEKIT_BACKEND", "").strip().lower()
+    if forced and forced not in ENGINES:
+        raise ValueError(f"MOEKIT_BACKEND must be one of {ENGINES} (or unset), got {forced!r}")
+    if forced == "reference":
+        return "reference"
+    blocker = _triton_blocker(hidden, layout, has_lora)
+    if forced == "triton" and blocker is not None:
+        raise RuntimeError(f"MOEKIT_BACKEND=triton, but the Triton engine cannot run here: {blocker}")
+    return "reference" if blocker is not None else "triton"
+
+
 def moekit_experts_forward(
     self: torch.nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
@@ -94,6 +129,12 @@ def moekit_experts_forward(
     _check_inputs(self, hidden_states, top_k_index, top_k_weights, layout)
     plan = build_plan(top_k_index, up_weight.shape[0])
     lora = collect_lora(self, hidden_states.dtype)
+    if select_engine(hidden_states, layout, bool(lora)) == "triton":
+        from .triton_engine import experts_triton
+
+        return experts_triton(
+            layout, plan, hidden_states, top_k_weights, up_weight, up_bias, down_weight, down_bias
+        )
     return experts_reference(
         layout, plan, hidden_states, top_k_weights, up_weight, up_bias, down_weight, down_bias,
         up_lora=lora.get("up"), down_lora=lora.get("down"),
