@@ -7,7 +7,9 @@ LoRA = 2× fwd) and the peak memory allocated during the timed step.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import os
 import statistics
 import time
@@ -225,3 +227,188 @@ def dense_matmul_tflops(device: str = "cuda", size: int = 8192, dtype: torch.dty
         a @ b
     ms = statistics.median(measure(lambda: a @ b) for _ in range(10))
     return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+# --- the `moekit bench` command -------------------------------------------------------------------------------
+
+CPU_PRESET = "tiny"
+
+
+def _peer_available(impl: str) -> str | None:
+    """None when a peer implementation can run, else why it is skipped."""
+    if impl == "liger":
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "Liger-Kernel is not installed (pip install liger-kernel)"
+        return "Liger-Kernel's fused MoE has no transformers-experts adapter in moekit yet"
+    return None
+
+
+def _custom_shape(args) -> Shape:
+    missing = [flag for flag in ("hidden", "intermediate", "experts", "top_k") if getattr(args, flag) is None]
+    if missing:
+        raise ValueError("a custom shape needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    act = args.act or ("silu" if args.gated else "relu2")
+    if not args.gated and act == "gpt_oss":
+        raise ValueError("--act gpt_oss is a gated activation: add --gated")
+    return Shape("custom", args.hidden, args.intermediate, args.experts, args.top_k, gated=args.gated, act=act)
+
+
+def _table(records: list[dict], dense: float | None) -> "rich.table.Table":  # noqa: F821
+    from rich.table import Table
+
+    table = Table(title="expert layer benchmark")
+    for column in ("shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "× grouped_mm"):
+        table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right")
+    baselines = {
+        (r["shape"], r["tokens"], r["mode"]): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r
+    }
+    for r in records:
+        if "ms" not in r:
+            table.add_row(r["shape"], str(r["tokens"]), r["mode"], r["impl"], f"[yellow]{r['skipped']}[/]")
+            continue
+        baseline = baselines.get((r["shape"], r["tokens"], r["mode"]))
+        table.add_row(
+            r["shape"], str(r["tokens"]), r["mode"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
+            f"{100 * r['tflops'] / dense:.0f}%" if dense else "-",
+            "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}",
+            f"{baseline / r['ms']:.2f}" if baseline else "-",
+        )  # fmt: skip
+    return table
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Grouped bar chart: one group per (shape, tokens, mode), one bar per implementation (TFLOP/s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in records if "ms" in r]
+    groups = list(dict.fromkeys((r["shape"], r["tokens"], r["mode"]) for r in timed))
+    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    width = 0.8 / max(len(impls), 1)
+    figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    for i, impl in enumerate(impls):
+        values = [
+            next((r["tflops"] for r in timed if (r["shape"], r["tokens"], r["mode"]) == g and r["impl"] == impl), 0)
+            for g in groups
+        ]
+        axes.bar([j + i * width for j in range(len(groups))], values, width, label=impl)
+    axes.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    axes.set_xticklabels([f"{s}\nT={t} {m}" for s, t, m in groups], fontsize=8)
+    axes.set_ylabel("TFLOP/s")
+    card = timed[0]["card"] if timed else "?"
+    axes.set_title(f"moekit expert-layer benchmark ({card})")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_bench(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        console.print("[red]--device cuda requested but no CUDA device is available[/]")
+        return 2
+    on_cpu = not device.startswith("cuda")
+    try:
+        if args.hidden is not None or args.intermediate is not None or args.experts is not None:
+            shapes = [_custom_shape(args)]
+        else:
+            names = args.preset or ([CPU_PRESET] if on_cpu else ["nemotron3-nano", "qwen3-30b-a3b"])
+            unknown = [n for n in names if n not in PRESETS]
+            if unknown:
+                raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+            shapes = [PRESETS[n] for n in names]
+    except ValueError as error:
+        console.print(f"[red]moekit bench: {error}[/]")
+        return 2
+    if on_cpu:
+        console.print(
+            "[bold yellow]Running on the CPU: these numbers say nothing about GPU speed; they only show the "
+            "benchmark works. Use --device cuda on a GPU machine.[/]"
+        )
+    tokens = args.tokens or ([256] if on_cpu else [8192])
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    dense = dense_matmul_tflops(device, size=1024 if on_cpu else 8192, dtype=dtype)
+    card = torch.cuda.get_device_name() if not on_cpu else "cpu"
+    console.print(f"card: {card}; measured dense {str(dtype).removeprefix('torch.')} matmul: {dense:.1f} TFLOP/s")
+    cases = [(s, t, m, i) for s in shapes for t in tokens for m in args.modes for i in args.impls]
+    records = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(cases))
+        for shape, count, mode, impl in cases:
+            progress.update(task, description=f"{shape.name} T={count} {mode} {impl}")
+            skipped = _peer_available(impl)
+            if impl == "eager" and not on_cpu and count > 8192:
+                skipped = "eager loops over experts in Python; skipped above T=8192"
+            if skipped is None:
+                try:
+                    record = run_case(
+                        shape, impl, mode, count, device=device, dtype=dtype, lora_rank=args.lora_rank,
+                        warmup=1 if on_cpu else 3, repeats=3 if on_cpu else 10, card=card,
+                    )  # fmt: skip
+                except (RuntimeError, ValueError, NotImplementedError) as error:
+                    skipped = f"{type(error).__name__}: {error}"[:120]
+            if skipped is not None:
+                record = {"card": card, "shape": shape.name, "impl": impl, "mode": mode, "tokens": count,
+                          "skipped": skipped}  # fmt: skip
+            record["dense_tflops"] = dense
+            records.append(record)
+            progress.advance(task)
+    console.print(_table(records, dense))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(records, handle, indent=1)
+        console.print(f"wrote {len(records)} records to {args.json}")
+    if args.plot:
+        plot(records, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+def _csv(kind):
+    def parse(text: str):
+        return [kind(item) for item in text.split(",") if item]
+
+    return parse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time the expert layer: transformers' backends against moekit",
+        description="Time one MoE expert layer (forward, forward+backward, LoRA) for model-shaped presets or "
+        "an explicit shape, against transformers' eager and grouped_mm backends.",
+    )
+    parser.add_argument("--preset", type=_csv(str), help=f"comma-separated presets: {', '.join(PRESETS)}")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--experts", type=int)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--gated", action="store_true", help="gated experts (act(gate)·up); default non-gated")
+    parser.add_argument("--act", choices=["relu2", "relu", "silu", "gelu", "gpt_oss"])
+    parser.add_argument("--tokens", type=_csv(int), help="comma-separated token counts (default 8192; CPU 256)")
+    parser.add_argument("--modes", type=_csv(str), default=["fwd", "full"], help="fwd,full,lora")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--impls", type=_csv(str), default=["grouped_mm", "moekit"], help=", ".join(IMPLS + ("liger",)))
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--json", help="write the records to this JSON file")
+    parser.add_argument("--plot", help="draw a grouped bar chart to this PNG")
+    parser.set_defaults(func=_checked_run)
+    return parser
+
+
+def _checked_run(args) -> int:
+    bad_modes = [m for m in args.modes if m not in MODES]
+    bad_impls = [i for i in args.impls if i not in IMPLS + ("liger",)]
+    if bad_modes or bad_impls:
+        print(f"moekit bench: unknown mode(s) {bad_modes} / impl(s) {bad_impls}; modes: {MODES}, impls: {IMPLS}")
+        return 2
+    return run_bench(args)

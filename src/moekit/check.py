@@ -1,0 +1,300 @@
+"""``moekit check``: the correctness guard for an MoE model (and its LoRA adapter) on moekit.
+
+It runs one batch through the model twice — experts on moekit, then on transformers' default backend — and
+compares, per MoE layer, the experts' outputs and the gradients of the experts' trainable weights (the LoRA
+factors with an adapter, the expert weights without). With an adapter it also checks the failures that make
+MoE fine-tunes silently useless:
+
+- the experts are not adapted at all (``target_parameters`` does not name the expert weights);
+- the adapter's trainable parameters are fewer than its config implies (frozen or missing expert adapters);
+- an expert that received tokens gets no gradient in its adapter.
+
+Exit status 0 when everything holds, 1 with a plain-language explanation when not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .enable import enable, experts_modules
+from .lora import DOWN_PARAMS, UP_PARAMS
+
+Tensor = torch.Tensor
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    rows_routed: int = 0
+    output_error: float = 0.0
+    grad_error: float = 0.0
+
+
+@dataclass
+class CheckReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _rel_err(actual: Tensor, expected: Tensor) -> float:
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    diff = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def _expert_names(module: torch.nn.Module) -> list[str]:
+    """The parameter names a LoRA on this experts module's weights must target."""
+    return [UP_PARAMS[0] if module.has_gate else UP_PARAMS[1], DOWN_PARAMS[0]]
+
+
+def _expert_wrappers(model: torch.nn.Module) -> dict[int, list]:
+    """PEFT ParamWrappers whose base layer is an experts module, keyed by id(experts module)."""
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:
+        return {}
+    wrappers: dict[int, list] = {}
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            wrappers.setdefault(id(module.get_base_layer()), []).append(module)
+    return wrappers
+
+
+def _lora_parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable LoRA parameters, LoRA parameters the adapter config implies) over every LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    trainable = implied = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            rank = module.r[adapter]
+            experts = getattr(module, "num_experts", 1)
+            implied += rank * experts * (module.in_features + module.out_features)
+            for param in (*module.lora_A[adapter].parameters(), *module.lora_B[adapter].parameters()):
+                trainable += param.numel() if param.requires_grad else 0
+    return trainable, implied
+
+
+def diagnose_adapter(model: torch.nn.Module, report: CheckReport) -> None:
+    """Static checks on a PEFT model: are the experts adapted, and is everything the config implies trainable?"""
+    modules = experts_modules(model)
+    wrappers = _expert_wrappers(model)
+    unadapted = [m for m in modules if not wrappers.get(id(m))]
+    if unadapted:
+        config = next(iter(model.peft_config.values())) if hasattr(model, "peft_config") else None
+        named = sorted(getattr(config, "target_parameters", None) or [])
+        wanted = " / ".join(f"experts.{n}" for n in _expert_names(unadapted[0]))
+        report.problems.append(
+            f"experts are not adapted: {len(unadapted)} of {len(modules)} experts modules have no LoRA — "
+            f"target_parameters does not name {wanted} (it names {named or 'nothing'})"
+        )
+    trainable, implied = _lora_parameter_counts(model)
+    if trainable != implied:
+        report.problems.append(
+            f"the adapter has {trainable:,} trainable LoRA parameters but its config implies {implied:,}: "
+            "some adapters are frozen (requires_grad=False) or were not created"
+        )
+
+
+def _run(model: torch.nn.Module, input_ids: Tensor, implementation: str, modules: list[torch.nn.Module]):
+    """Forward + backward with ``implementation``; per experts module: (output, routed ids, grads of its params)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if implementation == "moekit":
+        enable(model)
+    else:
+        base.set_experts_implementation(implementation)
+    outputs: dict[int, Tensor] = {}
+    routes: dict[int, Tensor] = {}
+
+    def record(number, module, args, result):
+        outputs[number] = result.detach().float().clone()
+        routes[number] = args[1].detach().clone()
+
+    handles = [m.register_forward_hook(functools.partial(record, i)) for i, m in enumerate(modules)]
+    try:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=input_ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, routes
+
+
+def _layer_grads(model: torch.nn.Module, module: torch.nn.Module) -> dict[str, Tensor]:
+    """Gradients of the trainable weights that belong to one experts module (its LoRA factors or weights)."""
+    grads = {f"base.{n}": p.grad.detach().float().clone() for n, p in module.named_parameters() if p.grad is not None}
+    for wrapper in _expert_wrappers(model).get(id(module), []):
+        for name, param in wrapper.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and param.grad is not None:
+                grads[f"{wrapper.parameter_name}.{name}"] = param.grad.detach().float().clone()
+    return grads
+
+
+def _num_experts(module: torch.nn.Module) -> int:
+    return (module.gate_up_proj if module.has_gate else module.up_proj).shape[0]
+
+
+def _silent_experts(model, module: torch.nn.Module, routes: Tensor) -> list[str]:
+    """Adapters of experts that received tokens but whose LoRA factors got an all-zero gradient."""
+    problems = []
+    num_experts = _num_experts(module)
+    counts = torch.bincount(routes.flatten().cpu(), minlength=num_experts + 1)[:num_experts]
+    for wrapper in _expert_wrappers(model).get(id(module), []):
+        for adapter in wrapper.active_adapters:
+            if adapter not in wrapper.lora_A:
+                continue
+            grad_a, grad_b = wrapper.lora_A[adapter].weight.grad, wrapper.lora_B[adapter].weight.grad
+            rank = wrapper.r[adapter]
+            per_expert = torch.zeros(num_experts)
+            if grad_a is not None:
+                per_expert += grad_a.detach().float().view(num_experts, rank, -1).abs().sum(dim=(1, 2)).cpu()
+            if grad_b is not None:
+                per_expert += grad_b.detach().float().view(-1, rank, num_experts).abs().sum(dim=(0, 1)).cpu()
+            silent = [e for e in range(num_experts) if counts[e] > 0 and per_expert[e] == 0]
+            if silent:
+                problems.append(
+                    f"adapter '{adapter}' on {wrapper.parameter_name}: experts {silent} received tokens but their "
+                    "LoRA factors got no gradient"
+                )
+    return problems
+
+
+def run_check(model: torch.nn.Module, *, tokens: int = 64, batch: int = 2, seed: int = 0) -> CheckReport:
+    """Compare moekit with transformers' default experts backend on one batch; see the module docstring."""
+    report = CheckReport()
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        diagnose_adapter(model, report)
+    else:
+        for module in experts_modules(model):
+            module.requires_grad_(True)  # full fine-tune: compare the expert weights' gradients
+    modules = experts_modules(model)
+    base = model.get_base_model() if is_peft else model
+    default = base.config._experts_implementation
+    if default in (None, "moekit"):
+        default = "grouped_mm"
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=generator).to(device)
+
+    theirs, _ = _run(model, input_ids, default, modules)
+    their_grads = [_layer_grads(model, m) for m in modules]
+    ours, routes = _run(model, input_ids, "moekit", modules)
+    our_grads = [_layer_grads(model, m) for m in modules]
+    dtype = next(modules[0].parameters()).dtype if modules else torch.float32
+    tolerance = TOLERANCE.get(dtype, 3e-2)
+    report.notes.append(f"compared against experts_implementation={default!r}; tolerance {tolerance:g} ({dtype})")
+
+    names = {id(m): n.removeprefix("base_model.model.").replace(".base_layer", "") for n, m in model.named_modules()}
+    for number, module in enumerate(modules):
+        layer = LayerReport(names.get(id(module), str(number)))
+        if number in ours and number in theirs:
+            layer.rows_routed = int((routes[number] < _num_experts(module)).sum())
+            layer.output_error = _rel_err(ours[number], theirs[number])
+        layer.grad_error = max(
+            (_rel_err(our_grads[number][k], their_grads[number][k]) for k in their_grads[number]), default=0.0
+        )
+        if our_grads[number].keys() != their_grads[number].keys():
+            report.problems.append(f"{layer.name}: moekit and {default} produced gradients for different weights")
+        if layer.output_error > tolerance:
+            report.problems.append(
+                f"{layer.name}: experts output differs from {default} by {layer.output_error:.2e} (> {tolerance:g})"
+            )
+        if layer.grad_error > tolerance:
+            report.problems.append(
+                f"{layer.name}: expert gradients differ from {default} by {layer.grad_error:.2e} (> {tolerance:g})"
+            )
+        if is_peft and number in routes:
+            report.problems.extend(f"{layer.name}: {p}" for p in _silent_experts(model, module, routes[number]))
+        report.layers.append(layer)
+    return report
+
+
+# --- the `moekit check` command -------------------------------------------------------------------------------
+
+
+def _load(args) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.tiny:
+        from .tiny import build
+
+        model = build(args.tiny, dtype=dtype, experts_implementation="grouped_mm")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+    model.to(args.device)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True)
+    elif args.lora:
+        from .tiny import add_lora
+
+        model = add_lora(model)
+    return model
+
+
+def command(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not args.tiny and not args.model_dir:
+        console.print("[red]moekit check: give MODEL_DIR or --tiny MODEL_TYPE[/]")
+        return 2
+    try:
+        model = _load(args)
+    except (OSError, ValueError, KeyError) as error:
+        console.print(f"[red]moekit check: could not load the model: {error}[/]")
+        return 2
+    report = run_check(model, tokens=args.tokens)
+    table = Table(title="moekit check: moekit against transformers, per MoE layer")
+    for column in ("layer", "rows", "output rel. err", "grad rel. err"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in report.layers:
+        table.add_row(layer.name, str(layer.rows_routed), f"{layer.output_error:.2e}", f"{layer.grad_error:.2e}")
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[dim]{note}[/]")
+    if report.ok:
+        console.print(f"[green]OK[/]: {len(report.layers)} MoE layers match, adapters (if any) are live.")
+        return 0
+    console.print(f"[red]FAILED[/]: {len(report.problems)} problem(s):")
+    for problem in report.problems:
+        console.print(f"  - {problem}")
+    return 1
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "check",
+        help="check a model (and LoRA adapter) on moekit against transformers",
+        description="Run a batch with moekit and with transformers' default experts backend and compare, per MoE "
+        "layer, outputs and gradients; with an adapter, check that the experts are adapted and get gradients.",
+    )
+    parser.add_argument("model_dir", nargs="?", help="a saved Hugging Face model directory")
+    parser.add_argument("--adapter", help="a saved PEFT adapter directory to load on the model")
+    parser.add_argument("--tiny", metavar="MODEL_TYPE", help="build a tiny random model of this type instead")
+    parser.add_argument("--lora", action="store_true", help="add a fresh LoRA on the expert weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (batch of 2)")
+    parser.set_defaults(func=command)
+    return parser

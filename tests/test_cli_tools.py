@@ -1,0 +1,152 @@
+"""`moekit bench` and `moekit check`: argument errors, the JSON records, and check catching broken setups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import moekit.reference
+from moekit.cli import main
+from moekit.tiny import add_lora, build, lora_target_parameters
+
+RECORD_KEYS = {"card", "shape", "impl", "mode", "tokens", "ms", "peak_gib", "tflops", "dense_tflops"}
+
+
+# --- bench ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--preset", "no-such-model"], "unknown preset"),
+        (["bench", "--hidden", "64"], "a custom shape needs --intermediate, --experts, --top-k"),
+        (["bench", "--modes", "fwd,backward"], "unknown mode"),
+        (["bench", "--impls", "cutlass"], "impl"),
+    ],
+)
+def test_bench_argument_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_bench_usage_error_from_argparse(capsys):
+    assert main(["bench", "--tokens", "many"]) == 2
+    assert "invalid" in capsys.readouterr().err
+
+
+def test_bench_runs_on_cpu_and_writes_json_and_plot(tmp_path, capsys):
+    json_path, png_path = tmp_path / "records.json", tmp_path / "chart.png"
+    argv = ["bench", "--device", "cpu", "--tokens", "32", "--modes", "fwd,full,lora", "--lora-rank", "4",
+            "--impls", "eager,grouped_mm,moekit,liger", "--json", str(json_path), "--plot", str(png_path)]  # fmt: skip
+    assert main(argv) == 0
+    output = capsys.readouterr().out
+    assert "say nothing about GPU speed" in output
+    records = json.loads(json_path.read_text())
+    assert len(records) == 3 * 4
+    timed = [r for r in records if "ms" in r]
+    assert {(r["impl"], r["mode"]) for r in timed} == {(i, m) for i in ("eager", "grouped_mm", "moekit")
+                                                        for m in ("fwd", "full", "lora")}  # fmt: skip
+    for record in timed:
+        assert RECORD_KEYS <= record.keys()
+        assert record["ms"] > 0 and record["tflops"] > 0 and record["tokens"] == 32
+    skipped = [r for r in records if "ms" not in r]
+    assert {r["impl"] for r in skipped} == {"liger"} and all(r["skipped"] for r in skipped)
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_custom_shape(tmp_path):
+    json_path = tmp_path / "r.json"
+    argv = ["bench", "--device", "cpu", "--hidden", "48", "--intermediate", "40", "--experts", "4", "--top-k", "2",
+            "--gated", "--act", "gelu", "--tokens", "16", "--modes", "full", "--json", str(json_path)]  # fmt: skip
+    assert main(argv) == 0
+    (record_gmm, record_moekit) = json.loads(json_path.read_text())
+    assert record_moekit["shape_dims"]["hidden"] == 48 and record_moekit["shape_dims"]["gated"]
+
+
+# --- check ------------------------------------------------------------------------------------------------------
+def test_check_tiny_model_passes(capsys):
+    assert main(["check", "--tiny", "qwen3_moe", "--lora", "--tokens", "16"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_needs_a_model(capsys):
+    assert main(["check"]) == 2
+    assert "give MODEL_DIR or --tiny" in capsys.readouterr().out
+
+
+def _save(tmp_path, model_type, lora_config=None, break_adapter=None):
+    base = build(model_type)
+    base.save_pretrained(tmp_path / "base")
+    if lora_config is None:
+        peft_model = add_lora(base)
+    else:
+        peft_model = get_peft_model(base, lora_config)
+    if break_adapter is not None:
+        break_adapter(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return ["check", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--tokens", "16"]
+
+
+def test_check_saved_model_and_adapter_pass(tmp_path, capsys):
+    assert main(_save(tmp_path, "nemotron_h")) == 0, capsys.readouterr().out
+
+
+def test_check_catches_unadapted_experts(tmp_path, capsys):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    assert main(_save(tmp_path, "qwen3_moe", config)) == 1
+    output = capsys.readouterr().out
+    assert "experts are not adapted" in output
+    assert "target_parameters does not name experts.gate_up_proj / experts.down_proj" in output
+
+
+def test_check_catches_nemotron_adapter_missing_up_proj(tmp_path, capsys):
+    config = LoraConfig(r=4, target_modules=[], target_parameters=["experts.down_proj"])
+    base = build("nemotron_h")
+    model = get_peft_model(base, config)
+    from moekit.check import CheckReport, diagnose_adapter
+
+    report = CheckReport()
+    diagnose_adapter(model, report)
+    assert report.ok  # down_proj is adapted: a partial adapter is a choice, not a bug
+    assert lora_target_parameters(base) == ["experts.up_proj", "experts.down_proj"]
+
+
+def test_check_catches_frozen_expert_adapters():
+    from moekit.check import run_check
+
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model = add_lora(build("mixtral"))
+    for wrapper in model.modules():
+        if isinstance(wrapper, ParamWrapper) and wrapper.parameter_name == "down_proj":
+            wrapper.lora_A.requires_grad_(False)
+            wrapper.lora_B.requires_grad_(False)
+    report = run_check(model, tokens=16)
+    assert not report.ok
+    assert any("trainable LoRA parameters but its config implies" in p for p in report.problems)
+
+
+def test_check_catches_experts_without_adapter_gradient():
+    from moekit.check import run_check
+
+    model = add_lora(build("nemotron_h"))
+    with torch.no_grad():  # expert 3's adapter is dead: A rows and B columns zero -> no gradient reaches it
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.view(8, -1, param.shape[-1])[3] = 0
+            if "lora_B" in name:
+                param.view(param.shape[0], -1, 8)[..., 3] = 0
+    report = run_check(model, tokens=32)
+    assert any("experts [3] received tokens but their LoRA factors got no gradient" in p for p in report.problems)
+
+
+def test_check_catches_a_wrong_engine(monkeypatch, capsys):
+    original = moekit.reference.ExpertsFunction.forward
+
+    def wrong(ctx, *args):
+        return original(ctx, *args) * 1.01  # a 1% error, as a layout read wrong would give
+
+    monkeypatch.setattr(moekit.reference.ExpertsFunction, "forward", staticmethod(wrong))
+    assert main(["check", "--tiny", "olmoe", "--tokens", "16"]) == 1
+    assert "experts output differs from grouped_mm" in capsys.readouterr().out
