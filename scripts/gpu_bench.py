@@ -37,7 +37,7 @@ def main() -> int:
                     for impl in args.impls.split(","):
                         try:
                             record = run_case(PRESETS[shape_name], impl, mode, tokens, lora_rank=rank, card=card)
-                        except Exception as error:  # a failed row is reported, not fatal to the sweep
+                        except Exception as error:  # noqa: BLE001 - a failed row is reported, not fatal to the sweep
                             record = {"card": card, "shape": shape_name, "impl": impl, "mode": mode,
                                       "tokens": tokens, "error": f"{type(error).__name__}: {error}"[:300]}
                             torch.cuda.empty_cache()

@@ -60,7 +60,7 @@ def test_bench_custom_shape(tmp_path):
     argv = ["bench", "--device", "cpu", "--hidden", "48", "--intermediate", "40", "--experts", "4", "--top-k", "2",
             "--gated", "--act", "gelu", "--tokens", "16", "--modes", "full", "--json", str(json_path)]  # fmt: skip
     assert main(argv) == 0
-    (record_gmm, record_moekit) = json.loads(json_path.read_text())
+    (_, record_moekit) = json.loads(json_path.read_text())
     assert record_moekit["shape_dims"]["hidden"] == 48 and record_moekit["shape_dims"]["gated"]
 
 
@@ -113,9 +113,9 @@ def test_check_catches_nemotron_adapter_missing_up_proj(tmp_path, capsys):
 
 
 def test_check_catches_frozen_expert_adapters():
-    from moekit.check import run_check
-
     from peft.tuners.lora.layer import ParamWrapper
+
+    from moekit.check import run_check
 
     model = add_lora(build("mixtral"))
     for wrapper in model.modules():

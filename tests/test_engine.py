@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from experts_factory import FAMILIES, make_experts, make_inputs, rel_err, run_experts
 
 import moekit
 from moekit.plan import build_plan
-
-from experts_factory import FAMILIES, make_experts, make_inputs, rel_err, run_experts
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 

@@ -7,13 +7,12 @@ from unittest import mock
 
 import pytest
 import torch
+from experts_factory import FAMILIES, make_experts, make_inputs, rel_err
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
 import moekit
 import moekit.reference
-
-from experts_factory import FAMILIES, make_experts, make_inputs, rel_err
 
 
 class Block(torch.nn.Module):

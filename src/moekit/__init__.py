@@ -11,7 +11,7 @@ from .enable import enable, experts_modules
 from .lora import BACKEND_NAME, install_peft_hook
 
 __version__ = "0.1.0"
-__all__ = ["enable", "experts_modules", "moekit_experts_forward", "BACKEND_NAME", "__version__"]
+__all__ = ["BACKEND_NAME", "__version__", "enable", "experts_modules", "moekit_experts_forward"]
 
 ALL_EXPERTS_FUNCTIONS.register(BACKEND_NAME, moekit_experts_forward)
 install_peft_hook()

@@ -19,8 +19,8 @@ reproduce the module, moekit falls back to differentiating the module's own func
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -40,7 +40,7 @@ def experts_layout(module: torch.nn.Module) -> ExpertsLayout:
             f"{type(module).__name__} applies a norm after each expert (has_post_expert_norm=True), which moekit "
             "does not implement yet; use experts_implementation='grouped_mm' for this model"
         )
-    up_weight, _, down_weight, _ = _projection_params(module)
+    up_weight = _projection_params(module)[0]
     transposed = bool(getattr(module, "is_transposed", False))
     up_width = up_weight.shape[-1] if transposed else up_weight.shape[-2]
     activation: Activation = resolve_activation(module, up_width)

@@ -150,7 +150,18 @@ def _timer(device: str):
     return measure_cpu
 
 
-def run_case(
+def run_case(shape: Shape, impl: str, mode: str, tokens: int, device: str = "cuda", **options) -> dict:
+    """Time one configuration (see ``_time_case`` for the options); returns a JSON-ready record."""
+    try:
+        return _time_case(shape, impl, mode, tokens, device, **options)
+    finally:
+        os.environ.pop("MOEKIT_BACKEND", None)
+        gc.collect()  # the case's tensors are unreachable now: give their memory back before the next one
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _time_case(
     shape: Shape,
     impl: str,
     mode: str,
@@ -162,7 +173,6 @@ def run_case(
     repeats: int = 10,
     card: str | None = None,
 ) -> dict:
-    """Time one configuration; returns a JSON-ready record."""
     module = make_experts_module(shape, device, dtype)
     _select(module, impl)
     model = module
@@ -210,11 +220,6 @@ def run_case(
         "tflops": flops / (ms * 1e-3) / 1e12,
         "peak_gib": peak,
     }
-    del model, module, hidden, index, weights, upstream
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    os.environ.pop("MOEKIT_BACKEND", None)
     return record
 
 
@@ -255,7 +260,7 @@ def _custom_shape(args) -> Shape:
     return Shape("custom", args.hidden, args.intermediate, args.experts, args.top_k, gated=args.gated, act=act)
 
 
-def _table(records: list[dict], dense: float | None) -> "rich.table.Table":  # noqa: F821
+def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noqa: F821
     from rich.table import Table
 
     table = Table(title="expert layer benchmark")

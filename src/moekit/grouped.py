@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
     """Probe grouped_mm once per device and dtype: support differs by torch version, device and GPU arch."""
     if _GROUPED_MM is None:

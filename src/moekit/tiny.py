@@ -13,7 +13,7 @@ around 1) so that no term is zero and the experts' outputs matter.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
