@@ -57,37 +57,39 @@ def make_experts_module(shape: Shape, device: str, dtype: torch.dtype, seed: int
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    if shape.act == "gpt_oss":
-        module = GptOssExperts(
-            GptOssConfig(
-                hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_local_experts=shape.num_experts
+    with torch.device(device):  # allocate straight on the device: Mixtral's experts are 1.4 B parameters
+        if shape.act == "gpt_oss":
+            module = GptOssExperts(
+                GptOssConfig(
+                    hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_local_experts=shape.num_experts
+                )
             )
-        )
-    elif shape.gated:
-        module = Qwen3MoeExperts(
-            Qwen3MoeConfig(
-                hidden_size=shape.hidden,
-                moe_intermediate_size=shape.intermediate,
-                num_experts=shape.num_experts,
-                hidden_act=shape.act,
+        elif shape.gated:
+            module = Qwen3MoeExperts(
+                Qwen3MoeConfig(
+                    hidden_size=shape.hidden,
+                    moe_intermediate_size=shape.intermediate,
+                    num_experts=shape.num_experts,
+                    hidden_act=shape.act,
+                )
             )
-        )
-    else:
-        module = NemotronHExperts(
-            NemotronHConfig(
-                hidden_size=shape.hidden,
-                moe_intermediate_size=shape.intermediate,
-                n_routed_experts=shape.num_experts,
-                mlp_hidden_act=shape.act,
+        else:
+            module = NemotronHExperts(
+                NemotronHConfig(
+                    hidden_size=shape.hidden,
+                    moe_intermediate_size=shape.intermediate,
+                    n_routed_experts=shape.num_experts,
+                    mlp_hidden_act=shape.act,
+                )
             )
-        )
-    generator = torch.Generator().manual_seed(seed)
+    module.to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():
-            fan_in = param.shape[-1] if not getattr(module, "is_transposed", False) else param.shape[-2]
+            fan_in = param.shape[-2] if getattr(module, "is_transposed", False) else param.shape[-1]
             std = fan_in**-0.5 if param.dim() == 3 else 0.02
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return module.to(device=device, dtype=dtype)
+            param.normal_(0.0, std, generator=generator)
+    return module
 
 
 def make_routing(shape: Shape, tokens: int, device: str, dtype: torch.dtype, seed: int = 1):
