@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -256,6 +257,7 @@ def command(args) -> int:
     from rich.table import Table
 
     console = Console()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/PEFT deprecation chatter
     if not args.tiny and not args.model_dir:
         console.print("[red]moekit check: give MODEL_DIR or --tiny MODEL_TYPE[/]")
         return 2
