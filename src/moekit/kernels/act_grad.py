@@ -3,22 +3,44 @@
 For every plan row r of expert e, with tok = token_of_row[r] and w = routing_weight[sorted_rows[r]]:
 
     ga[r]      = dOut[tok] @ W_down[e]ᵀ    (in the [I, H] sense: dOut rows are gathered inside the kernel)
-    a[r]       = act(h[r])                 recomputed from the cached pre-activation, stored for dW_down
+    aw[r]      = w * act(h[r])             recomputed from the cached pre-activation, stored for dW_down
     part[r, j] = sum over this program's columns of ga[r] * a[r]   (the routing-weight gradient <dOut, y>
                  without y; the host sums the column blocks and adds <dOut[tok], b_down[e]>)
     dh[r]      = act'(h[r]) applied to w * ga[r]                   (gate and up columns for gated layouts)
 
 No atomics: every output element is written by exactly one program; the per-row reduction over I is split in
 column blocks written to ``part`` and summed afterwards (deterministic).
+
+Two ways to run it (``MOEKIT_TRITON_DA``): "fused" does all of the above in the GEMM's epilogue; "split" runs
+the GEMM alone (``grouped_gemm`` with the dOut rows gathered, writing ga rounded to the input dtype [n, I],
+as the reference does) and then ``_act_backward_kernel``, a memory-bound pass over rows that writes aw, dh and
+the complete per-row partial (one column), so the GEMM can use the large tiles the heavy epilogue's register
+use rules out. "auto" (default) picks per layout (see ``act_grad_mode``).
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 from .activation import act_fn, act_grad, gated_backward
-from .tiling import Autotuned, block_e, dot_precision, expert_tile, num_row_tiles, rows_bucket, swizzle
+from .tiling import (
+    Autotuned,
+    block_e,
+    dot_precision,
+    expert_tile,
+    interpreting,
+    min_block_n,
+    mma,
+    new_output,
+    num_row_tiles,
+    rows_bucket,
+    swizzle,
+    to_dtype,
+)
 
 
 @triton.jit
@@ -50,11 +72,11 @@ def _act_grad_kernel(
     g_ptrs = go_ptr + tok[:, None] * stride_gm + offs_k[None, :] * stride_gk
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         gt = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
+        acc = mma(gt, wt, acc, PRECISION)
         g_ptrs += BLOCK_K * stride_gk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -64,52 +86,52 @@ def _act_grad_kernel(
     weight = tl.load(rw_ptr + slot).to(tl.float32)
     g = acc * weight[:, None]
     col = offs_n * COL_STRIDE
-    h_rows = h_ptr + rows64[:, None] * stride_hm
-    dh_rows = dh_ptr + rows64[:, None] * stride_dm
+    # Epilogue addresses: one 64-bit base per tile plus 32-bit offsets (fewer registers than 64-bit pointer tiles).
+    local = tl.arange(0, BLOCK_M)
+    start64 = row_start.to(tl.int64)
+    h_tile = h_ptr + start64 * stride_hm
+    dh_tile = dh_ptr + start64 * stride_dm
+    h_off = local[:, None] * stride_hm + col[None, :]
+    dh_off = local[:, None] * stride_dm + col[None, :]
     if GATED:
-        gate = tl.load(h_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_rows + (col + up_off)[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(h_tile + h_off, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_tile + (h_off + up_off), mask=mask, other=0.0).to(tl.float32)
         a, d_gate, d_up = gated_backward(gate, up, g, alpha, limit, ACT)
         if STORE_DH:
-            tl.store(dh_rows + col[None, :], d_gate.to(dtype), mask=mask)
-            tl.store(dh_rows + (col + up_off)[None, :], d_up.to(dtype), mask=mask)
+            tl.store(dh_tile + dh_off, to_dtype(d_gate, dtype), mask=mask)
+            tl.store(dh_tile + (dh_off + up_off), to_dtype(d_up, dtype), mask=mask)
     else:
-        hv = tl.load(h_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        hv = tl.load(h_tile + h_off, mask=mask, other=0.0).to(tl.float32)
         a = act_fn(hv, ACT)
         if STORE_DH:
-            tl.store(dh_rows + col[None, :], (g * act_grad(hv, ACT)).to(dtype), mask=mask)
-    a_low = a.to(dtype)
-    if STORE_A:
-        tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], a_low, mask=mask)
+            tl.store(dh_tile + dh_off, to_dtype(g * act_grad(hv, ACT), dtype), mask=mask)
+    a_low = to_dtype(a, dtype)
+    if STORE_A:  # a scaled by the routing weight: dW_down = sum_r dOut[tok_r]^T (w_r a_r), no scaling in its loop
+        a_tile = a_ptr + start64 * stride_am
+        tl.store(a_tile + local[:, None] * stride_am + offs_n[None, :], to_dtype(a * weight[:, None], dtype), mask=mask)
     if STORE_PART:
         per_row = tl.sum(tl.where(mask, acc * a_low.to(tl.float32), 0.0), 1)
         tl.store(part_ptr + rows64 * stride_pm + pid_n, per_row, mask=m_mask)
 
 
-_PLAIN = Autotuned(_act_grad_kernel, "gemm", key=["N", "K", "M_BUCKET", "STORE_A", "STORE_DH", "STORE_PART"])
-
-
-def min_block_n() -> int:
-    from .tiling import configs
-
-    return min(c.kwargs["BLOCK_N"] for c in configs("gemm"))
+_PLAIN = Autotuned(_act_grad_kernel, "actgrad", key=["N", "K", "M_BUCKET", "STORE_A", "STORE_DH", "STORE_PART"])
 
 
 def act_grad_backward(
     grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
     store_a=True, store_dh=True, store_part=True,
 ):  # fmt: skip
-    """(a [n, I], dL/dh [n, W], row partials [n, blocks] fp32) — see the module docstring.
+    """(w * a [n, I], dL/dh [n, W], row partials [n, blocks] fp32) — see the module docstring.
 
     ``weight_out_in`` is W_down viewed [E, H, I]; ``routing_weights`` is flat [T*K].
     """
     num_experts, k_dim, inner = weight_out_in.shape
     width = h.shape[1]
     gated = activation.gated
-    a = h.new_empty(n if store_a else 0, inner)
-    dh = h.new_empty(n if store_dh else 0, width)
-    blocks = triton.cdiv(inner, min_block_n())
-    part = h.new_zeros(n if store_part else 0, blocks, dtype=__import__("torch").float32)
+    a = new_output(n if store_a else 0, inner, dtype=h.dtype, device=h.device)
+    dh = new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
+    blocks = triton.cdiv(inner, min_block_n("actgrad"))
+    part = h.new_zeros(n if store_part else 0, blocks, dtype=torch.float32)
     if n == 0:
         return a, dh, part
     if gated and not activation.concatenated:
@@ -120,7 +142,7 @@ def act_grad_backward(
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(inner, meta["BLOCK_N"]),)
 
-    _PLAIN[grid](
+    _PLAIN.get(h.dtype)[grid](
         grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h,
         a if store_a else h, dh if store_dh else h, part if store_part else h, counts,
         n, num_experts, inner, k_dim, rows_bucket(n, num_experts),
@@ -130,5 +152,93 @@ def act_grad_backward(
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride,
         STORE_A=store_a, STORE_DH=store_dh, STORE_PART=store_part,
         PRECISION=dot_precision(h.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
+    )  # fmt: skip
+    return a, dh, part
+
+
+@triton.jit
+def _act_backward_kernel(
+    ga_ptr, h_ptr, rows_ptr, rw_ptr, a_ptr, dh_ptr, part_ptr,
+    n_rows, N, stride_gm, stride_hm, stride_am, stride_dm,
+    up_off, alpha, limit,
+    ACT: tl.constexpr, GATED: tl.constexpr, COL_STRIDE: tl.constexpr,
+    STORE_A: tl.constexpr, STORE_DH: tl.constexpr, STORE_PART: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Elementwise half of the split dA: BLOCK_R rows per program, a loop over the I columns."""
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < n_rows
+    r64 = tl.where(r_mask, offs_r, 0).to(tl.int64)
+    weight = tl.load(rw_ptr + tl.load(rows_ptr + r64)).to(tl.float32)
+    dtype = h_ptr.dtype.element_ty
+    part = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, N, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = r_mask[:, None] & (offs_c < N)[None, :]
+        ga = tl.load(ga_ptr + r64[:, None] * stride_gm + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = ga * weight[:, None]
+        col = offs_c * COL_STRIDE
+        h_rows = h_ptr + r64[:, None] * stride_hm
+        dh_rows = dh_ptr + r64[:, None] * stride_dm
+        if GATED:
+            gate = tl.load(h_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_rows + (col + up_off)[None, :], mask=mask, other=0.0).to(tl.float32)
+            a, d_gate, d_up = gated_backward(gate, up, g, alpha, limit, ACT)
+            if STORE_DH:
+                tl.store(dh_rows + col[None, :], to_dtype(d_gate, dtype), mask=mask)
+                tl.store(dh_rows + (col + up_off)[None, :], to_dtype(d_up, dtype), mask=mask)
+        else:
+            hv = tl.load(h_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = act_fn(hv, ACT)
+            if STORE_DH:
+                tl.store(dh_rows + col[None, :], to_dtype(g * act_grad(hv, ACT), dtype), mask=mask)
+        if STORE_A:
+            tl.store(
+                a_ptr + r64[:, None] * stride_am + offs_c[None, :], to_dtype(a * weight[:, None], dtype), mask=mask
+            )
+        if STORE_PART:
+            part += tl.sum(tl.where(mask, ga * to_dtype(a, dtype).to(tl.float32), 0.0), 1)
+    if STORE_PART:
+        tl.store(part_ptr + r64, part, mask=r_mask)
+
+
+def act_grad_mode(activation) -> str:
+    """ "fused" or "split" for this layout: ``MOEKIT_TRITON_DA`` when set to one of them, else the default."""
+    mode = os.environ.get("MOEKIT_TRITON_DA", "auto")
+    if mode in ("fused", "split"):
+        return mode
+    return _AUTO_MODE["gated" if activation.gated else "plain"]
+
+
+# measured on an H200 (see scripts/gpu_check.py): which dA variant is faster per layout
+_AUTO_MODE = {"gated": "split", "plain": "split"}
+
+
+def act_grad_backward_split(
+    grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
+    store_a=True, store_dh=True, store_part=True,
+):  # fmt: skip
+    """Same contract as ``act_grad_backward`` (partials have one column): GEMM, then the elementwise pass."""
+    from .down_proj import grouped_gemm
+
+    inner = weight_out_in.shape[2]
+    width = h.shape[1]
+    gated = activation.gated
+    a = new_output(n if store_a else 0, inner, dtype=h.dtype, device=h.device)
+    dh = new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
+    part = new_output(n if store_part else 0, 1, dtype=torch.float32, device=h.device)
+    if n == 0:
+        return a, dh, part
+    ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row)  # [n, I], rounded to the dtype
+    col_stride, up_off = (2, 1) if gated and not activation.concatenated else (1, inner)
+    block_r, block_c, warps = (16, 16, 4) if interpreting() else (16, 256, 4)
+    _act_backward_kernel[(triton.cdiv(n, block_r),)](
+        ga, h, sorted_rows, routing_weights, a if store_a else h, dh if store_dh else h, part if store_part else ga,
+        n, inner, ga.stride(0), h.stride(0), a.stride(0) if store_a else 0, dh.stride(0) if store_dh else 0,
+        up_off, float(activation.alpha), float(activation.limit),
+        ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride,
+        STORE_A=store_a, STORE_DH=store_dh, STORE_PART=store_part,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return a, dh, part

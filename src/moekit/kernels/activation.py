@@ -18,9 +18,10 @@ import triton.language as tl
 
 CLAMPED_GLU = 100
 
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
+# Globals read inside @triton.jit code must be constexpr (the interpreter does not check this; the compiler does).
+_INV_SQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit

@@ -4,7 +4,8 @@
 
 Forward: A = a [n, I], B = W_down viewed [E, I, H], with bias and routing weight: out = the weighted expert
 output, which the combine kernel sums over K. Backward dX: A = dL/dh [n, W], B = W_up viewed [E, W, H], no bias,
-no weight. Operands are read through strides, so stored [E, out, in] and transposed [E, in, out] weights both
+no weight. Backward dA (split mode, see act_grad.py): A = dOut rows gathered through token_of_row inside the
+loads, B = W_down viewed [E, H, I]. Operands are read through strides, so stored [E, out, in] and transposed [E, in, out] weights both
 work without copies. Accumulation in fp32, one rounding to the output dtype.
 """
 
@@ -13,15 +14,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiling import Autotuned, block_e, dot_precision, expert_tile, num_row_tiles, rows_bucket, swizzle
+from .tiling import (
+    Autotuned,
+    block_e,
+    dot_precision,
+    expert_tile,
+    mma,
+    new_output,
+    num_row_tiles,
+    rows_bucket,
+    swizzle,
+    to_dtype,
+)
 
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr,
+    a_ptr, gather_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr,
     n_rows, E, N, K, M_BUCKET,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
-    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+    GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -39,14 +51,18 @@ def _grouped_gemm_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if GATHER:  # A rows are token rows: a[gather[r]]
+        a_rows = tl.load(gather_ptr + rows64).to(tl.int64)
+    else:
+        a_rows = rows64
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(at, wt, acc, input_precision=PRECISION)
+        acc = mma(at, wt, acc, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
@@ -57,16 +73,17 @@ def _grouped_gemm_kernel(
         slot = tl.load(rows_ptr + rows64)
         acc *= tl.load(rw_ptr + slot).to(tl.float32)[:, None]
     out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=["N", "K", "M_BUCKET", "HAS_BIAS", "SCALE"])
+_KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE"])
 
 
-def grouped_gemm(rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None):
-    """rows [n, K] (plan-sorted) @ weight[e] [K, N] (+ bias[e]) (* routing weight per row) -> [n, N]."""
+def grouped_gemm(rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None, gather=None):
+    """rows [n, K] (plan-sorted; or any rows taken through ``gather`` [n]) @ weight[e] [K, N] (+ bias[e])
+    (* routing weight per row) -> [n, N]."""
     num_experts, k_dim, n_dim = weight_in_out.shape
-    out = rows.new_empty(n, n_dim)
+    out = new_output(n, n_dim, dtype=rows.dtype, device=rows.device)
     if n == 0:
         return out
     has_bias, scale = bias is not None, routing_weights is not None
@@ -77,12 +94,12 @@ def grouped_gemm(rows, weight_in_out, counts, n, bias=None, routing_weights=None
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
-    _KERNEL[grid](
-        rows, weight_in_out, b, rw, idx, out, counts,
+    _KERNEL.get(rows.dtype)[grid](
+        rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts,
         n, num_experts, n_dim, k_dim, rows_bucket(n, num_experts),
         rows.stride(0), rows.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
-        HAS_BIAS=has_bias, SCALE=scale,
+        GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale,
         PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return out

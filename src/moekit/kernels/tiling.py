@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import ClassVar
 
 import torch
 import triton
@@ -41,16 +42,6 @@ def expert_tile(counts_ptr, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constex
 
 
 @triton.jit
-def expert_rows(counts_ptr, E, expert, BLOCK_E: tl.constexpr):
-    """(first row, end row) of ``expert``'s block."""
-    offs_e = tl.arange(0, BLOCK_E)
-    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
-    row_base = tl.sum(tl.where(offs_e < expert, cnt, 0), 0)
-    count = tl.sum(tl.where(offs_e == expert, cnt, 0), 0)
-    return row_base, row_base + count
-
-
-@triton.jit
 def swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Grouped program order: GROUP_M row tiles share each column sweep (L2 reuse of weights and rows)."""
     width = GROUP_M * num_pid_n
@@ -60,6 +51,18 @@ def swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+# Test-only: when True, every buffer a kernel must fully write is allocated filled with NaN instead of left
+# uninitialised, so an element no program wrote shows up as NaN in the results.
+POISON_OUTPUTS = os.environ.get("MOEKIT_TRITON_POISON", "0") == "1"
+
+
+def new_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or NaN-filled under ``POISON_OUTPUTS`` (floating dtypes)."""
+    if POISON_OUTPUTS and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def interpreting() -> bool:
@@ -81,15 +84,45 @@ def rows_bucket(n: int, num_experts: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use the exact (ieee) dot so results match the reference to ~1e-5, never tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The ``PRECISION`` constexpr of ``mma``: fp32 operands use the exact (ieee) dot so results match the
+    reference to ~1e-5, never tf32. The interpreter's dot mishandles bf16 operands (it multiplies their raw
+    uint16 storage), so there bf16 tiles are upcast to fp32 first ("upcast"; values unchanged, exact products)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32"  # ignored by tl.dot for 16-bit operands
+
+
+# The interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even); under it, round first.
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(interpreting())
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr):
+    """fp32 tile -> ``dtype``, rounding to nearest even everywhere (a plain cast on the GPU)."""
+    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (see ``dot_precision``)."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
     return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk}, num_warps=warps, num_stages=stages)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _generation() -> str:
     if interpreting() or not torch.cuda.is_available():
         return "interpret"
@@ -99,47 +132,119 @@ def _generation() -> str:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel family and generation.
 _SPACES = {
+    # (128, 128, 64, 8, 3) and friends fit two programs per SM (<= 113 KB of shared memory): one's epilogue
+    # overlaps the other's main loop.
     "gemm": {
-        "hopper": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
+        "hopper": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+                   (128, 256, 64, 8, 4)],
         "ampere": [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
         "interpret": [(16, 16, 16, 4, 1)],
     },
-    # two accumulators (gate and up) of BLOCK_N columns each
+    # up-projection of gated layouts: two accumulators (gate and up) of BLOCK_N columns each
     "gated": {
-        "hopper": [(128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+        "hopper": [(128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4)],
         "ampere": [(128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 3)],
         "interpret": [(16, 16, 16, 4, 1)],
     },
-    # weight gradients: BLOCK_M x BLOCK_N output tile, BLOCK_K rows per step
-    "wgrad": {
-        "hopper": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)],
-        "ampere": [(128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)],
+    # dA: the activation-backward epilogue holds several tiles at once; these compile without spills on sm_90
+    "actgrad": {
+        "hopper": [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4)],
+        "ampere": [(64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)],
         "interpret": [(16, 16, 16, 4, 1)],
     },
-}
+    # weight gradients: BLOCK_M x BLOCK_N output tile, BLOCK_K rows per step (one flat loop over the chunks of
+    # several experts, see weight_grad.py). The chain chunk table (-> row index) -> rows costs the pipeliner
+    # stages: num_stages S leaves S-2 operand buffers for plan-ordered rows, about S-4 for gathered ones.
+    # Configs over the shared-memory limit for one variant fail to compile and the autotuner skips them.
+    "wgrad": {
+        "hopper": [(128, 128, 64, 8, 7), (128, 128, 64, 8, 5), (128, 256, 64, 8, 6), (256, 128, 64, 8, 6),
+                   (128, 256, 64, 8, 7)],
+        "ampere": [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+        "interpret": [(16, 16, 16, 4, 1)],
+    },
+}  # fmt: skip
 
 
-def configs(family: str) -> list[triton.Config]:
-    return [_cfg(*c) for c in _SPACES[family][_generation()]]
+def configs(family: str, element_size: int = 2) -> list[triton.Config]:
+    """The autotuning space of ``family`` on this GPU generation for operands of ``element_size`` bytes (4-byte
+    operands get BLOCK_K 32 and at most 3 stages, so their tiles fit in shared memory).
+    ``MOEKIT_TRITON_AUTOTUNE=0`` keeps only the first (default) config: no tuning (test runs that compile many
+    kernel variants)."""
+    space = _SPACES[family][_generation()]
+    if element_size > 2 and _generation() != "interpret":
+        space = [(bm, bn, min(bk, 32), w, min(s, 4 if family == "wgrad" else 3)) for bm, bn, bk, w, s in space]
+    if family == "wgrad":  # the chunk table is built for one BLOCK_K
+        space = [(bm, bn, wgrad_block_k(element_size), w, s) for bm, bn, _, w, s in space]
+        space = list(dict.fromkeys(space))
+    space = [_cfg(*c) for c in space]
+    if os.environ.get("MOEKIT_TRITON_AUTOTUNE", "1") == "0":
+        return space[:1]
+    return space
+
+
+def wgrad_block_k(dtype_or_size) -> int:
+    """Rows per step (and per chunk) of the weight-gradient kernel: fixed per operand width and generation."""
+    size = dtype_or_size if isinstance(dtype_or_size, int) else dtype_or_size.itemsize
+    if _generation() == "interpret":
+        return 16
+    return 64 if size <= 2 else 32
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (8 under the interpreter / on the CPU)."""
+    if device.type != "cuda" or interpreting():
+        return 8
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def min_block_n(family: str) -> int:
+    """Smallest BLOCK_N any config of ``family`` may use, on any generation."""
+    return min(c[1] for spaces in _SPACES[family].values() for c in spaces)
 
 
 def _bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    """Tuning timer: a config that fails to build for this variant (any error) is skipped, not fatal."""
+    try:
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    except Exception:  # noqa: BLE001
+        return [float("inf")] * len(quantiles)
 
 
 class Autotuned:
     """A jit kernel wrapped, on first launch, in triton's autotuner over the small space of ``family``.
 
-    Built lazily so importing moekit neither touches CUDA nor reads the environment too early. Launch as
-    ``kernel[grid](...)`` with ``grid`` a function of the chosen config's meta-parameters.
+    Built lazily so importing moekit neither touches CUDA nor reads the environment too early; one tuner per
+    operand width (the spaces differ). Launch as ``kernel.get(dtype)[grid](...)`` with ``grid`` a function of
+    the chosen config's meta-parameters. Tuning results are cached per key (triton's autotuner also keys on
+    the tensor dtypes).
     """
+
+    registry: ClassVar[list[Autotuned]] = []
 
     def __init__(self, jit_fn, family: str, key: list[str]):
         self.jit_fn, self.family, self.key = jit_fn, family, key
+        self.tuners: dict[int, object] = {}
+        Autotuned.registry.append(self)
 
-    @functools.cached_property
-    def tuned(self):
-        return triton.autotune(configs=configs(self.family), key=self.key, do_bench=_bench)(self.jit_fn)
+    def get(self, dtype: torch.dtype):
+        size = dtype.itemsize
+        tuner = self.tuners.get(size)
+        if tuner is None:
+            tuner = triton.autotune(configs=configs(self.family, size), key=self.key, do_bench=_bench)(self.jit_fn)
+            self.tuners[size] = tuner
+        return tuner
 
-    def __getitem__(self, grid):
-        return self.tuned[grid]
+
+def tuning_report() -> list[str]:
+    """One line per tuned key: kernel, key, chosen config (for logs)."""
+    lines = []
+    for kernel in Autotuned.registry:
+        for tuned in kernel.tuners.values():
+            for key, config in tuned.cache.items():
+                lines.append(f"{kernel.jit_fn.__name__}[{kernel.family}] {key}: {config}")
+    return lines

@@ -12,12 +12,22 @@ computed from the rounded h, as the reference does.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .activation import act_fn, gated_forward
-from .tiling import Autotuned, block_e, dot_precision, expert_tile, num_row_tiles, rows_bucket, swizzle
+from .tiling import (
+    Autotuned,
+    block_e,
+    dot_precision,
+    expert_tile,
+    mma,
+    new_output,
+    num_row_tiles,
+    rows_bucket,
+    swizzle,
+    to_dtype,
+)
 
 
 @triton.jit
@@ -52,14 +62,14 @@ def _up_proj_kernel(
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
         wg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc_g = tl.dot(xt, wg, acc_g, input_precision=PRECISION)
+        acc_g = mma(xt, wg, acc_g, PRECISION)
         if GATED:
             wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_u = tl.dot(xt, wu, acc_u, input_precision=PRECISION)
+            acc_u = mma(xt, wu, acc_u, PRECISION)
             wu_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
         wg_ptrs += BLOCK_K * stride_wk
@@ -73,15 +83,15 @@ def _up_proj_kernel(
     out_mask = m_mask[:, None] & n_mask[None, :]
     rows64 = offs_m.to(tl.int64)
     h_rows = h_ptr + rows64[:, None] * stride_hm
-    hg = acc_g.to(dtype)
+    hg = to_dtype(acc_g, dtype)
     tl.store(h_rows + col_g[None, :], hg, mask=out_mask)
     if GATED:
-        hu = acc_u.to(dtype)
+        hu = to_dtype(acc_u, dtype)
         tl.store(h_rows + (col_g + up_off)[None, :], hu, mask=out_mask)
         a = gated_forward(hg.to(tl.float32), hu.to(tl.float32), alpha, limit, ACT)
     else:
         a = act_fn(hg.to(tl.float32), ACT)
-    tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], a.to(dtype), mask=out_mask)
+    tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], to_dtype(a, dtype), mask=out_mask)
 
 
 _PLAIN = Autotuned(_up_proj_kernel, "gemm", key=["N", "K", "M_BUCKET"])
@@ -93,8 +103,8 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation):
     num_experts, hidden, width = weight_in_out.shape
     gated = activation.gated
     inner = width // 2 if gated else width
-    h = x.new_empty(n, width)
-    a = x.new_empty(n, inner)
+    h = new_output(n, width, dtype=x.dtype, device=x.device)
+    a = new_output(n, inner, dtype=x.dtype, device=x.device)
     if n == 0:
         return h, a
     if gated and not activation.concatenated:
@@ -108,7 +118,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation):
 
     has_bias = bias is not None
     b = bias if has_bias else h
-    kernel[grid](
+    kernel.get(x.dtype)[grid](
         x, token_of_row, weight_in_out, b, h, a, counts,
         n, num_experts, inner, hidden, rows_bucket(n, num_experts),
         x.stride(0), x.stride(1), *weight_in_out.stride(),

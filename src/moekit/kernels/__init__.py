@@ -1,0 +1,19 @@
+"""Triton kernels of moekit's Triton engine (see ``moekit.triton_engine`` for the data path and memory plan).
+
+One idea per module:
+  activation.py   activation forward / derivative helpers switched on ``Activation.kernel_id``
+  tiling.py       in-kernel tile map from ``plan.tokens_per_expert``, program swizzle, autotuning spaces
+  up_proj.py      gather + grouped GEMM + bias + activation epilogue (stores h and a)
+  down_proj.py    grouped GEMM + bias + routing weight epilogue (also dX)
+  combine.py      deterministic fp32 gather-sum over K through the inverse permutation
+  act_grad.py     dA: gathered dOut @ W_down, activation backward, routing-weight partials
+  weight_grad.py  per-expert weight / bias gradients, rows gathered through the plan, no atomics
+"""
+
+from .act_grad import act_grad_backward
+from .combine import combine, inverse_permutation
+from .down_proj import grouped_gemm
+from .up_proj import up_proj
+from .weight_grad import weight_grad
+
+__all__ = ["act_grad_backward", "combine", "grouped_gemm", "inverse_permutation", "up_proj", "weight_grad"]

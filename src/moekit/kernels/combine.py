@@ -1,0 +1,67 @@
+"""Deterministic K-way combine: out[t] = sum over slots k (in slot order, fp32) of rows[inv[t*K + k]].
+
+``inv`` is the plan's inverse permutation: the sorted position of every (token, slot) row; positions >= n mark
+expert-parallel sentinel slots (id == E) and contribute nothing. Each output element is written once by one
+program: a gather-sum, no scatter-add, no atomics. Used for the forward output (rows = weighted expert outputs)
+and for dX (rows = per-row input gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiling import interpreting, new_output, to_dtype
+
+
+@triton.jit
+def _combine_kernel(
+    rows_ptr, inv_ptr, out_ptr, T, K, H, n_rows, stride_rm, stride_ot,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_mask = offs_t < T
+    h_mask = offs_h < H
+    t64 = offs_t.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in range(K):
+        pos = tl.load(inv_ptr + t64 * K + k, mask=t_mask, other=n_rows).to(tl.int64)
+        valid = pos < n_rows
+        pos = tl.where(valid, pos, 0)
+        v = tl.load(
+            rows_ptr + pos[:, None] * stride_rm + offs_h[None, :], mask=valid[:, None] & h_mask[None, :], other=0.0
+        )
+        acc += v.to(tl.float32)
+    out_ptrs = out_ptr + t64[:, None] * stride_ot + offs_h[None, :]
+    tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
+
+
+def inverse_permutation(sorted_rows: torch.Tensor) -> torch.Tensor:
+    """inv[sorted_rows[i]] = i (int64 [S]): each (token, slot) row's sorted position."""
+    inv = torch.empty_like(sorted_rows)
+    inv[sorted_rows] = torch.arange(sorted_rows.numel(), device=sorted_rows.device, dtype=sorted_rows.dtype)
+    return inv
+
+
+def combine(rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, n: int, out_dtype) -> torch.Tensor:
+    """rows [n, H] plan-sorted -> [T, H] in ``out_dtype`` (fp32 sum over the K slots in slot order)."""
+    hidden = rows.shape[1]
+    out = new_output(num_tokens, hidden, device=rows.device, dtype=out_dtype)
+    if num_tokens == 0 or hidden == 0:
+        return out
+    if n == 0:
+        return out.zero_()
+    if interpreting():
+        block_t, block_h, warps = 16, 32, 4
+    else:
+        block_t, block_h, warps = 4, min(1024, triton.next_power_of_2(hidden)), 4
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+    _combine_kernel[grid](
+        rows, inv, out, num_tokens, top_k, hidden, n, rows.stride(0), out.stride(0),
+        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,238 @@
+"""The Triton engine: same signature and semantics as ``moekit.reference.experts_reference``, fused kernels.
+
+Data path (S = T*K rows, n = plan.num_routed of them to real experts, plan-sorted by expert; kernels in
+``moekit.kernels``):
+
+    forward
+      up_proj      x --gather in the operand loads--> GEMM W_up[e] (+b_up) --epilogue--> h [n, W] (kept), a [n, I]
+      grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [n, H]          (transient)
+      combine      out[t] = sum_k yw[inv[t*K+k]] in fp32, slot order, sentinels skipped --> [T, H]
+    backward
+      act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [n, I]
+                   (for dW_down), dL/dh [n, W] = act'(h) * w * ga, and per-row partials of <ga, a> for the
+                   routing-weight gradient (<dOut, y> without y, + <dOut, b_down> on the host). Either fused in
+                   the GEMM's epilogue (ga stays in registers) or split: the GEMM writes ga [n, I] (transient,
+                   rounded to the dtype as the reference does) and a memory-bound pass does the rest
+                   (``MOEKIT_TRITON_DA``; default per layout)
+      weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused; dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused
+                   (per output tile, one flat loop over the row chunks of a group of experts, a store at each
+                   expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
+                   before (transient [n, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
+      grouped_gemm dh @ W_up[e]ᵀ --> dxs [n, H] (transient);  combine --> dX [T, H]
+
+Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan, its
+inverse permutation (S int64) and the pre-activation h [n, W] in the input dtype: nothing T·K·H-sized is cached.
+Forward transients: a [n, I] and yw [n, H] (freed on return). Backward transients: w * a [n, I] (only when
+dW_down is needed), ga [n, I] (split dA only), dh [n, W], partials [n, I/64 or 1] fp32 (only when the routing
+weights need a gradient), the chunk table (~n/64 + E int32), one plan-ordered row copy [n, H] at a time for the
+weight gradients (dOut rows, then x rows; "copy" mode), dxs [n, H] (only when x needs a gradient, after them).
+Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (frozen weights cost no
+weight-gradient kernel).
+
+Numerics: operands in the input dtype, fp32 accumulation; fp32 inputs use the exact (ieee) dot, never tf32;
+the K-way sums and routing-weight products are fp32; every reduction has a fixed order (deterministic).
+
+Not handled here (falls back to the reference engine, same results): LoRA adapters, custom activations
+(``kernel_id == -1``), dtypes other than fp32/fp16/bf16, devices where ``triton_available`` is False.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .plan import DispatchPlan
+from .reference import ExpertsLayout, experts_reference
+
+Tensor = torch.Tensor
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton engine can run on ``device``: a CUDA GPU of compute capability >= 8.0 with triton,
+    or the CPU when ``TRITON_INTERPRET=1`` (slow; tests only)."""
+    device = torch.device(device)
+    if not _triton_importable():
+        return False
+    if device.type == "cuda":
+        if not torch.cuda.is_available() or torch.version.cuda is None:
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return False
+
+
+def supported(layout: ExpertsLayout, x: Tensor, up_lora=None, down_lora=None) -> bool:
+    """Whether this call can run on the Triton kernels (else ``experts_triton`` uses the reference)."""
+    return (
+        up_lora is None
+        and down_lora is None
+        and layout.activation.kernel_id >= 0
+        and x.dtype in _DTYPES
+        and triton_available(x.device)
+    )
+
+
+def wgrad_mode() -> str:
+    """How the weight-gradient kernel reads token rows: ``MOEKIT_TRITON_WGRAD`` = "copy" (default) or "gather"."""
+    mode = os.environ.get("MOEKIT_TRITON_WGRAD", "copy")
+    return mode if mode in ("copy", "gather") else "copy"
+
+
+def _in_out(weight: Tensor, transposed: bool) -> Tensor:
+    """Stored expert weight viewed as [E, in, out] (a view: strides only)."""
+    return weight if transposed else weight.transpose(1, 2)
+
+
+def _out_in(weight: Tensor, transposed: bool) -> Tensor:
+    """Stored expert weight viewed as [E, out, in]."""
+    return weight.transpose(1, 2) if transposed else weight
+
+
+class ExpertsTritonFunction(torch.autograd.Function):
+    """Forward and backward of the expert layer over one dispatch plan, on the Triton kernels."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        layout: ExpertsLayout,
+        plan: DispatchPlan,
+        x: Tensor,
+        routing_weights: Tensor,
+        up_weight: Tensor,
+        up_bias: Tensor | None,
+        down_weight: Tensor,
+        down_bias: Tensor | None,
+    ) -> Tensor:
+        from .kernels import combine, grouped_gemm, inverse_permutation, up_proj
+
+        n, transposed, act = plan.num_routed, layout.transposed, layout.activation
+        counts = plan.tokens_per_expert
+        rw_flat = routing_weights.reshape(-1)
+        h, a = up_proj(x, plan.token_of_row, _in_out(up_weight, transposed), up_bias, counts, n, act)
+        yw = grouped_gemm(
+            a, _in_out(down_weight, transposed), counts, n,
+            bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows,
+        )  # fmt: skip
+        del a
+        inv = inverse_permutation(plan.sorted_rows)
+        out = combine(yw, inv, plan.num_tokens, plan.top_k, n, x.dtype)
+
+        ctx.layout, ctx.plan = layout, plan
+        ctx.save_for_backward(x, routing_weights, h, up_weight, up_bias, down_weight, down_bias, inv)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        from .kernels import act_grad_backward, combine, grouped_gemm, weight_grad
+        from .kernels.act_grad import act_grad_backward_split, act_grad_mode
+        from .kernels.tiling import wgrad_block_k
+        from .kernels.weight_grad import chunk_table
+
+        layout, plan = ctx.layout, ctx.plan
+        x, routing_weights, h, w_up, b_up, w_down, b_down, inv = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_x, need_rw, need_wu, need_bu, need_wd, need_bd = needs[2:8]
+        need_dh = need_x or need_wu or need_bu
+        if not (need_dh or need_rw or need_wd or need_bd):
+            return (None,) * 8
+        n, dtype, transposed, act = plan.num_routed, x.dtype, layout.transposed, layout.activation
+        num_experts, counts = plan.num_experts, plan.tokens_per_expert
+        tok, sorted_rows = plan.token_of_row, plan.sorted_rows
+        hidden = x.shape[1]
+        grad_out = grad_out.to(dtype)
+        rw_flat = routing_weights.reshape(-1)
+
+        dA = act_grad_backward if act_grad_mode(act) == "fused" else act_grad_backward_split
+        a, dh, part = dA(
+            grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act,
+            store_a=need_wd, store_dh=need_dh, store_part=need_rw,
+        )  # fmt: skip
+        inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
+
+        grad_rw = None
+        if need_rw:
+            per_row = part.sum(1)
+            if b_down is not None and n:
+                bias_dot = grad_out.float() @ b_down.float().t()  # [T, E]
+                per_row = per_row + bias_dot[tok[:n], plan.expert_of_row[:n]]
+            grad_rw = torch.zeros(plan.num_tokens * plan.top_k, device=x.device, dtype=torch.float32)
+            grad_rw[sorted_rows[:n]] = per_row
+            grad_rw = grad_rw.view_as(routing_weights).to(routing_weights.dtype)
+        del part
+
+        chunks = None
+        if need_wd or need_bd or need_wu or need_bu:  # rows cut in chunks per expert, shared by both
+            chunks = chunk_table(counts, n, wgrad_block_k(dtype))
+
+        # The weight-gradient kernel reads its token-side operand (dOut rows, x rows) either through the plan
+        # inside its loop ("gather") or from a plan-ordered copy made just before ("copy", default: the
+        # in-loop index loads cost the pipeline more than the copy costs bandwidth). Copies live one at a time,
+        # never beside dxs, so the backward peak does not grow.
+        copy_rows = wgrad_mode() == "copy"
+        grad_wd = grad_bd = None
+        if need_wd or need_bd:
+            if copy_rows and need_wd:
+                left, left_index = grad_out.index_select(0, tok[:n]), None
+            else:
+                left, left_index = grad_out, tok
+            grad_wd, grad_bd = weight_grad(  # a was written scaled by the routing weight (w * a)
+                left, a if need_wd else left, counts, n, num_experts, (hidden, inner), w_down.dtype,
+                transposed, left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows,
+                compute_w=need_wd, bias_dtype=b_down.dtype if need_bd else None, chunks=chunks,
+            )  # fmt: skip
+            del left
+        del a
+
+        grad_wu = grad_bu = None
+        if need_wu or need_bu:
+            if copy_rows and need_wu:
+                right, right_index = x.index_select(0, tok[:n]), None
+            else:
+                right, right_index = x, tok
+            grad_wu, grad_bu = weight_grad(
+                dh, right, counts, n, num_experts, (width, hidden), w_up.dtype, transposed,
+                right_index=right_index, compute_w=need_wu, bias_dtype=b_up.dtype if need_bu else None,
+                chunks=chunks,
+            )  # fmt: skip
+            del right
+
+        grad_x = None
+        if need_x:
+            dxs = grouped_gemm(dh, _out_in(w_up, transposed), counts, n)
+            grad_x = combine(dxs, inv, plan.num_tokens, plan.top_k, n, dtype)
+        return None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd
+
+
+def experts_triton(
+    layout: ExpertsLayout,
+    plan: DispatchPlan,
+    x: Tensor,
+    routing_weights: Tensor,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_lora: tuple[Tensor, Tensor] | None = None,
+    down_lora: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference`` (LoRA goes to the reference)."""
+    if not supported(layout, x, up_lora, down_lora):
+        return experts_reference(
+            layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_lora, down_lora
+        )
+    return ExpertsTritonFunction.apply(layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias)

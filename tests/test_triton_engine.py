@@ -1,0 +1,292 @@
+"""The Triton engine against the reference engine (the oracle), forward and every gradient.
+
+Runs natively on a GPU, or under TRITON_INTERPRET=1 on the CPU (conftest sets it): shapes are tiny so the whole
+file stays within a few minutes on two cores. Inputs are fresh random tensors (never zeros); every buffer the
+kernels must fill is allocated NaN-poisoned (``moekit.kernels.tiling.POISON_OUTPUTS``) so an unwritten element
+shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from moekit import kernels
+from moekit.activations import ELEMENTWISE, Activation
+from moekit.kernels import tiling
+from moekit.plan import build_plan
+from moekit.reference import ExpertsLayout, experts_reference
+from moekit.triton_engine import ExpertsTritonFunction, experts_triton, triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not triton_available(DEVICE), reason="no GPU and TRITON_INTERPRET is not set"),
+]
+
+NAMES = ("out", "x", "routing_weights", "up_weight", "up_bias", "down_weight", "down_bias")
+
+
+def _act(name: str, kind: str = "plain", concatenated: bool = True) -> Activation:
+    return Activation(kind, ELEMENTWISE[name], concatenated)
+
+
+CLAMPED = Activation("clamped_glu", None, False, alpha=1.702, limit=0.7)  # low limit: both clamp branches hit
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(tiling, "POISON_OUTPUTS", True)
+
+
+def _routing(num_tokens, num_experts, top_k, generator, sentinel_fraction=0.0, one_expert=None):
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    weights, index = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    if one_expert is not None:
+        index = torch.full_like(index, one_expert)
+    if sentinel_fraction:
+        drop = torch.rand(index.shape, generator=generator) < sentinel_fraction
+        index = torch.where(drop, torch.full_like(index, num_experts), index)
+    return weights, index
+
+
+def make_case(T=13, H=24, I=20, E=4, K=2, act=None, transposed=False, bias=False, dtype=torch.float32, seed=0,
+              sentinel_fraction=0.0, one_expert=None, routing_dtype=None):  # fmt: skip
+    act = act or _act("relu2")
+    g = torch.Generator().manual_seed(seed)
+    W = 2 * I if act.gated else I
+    x = torch.randn(T, H, generator=g)
+    rw, idx = _routing(T, E, K, g, sentinel_fraction, one_expert)
+    up = torch.randn(E, H, W, generator=g) if transposed else torch.randn(E, W, H, generator=g)
+    down = torch.randn(E, I, H, generator=g) if transposed else torch.randn(E, H, I, generator=g)
+    up, down = up / H**0.5, down / I**0.5
+    up_b = torch.randn(E, W, generator=g) * 0.5 if bias else None
+    down_b = torch.randn(E, H, generator=g) * 0.5 if bias else None
+    grad_out = torch.randn(T, H, generator=g)
+    to = lambda t, dt=dtype: None if t is None else t.to(device=DEVICE, dtype=dt)
+    return {
+        "layout": ExpertsLayout(act, transposed),
+        "plan": build_plan(idx.to(DEVICE), E),
+        "tensors": [to(x), to(rw, routing_dtype or dtype), to(up), to(up_b), to(down), to(down_b)],
+        "grad_out": to(grad_out),
+    }
+
+
+def run(fn, case, dtype=None, requires_grad=(True,) * 6):
+    """Output and gradients of every input (None where no grad), inputs optionally upcast to ``dtype``."""
+    leaves = []
+    for t, req in zip(case["tensors"], requires_grad):
+        if t is None:
+            leaves.append(None)
+            continue
+        t = t.detach().clone()
+        if dtype is not None:
+            t = t.to(dtype)
+        leaves.append(t.requires_grad_(req))
+    out = fn(case["layout"], case["plan"], *leaves)
+    grad_out = case["grad_out"] if dtype is None else case["grad_out"].to(dtype)
+    if out.requires_grad:
+        out.backward(grad_out)
+    return [out.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() if b.numel() else 0.0
+
+
+def assert_close(case, tol, requires_grad=(True,) * 6, truth_factor=None):
+    """Triton vs reference in the same dtype (max|a-b|/max|b| <= tol). With ``truth_factor``, instead both are
+    compared with an fp64 reference and the Triton error must be <= truth_factor x the reference's + tol."""
+    ours = run(experts_triton, case, requires_grad=requires_grad)
+    ref = run(experts_reference, case, requires_grad=requires_grad)
+    truth = run(experts_reference, case, torch.float64, requires_grad) if truth_factor else None
+    for i, name in enumerate(NAMES):
+        o, r = ours[i], ref[i]
+        assert (o is None) == (r is None), f"{name}: grad presence differs (triton {o is not None})"
+        if o is None:
+            continue
+        assert o.shape == r.shape and o.dtype == r.dtype, f"{name}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
+        assert not torch.isnan(o).any(), f"{name}: NaN (unwritten element)"
+        if truth_factor:
+            ours_err, ref_err = rel_err(o, truth[i]), rel_err(r, truth[i])
+            assert ours_err <= truth_factor * ref_err + tol, f"{name}: err {ours_err:.3g} vs reference {ref_err:.3g}"
+        else:
+            err = rel_err(o, r)
+            assert err <= tol, f"{name}: rel err {err:.3g} > {tol}"
+    return ours
+
+
+ACTIVATIONS = {
+    "relu2": (_act("relu2"), False, False),
+    "relu": (_act("relu"), False, False),
+    "silu": (_act("silu"), False, True),
+    "gelu": (_act("gelu"), False, False),
+    "gelu_tanh": (_act("gelu_tanh"), True, False),
+    "silu_glu_concat": (_act("silu", "glu", True), False, True),
+    "silu_glu_interleaved": (_act("silu", "glu", False), True, False),
+    "gelu_glu_concat": (_act("gelu_tanh", "glu", True), False, False),
+    "clamped_glu": (CLAMPED, True, True),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_fp32_every_activation(name):
+    act, transposed, bias = ACTIVATIONS[name]
+    assert_close(make_case(act=act, transposed=transposed, bias=bias, seed=hash(name) % 1000), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["relu2", "silu_glu_concat", "silu_glu_interleaved", "clamped_glu"])
+def test_bf16(name):
+    act, transposed, bias = ACTIVATIONS[name]
+    if name == "clamped_glu":  # gpt-oss's limit: a low one makes bf16 gradients flip at the clamp edge
+        act = Activation("clamped_glu", None, False, alpha=1.702, limit=7.0)
+    case = make_case(T=24, act=act, transposed=transposed, bias=bias, dtype=torch.bfloat16, seed=7)
+    assert_close(case, 2e-2)  # against the bf16 reference
+    assert_close(case, 2e-3, truth_factor=2.0)  # no worse than the reference against fp64
+
+
+@pytest.mark.parametrize("wgrad", ["copy", "gather"])
+@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("name", ["relu2", "silu_glu_interleaved", "clamped_glu"])
+def test_backward_modes(monkeypatch, mode, wgrad, name):
+    """Every way of running the backward matches the reference: dA fused in the GEMM epilogue or GEMM + an
+    elementwise pass (MOEKIT_TRITON_DA); weight gradients from plan-ordered row copies or gathered rows
+    (MOEKIT_TRITON_WGRAD)."""
+    monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
+    monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
+    act, transposed, bias = ACTIVATIONS[name]
+    assert_close(make_case(T=17, E=3, K=2, act=act, transposed=transposed, bias=bias, sentinel_fraction=0.2), 1e-5)
+
+
+def test_fp16_routing_weights_fp32():
+    case = make_case(T=24, act=_act("silu", "glu"), bias=True, dtype=torch.float16, routing_dtype=torch.float32)
+    assert_close(case, 5e-3)
+
+
+def test_zero_tokens():
+    case = make_case(T=0, act=_act("silu", "glu"), bias=True)
+    ours = assert_close(case, 1e-5)
+    assert ours[0].shape == (0, 24)
+    assert float(ours[3].abs().sum()) == 0.0  # weight grads exist and are zero
+
+
+def test_one_token():
+    assert_close(make_case(T=1, K=2, act=_act("gelu")), 1e-5)
+
+
+def test_all_tokens_on_one_expert():
+    assert_close(make_case(T=21, E=5, K=1, one_expert=3, act=_act("silu", "glu", False), bias=True), 1e-5)
+
+
+def test_experts_without_tokens():
+    # 3 tokens x 2 slots over 16 experts: most experts get nothing (their weight grads must be exact zeros)
+    case = make_case(T=3, E=16, K=2, act=_act("relu2"), bias=True)
+    ours = assert_close(case, 1e-5)
+    empty = case["plan"].tokens_per_expert.cpu() == 0
+    assert empty.any() and float(ours[3][empty].abs().sum()) == 0.0 and float(ours[4][empty].abs().sum()) == 0.0
+
+
+def test_top_k_equals_num_experts():
+    assert_close(make_case(T=7, E=4, K=4, act=_act("silu", "glu")), 1e-5)
+
+
+def test_odd_sizes():
+    assert_close(make_case(T=19, H=37, I=23, E=3, K=2, act=_act("gelu_tanh", "glu"), transposed=True, bias=True), 1e-5)
+
+
+def test_sentinel_ids():
+    assert_close(make_case(T=17, E=6, K=3, sentinel_fraction=0.4, act=CLAMPED, transposed=True, bias=True), 1e-5)
+
+
+def test_all_sentinels():
+    case = make_case(T=5, E=4, K=2, sentinel_fraction=1.0, act=_act("relu2"), bias=True)
+    ours = assert_close(case, 1e-5)
+    assert float(ours[0].abs().sum()) == 0.0
+
+
+def test_many_experts_long_top_k():
+    # E up to 512 and K up to 22: the in-kernel tile map spans all experts
+    assert_close(make_case(T=3, H=16, I=16, E=512, K=22, act=_act("relu2")), 1e-5)
+
+
+def test_weight_grad_expert_groups(monkeypatch):
+    """The weight-gradient kernel splits experts into groups (one flat loop each); more groups than needed
+    (empty trailing groups) and a single group both give exact per-expert sums, zeros for empty experts."""
+    import importlib
+
+    wg = importlib.import_module("moekit.kernels.weight_grad")
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([5, 0, 9, 0, 0, 20, 6, 0, 3, 1])
+    n, P, Q = int(counts.sum()), 20, 24
+    left, right = torch.randn(n, P, generator=g), torch.randn(n, Q, generator=g)
+    ends = counts.cumsum(0)
+    for sms in (1000, 1):
+        monkeypatch.setattr(wg, "num_sms", lambda device, sms=sms: sms)
+        dw, db = wg.weight_grad(left.to(DEVICE), right.to(DEVICE), counts.to(DEVICE), n, 10, (P, Q), torch.float32,
+                                False, bias_dtype=torch.float32)  # fmt: skip
+        for e in range(10):
+            rows = slice(int(ends[e] - counts[e]), int(ends[e]))
+            torch.testing.assert_close(dw[e].cpu(), left[rows].t() @ right[rows], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(db[e].cpu(), left[rows].sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weights(monkeypatch):
+    calls = []
+    real = kernels.weight_grad
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("compute_w", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "weight_grad", spy)
+    case = make_case(act=_act("silu", "glu"), bias=True)
+    # weights frozen, biases trainable: bias grads only, no weight-gradient GEMM
+    ours = assert_close(case, 1e-5, requires_grad=(True, True, False, True, False, True))
+    assert ours[3] is None and ours[5] is None and calls == [False, False]
+    calls.clear()
+    # everything expert-side frozen: only x and the routing weights
+    ours = assert_close(case, 1e-5, requires_grad=(True, True, False, False, False, False))
+    assert calls == [] and all(g is None for g in ours[3:])
+
+
+def test_only_routing_weights_need_grad():
+    assert_close(make_case(act=_act("relu")), 1e-5, requires_grad=(False, True, False, False, False, False))
+
+
+def test_non_contiguous_inputs():
+    case = make_case(T=11, H=24, act=_act("silu", "glu"))
+    x = case["tensors"][0]
+    wide = torch.randn(x.shape[0], 2 * x.shape[1], device=DEVICE, dtype=x.dtype)
+    wide[:, ::2] = x
+    case["tensors"][0] = wide[:, ::2]  # stride (48, 2)
+    case["grad_out"] = case["grad_out"].t().contiguous().t()  # column-major
+    assert_close(case, 1e-5)
+
+
+def test_deterministic():
+    case = make_case(T=16, E=3, K=3, act=_act("silu", "glu"), bias=True)
+    first, second = run(experts_triton, case), run(experts_triton, case)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_custom_activation_and_lora_fall_back_to_reference():
+    act = Activation("plain", None, custom=lambda h: torch.tanh(h))
+    assert act.kernel_id == -1
+    case = make_case(act=act)
+    assert_close(case, 1e-6)
+
+
+def test_forward_saves_no_row_sized_output():
+    """Forward caches x, routing weights, parameters, h and the inverse permutation: nothing [n, H]-sized."""
+    case = make_case(T=12, H=40, I=8, E=3, K=2, act=_act("relu2"))
+    leaves = [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
+    out = ExpertsTritonFunction.apply(
+        case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None
+    )
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    n, hidden = case["plan"].num_routed, 40
+    assert not any(t.dim() == 2 and tuple(t.shape) == (n, hidden) for t in saved)
