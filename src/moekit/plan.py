@@ -64,21 +64,24 @@ def build_plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
         raise TypeError(f"top_k_index must be an integer tensor, got dtype {top_k_index.dtype}")
     num_tokens, top_k = top_k_index.shape
     expert_ids = top_k_index.reshape(-1).long()  # [S]
-    # Counts of every id 0..E (E = sentinel) plus range statistics, fetched in one sync.
+    # Rows per id 0..E (E = sentinel), without bincount's device sync; clamping only keeps bad ids in bounds
+    # until the check below rejects them.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_ids.device)
+    counts.scatter_add_(0, expert_ids.clamp(0, num_experts), torch.ones_like(expert_ids))
+    num_routed = 0
     if expert_ids.numel():
-        low, high = torch.aminmax(expert_ids)
-        low, high = int(low), int(high)
+        # The one host sync of a call: the range check and the routed-row count, fetched together.
+        low, high, num_sentinels = torch.stack([expert_ids.min(), expert_ids.max(), counts[num_experts]]).tolist()
         if low < 0 or high > num_experts:
             raise ValueError(
                 f"top_k_index holds expert id {low if low < 0 else high}, outside [0, {num_experts}] "
                 f"(num_experts={num_experts}; {num_experts} itself marks an expert-parallel sentinel)"
             )
+        num_routed = expert_ids.numel() - num_sentinels
     # Stable sort: rows of one expert keep token order, so results are reproducible run to run.
     expert_of_row, sorted_rows = torch.sort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts + 1)
     tokens_per_expert = counts[:num_experts]
     offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
-    num_routed = int(expert_ids.numel() - counts[num_experts]) if expert_ids.numel() else 0
     return DispatchPlan(
         num_tokens=num_tokens,
         top_k=top_k,
