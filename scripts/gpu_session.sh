@@ -4,7 +4,7 @@
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=160
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 python scripts/gpu_check.py --skip bench --out /tmp/gpu_check > /tmp/gpu_check.log 2>&1
 echo "gpu_check exit $?" | tee -a "$out/card.txt"
