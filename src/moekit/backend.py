@@ -99,8 +99,9 @@ def _triton_blocker(hidden: Tensor, layout: ExpertsLayout, has_lora: bool) -> st
         return "Triton cannot compile for this device"
     if layout.activation.custom is not None:
         return "the experts' activation is not in moekit's activation table (it runs through autograd)"
-    if has_lora:
-        return "LoRA on expert weights runs on the reference engine until the fused-LoRA kernels land"
+    if layout.activation.gated and not layout.activation.concatenated:
+        # Measured on an H200 (BENCHMARKS.md): strided gate/up loads make the kernels 4x slower than the reference.
+        return "interleaved gate/up weights (gpt-oss) are not tuned in the Triton kernels yet"
     return None
 
 
@@ -133,8 +134,9 @@ def moekit_experts_forward(
         from .triton_engine import experts_triton
 
         return experts_triton(
-            layout, plan, hidden_states, top_k_weights, up_weight, up_bias, down_weight, down_bias
-        )
+            layout, plan, hidden_states, top_k_weights, up_weight, up_bias, down_weight, down_bias,
+            up_lora=lora.get("up"), down_lora=lora.get("down"),
+        )  # fmt: skip
     return experts_reference(
         layout, plan, hidden_states, top_k_weights, up_weight, up_bias, down_weight, down_bias,
         up_lora=lora.get("up"), down_lora=lora.get("down"),

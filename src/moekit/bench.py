@@ -202,9 +202,11 @@ def _time_case(
     measure = _timer(device)
     for _ in range(warmup):
         step()
+    resident = float("nan")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() / 2**30  # weights, adapters and inputs
     times = [measure(step) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     ms = statistics.median(times)
@@ -221,6 +223,8 @@ def _time_case(
         "ms": ms,
         "tflops": flops / (ms * 1e-3) / 1e12,
         "peak_gib": peak,
+        # What one step allocates on top of the resident weights and inputs: activations, transients, gradients.
+        "step_gib": peak - resident,
     }
     return record
 
@@ -266,7 +270,8 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
     from rich.table import Table
 
     table = Table(title="expert layer benchmark")
-    for column in ("shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "× grouped_mm"):
+    for column in ("shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB",
+                   "× grouped_mm"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right")
     baselines = {
         (r["shape"], r["tokens"], r["mode"]): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r
@@ -280,6 +285,7 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
             r["shape"], str(r["tokens"]), r["mode"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
             f"{100 * r['tflops'] / dense:.0f}%" if dense else "-",
             "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}",
+            "-" if r["step_gib"] != r["step_gib"] else f"{r['step_gib']:.2f}",
             f"{baseline / r['ms']:.2f}" if baseline else "-",
         )  # fmt: skip
     return table

@@ -42,6 +42,13 @@ class DispatchPlan:
         """Host copy of ``tokens_per_expert`` for per-expert loops (one device sync, once per plan)."""
         return self.tokens_per_expert.tolist()
 
+    @cached_property
+    def row_of_slot(self) -> Tensor:
+        """[T, K] int64: sorted position of each (token, slot); positions >= num_routed are sentinel slots."""
+        inverse = torch.empty_like(self.sorted_rows)
+        inverse[self.sorted_rows] = torch.arange(self.sorted_rows.numel(), device=self.sorted_rows.device)
+        return inverse.view(self.num_tokens, self.top_k)
+
     def expert_blocks(self) -> list[tuple[int, int, int]]:
         """(expert, start, end) for every expert that received rows."""
         blocks, start = [], 0

@@ -65,16 +65,23 @@ def _weight_grad(grad_out_rows: Tensor, in_rows: Tensor, plan: DispatchPlan, tra
     return grouped_outer(grad_out_rows, in_rows, plan)
 
 
-def combine(rows: Tensor, plan: DispatchPlan) -> Tensor:
-    """Sum plan-sorted rows [n, H] back into tokens [T, H] in fp32.
+def combine(rows: Tensor, plan: DispatchPlan, slot_weights: Tensor | None = None) -> Tensor:
+    """out[t] = Σ_k w[t, k] · rows[row_of_slot[t, k]] in fp32: plan-sorted rows [n, H] back to tokens [T, H].
 
-    Rows go to their (token, slot) position (each written once, so no atomics), then the K slots are
-    summed in slot order: deterministic, and sentinel slots stay zero.
+    A gather per slot k, summed in slot order: deterministic (no atomics), and only [T, H]-sized temporaries
+    (never a [T·K, H] buffer). Sentinel slots read a clamped row and are multiplied by zero.
+    ``slot_weights`` [T, K] are the routing weights (None: 1).
     """
-    num_rows = plan.num_tokens * plan.top_k
-    slots = rows.new_zeros(num_rows, rows.shape[-1], dtype=torch.float32)
-    slots.index_copy_(0, plan.sorted_rows[: plan.num_routed], rows.float())
-    return slots.view(plan.num_tokens, plan.top_k, rows.shape[-1]).sum(dim=1)
+    out = rows.new_zeros(plan.num_tokens, rows.shape[-1], dtype=torch.float32)
+    if plan.num_routed == 0:
+        return out
+    for slot in range(plan.top_k):
+        row = plan.row_of_slot[:, slot]  # [T]
+        scale = (row < plan.num_routed).float()
+        if slot_weights is not None:
+            scale = scale * slot_weights[:, slot].float()
+        out += rows.index_select(0, row.clamp(max=plan.num_routed - 1)).float() * scale[:, None]
+    return out
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -99,10 +106,11 @@ class ExpertsFunction(torch.autograd.Function):
         n = plan.num_routed
         xs = x[plan.token_of_row[:n]]  # [n, H]
         h = _project(xs, up_weight, up_bias, up_lora_a, up_lora_b, plan, layout.transposed)  # [n, 2I|I]
+        del xs
         a = layout.activation.forward(h)  # [n, I]
         y = _project(a, down_weight, down_bias, down_lora_a, down_lora_b, plan, layout.transposed)  # [n, H]
-        row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].float()  # [n]
-        out = combine(y.float() * row_weights[:, None], plan)  # [T, H] fp32
+        del a
+        out = combine(y, plan, routing_weights)  # [T, H] fp32
 
         ctx.layout, ctx.plan = layout, plan
         ctx.save_for_backward(
@@ -119,7 +127,6 @@ class ExpertsFunction(torch.autograd.Function):
         n, dtype, transposed = plan.num_routed, x.dtype, layout.transposed
         expert_of_row = plan.expert_of_row[:n]
 
-        xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather
         a = layout.activation.forward(h)  # [n, I] recomputed activation
         grad_rows = grad_out[plan.token_of_row[:n]].to(dtype)  # [n, H] dOut of each row's token
         row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].float()  # [n]
@@ -135,27 +142,37 @@ class ExpertsFunction(torch.autograd.Function):
         if needs[3]:
             # <dOut, y> without y: <dOut @ W_downᵀ..., a> + <dOut, b_down>
             per_row = (grad_a.float() * a.float()).sum(-1)
-            if b_down is not None:
-                per_row = per_row + (grad_rows.float() * b_down[expert_of_row].float()).sum(-1)
+            if b_down is not None:  # <dOut[t], b_down[e]> for every (t, e) is only [T, E]
+                bias_dot = grad_out.float() @ b_down.float().t()
+                per_row = per_row + bias_dot[plan.token_of_row[:n], expert_of_row]
             grad_routing = per_row.new_zeros(plan.num_tokens * plan.top_k)
             grad_routing.index_copy_(0, plan.sorted_rows[:n], per_row)
             grad_routing = grad_routing.view_as(routing_weights).to(routing_weights.dtype)
 
-        grad_y = (grad_rows.float() * row_weights[:, None]).to(dtype)  # [n, H]
+        # The routing weight scales the narrow operand of each product, never a [n, H] copy of dOut:
+        # dW_down[e] = Σ dOutᵀ (w·a), dB_down_lora[e] = Σ dOutᵀ (w·(a A_downᵀ)).
         grad_a = (grad_a.float() * row_weights[:, None]).to(dtype)  # [n, I]
-
-        grad_w_down = _weight_grad(grad_y, a, plan, transposed) if needs[6] else None
-        grad_b_down = segment_sum(grad_y, plan).to(b_down.dtype) if needs[7] else None
+        grad_w_down = grad_b_down = None
+        if needs[6]:
+            weighted_a = (a.float() * row_weights[:, None]).to(dtype)  # [n, I]
+            grad_w_down = _weight_grad(grad_rows, weighted_a, plan, transposed)
+            del weighted_a
+        if needs[7]:
+            grad_b_down = segment_sum(grad_rows.float() * row_weights[:, None], plan).to(b_down.dtype)
         grad_a_down = grad_b_down_lora = None
         if a_down is not None:
             if needs[11]:
                 low = grouped_matmul(a, a_down.transpose(1, 2), plan)  # [n, R]
-                grad_b_down_lora = grouped_outer(grad_y, low, plan)  # [E, H, R]
+                weighted_low = (low.float() * row_weights[:, None]).to(dtype)
+                grad_b_down_lora = grouped_outer(grad_rows, weighted_low, plan)  # [E, H, R]
             if needs[10]:
                 grad_low = (grad_low_down.float() * row_weights[:, None]).to(dtype)
                 grad_a_down = grouped_outer(grad_low, a, plan)  # [E, R, I]
+        del grad_rows, a
 
         grad_h = layout.activation.backward(h, grad_a)  # [n, 2I|I]
+        del grad_a
+        xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather, only now that the down-side temporaries are gone
 
         grad_w_up = _weight_grad(grad_h, xs, plan, transposed) if needs[4] else None
         grad_b_up = segment_sum(grad_h, plan).to(b_up.dtype) if needs[5] else None
@@ -171,7 +188,7 @@ class ExpertsFunction(torch.autograd.Function):
             if grad_xs is not None:
                 grad_xs = grad_xs + grouped_matmul(grad_low_up, a_up, plan)
 
-        grad_x = combine(grad_xs, plan).to(dtype) if grad_xs is not None else None
+        grad_x = combine(grad_xs, plan).to(dtype) if grad_xs is not None else None  # sentinel slots get 0
         return (
             None, None, grad_x, grad_routing, grad_w_up, grad_b_up, grad_w_down, grad_b_down,
             grad_a_up, grad_b_up_lora, grad_a_down, grad_b_down_lora,
