@@ -292,31 +292,38 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Grouped bar chart: one group per (shape, tokens, mode), one bar per implementation (TFLOP/s)."""
+    """Grouped bar chart of TFLOP/s: one panel per shape, one group per (tokens, mode), one bar per impl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     timed = [r for r in records if "ms" in r]
-    groups = list(dict.fromkeys((r["shape"], r["tokens"], r["mode"]) for r in timed))
+    shapes = list(dict.fromkeys(r["shape"] for r in timed))
     impls = list(dict.fromkeys(r["impl"] for r in timed))
     width = 0.8 / max(len(impls), 1)
-    figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    for i, impl in enumerate(impls):
-        values = [
-            next((r["tflops"] for r in timed if (r["shape"], r["tokens"], r["mode"]) == g and r["impl"] == impl), 0)
-            for g in groups
-        ]
-        axes.bar([j + i * width for j in range(len(groups))], values, width, label=impl)
-    axes.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    axes.set_xticklabels([f"{s}\nT={t} {m}" for s, t, m in groups], fontsize=8)
-    axes.set_ylabel("TFLOP/s")
+    groups_per_shape = max((len({(r["tokens"], r["mode"]) for r in timed if r["shape"] == s}) for s in shapes), default=1)
+    figure, axes_list = plt.subplots(
+        len(shapes), 1, figsize=(max(6.0, 1.3 * groups_per_shape + 2), 2.6 * max(len(shapes), 1)), squeeze=False
+    )
+    for shape, axes in zip(shapes, axes_list[:, 0]):
+        rows = [r for r in timed if r["shape"] == shape]
+        groups = list(dict.fromkeys((r["tokens"], r["mode"]) for r in rows))
+        for i, impl in enumerate(impls):
+            values = [
+                next((r["tflops"] for r in rows if (r["tokens"], r["mode"]) == g and r["impl"] == impl), 0.0)
+                for g in groups
+            ]
+            axes.bar([j + i * width for j in range(len(groups))], values, width, label=impl)
+        axes.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        axes.set_xticklabels([f"T={t} {m}" for t, m in groups], fontsize=8)
+        axes.set_ylabel("TFLOP/s")
+        axes.set_title(shape, fontsize=10)
+    axes_list[0, 0].legend(fontsize=8, ncol=len(impls))
     card = timed[0]["card"] if timed else "?"
-    axes.set_title(f"moekit expert-layer benchmark ({card})")
-    axes.legend(fontsize=8)
+    figure.suptitle(f"moekit expert-layer benchmark ({card}, bf16)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
