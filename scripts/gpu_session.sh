@@ -12,4 +12,5 @@ tail -60 /tmp/gpu_check.log > "$out/gpu_check_tail.txt"
 python -m moekit bench --preset nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 \
   --modes fwd,full,lora --lora-rank 16 --impls grouped_mm,moekit-reference,moekit-triton \
   --json "$out/bench.json" --plot "$out/bench.png" 2>&1 | tee "$out/bench.log"
+PYTHONPATH=src python scripts/probe_wgrad.py 2>&1 | tee "$out/probe_wgrad.txt"
 cat "$out/gpu_check_tail.txt"
