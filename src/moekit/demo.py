@@ -205,6 +205,8 @@ class DemoResult:
     fp32_error_moekit: list[float] = field(default_factory=list)
     fp32_error_default: list[float] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list, repr=False)
+    # The default-backend copy's losses on the same batches (its first baseline_steps + 1 steps).
+    default_train_losses: list[float] = field(default_factory=list, repr=False)
 
     @property
     def loss_drop(self) -> float:
@@ -479,6 +481,7 @@ def run_demo(config: DemoConfig | None = None, *, log=None) -> DemoResult:
         fp32_error_moekit=fp32_error_moekit,
         fp32_error_default=fp32_error_default,
         train_losses=losses,
+        default_train_losses=default_losses,
     )
 
 
