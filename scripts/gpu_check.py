@@ -1,9 +1,11 @@
 """GPU correctness (and a quick timing) of moekit's Triton engine against the reference engine.
 
-    PYTHONPATH=src python scripts/gpu_check.py [--out DIR] [--skip tests,sweep,bench] [--smoke]
+    PYTHONPATH=src python scripts/gpu_check.py [--out DIR] [--skip tests,sweep,lora,bench,lora_bench] [--smoke]
+                                               [--lora]
 
-Sections, each in its own process (tests and sweep side by side, the timing alone afterwards):
-  tests  pytest -m triton tests/test_triton_engine.py, natively on the GPU (one kernel config: no tuning)
+Sections, each in its own process (tests and sweeps side by side, the timings alone afterwards):
+  tests  pytest -m triton tests/test_triton_engine.py tests/test_triton_lora.py, natively on the GPU (one kernel
+         config: no tuning)
   sweep  randomized shapes (the four model shapes at T=512, random small/odd ones, zero tokens), fresh random
          inputs, bf16 and fp32, forward output and every gradient vs the reference engine and an fp64 reference
          (bf16 passes when no worse than the bf16 reference: err <= 1.5 ref_err + 6e-3; fp32: err <= 1e-4), all
@@ -13,6 +15,14 @@ Sections, each in its own process (tests and sweep side by side, the timing alon
          MOEKIT_TRITON_DA=fused|split, MOEKIT_TRITON_WGRAD=gather), forward and forward+backward (median, CUDA
          events), peak memory, the max relative error of each variant vs the reference at that size (tuned
          configs), plus a per-kernel profile of one Triton forward+backward
+  lora   fused LoRA (factors straight into the Triton kernels) at real sizes: Nemotron-3-Nano and Qwen3-30B-A3B,
+         r=16, T=512/2048/8192, base frozen; a trainable base, several adapters (r=8+16+64), gpt-oss; bf16 (and
+         fp32 at T=512), forward and every gradient (x, routing weights, A/B of both projections, base) vs the
+         reference engine and an fp64 reference (same pass rule as the sweep), NaN-poisoned. Its timing
+         (``lora_bench``, after ``bench``): T=8192, r=16, fwd+bwd of grouped_mm + PEFT LoRA, moekit-triton + PEFT
+         LoRA (``moekit.bench.run_case(..., "lora", ...)``), moekit-triton with the base frozen and no LoRA, and
+         LoRA factors passed straight to the engine; plus a per-kernel profile of the fused LoRA fwd+bwd
+``--lora`` runs only the LoRA parts (LoRA tests, lora, lora_bench).
 Full results go to DIR (default $OUT or ./gpu_check_out) as JSON and logs; a summary table is printed last.
 ``--smoke`` runs tiny versions on the CPU under TRITON_INTERPRET=1 (checks the script itself).
 """
@@ -410,6 +420,270 @@ def profile_triton(fn, inputs, grad_out) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------------------------------- lora
+LORA_NAMES = ("x", "rw", "up", "up_b", "down", "down_b", "up_A", "up_B", "down_A", "down_B")
+
+
+def make_lora(E, d_in, d_out, ranks, dtype, device, seed):
+    """(A [E, R, in], B [E, out, R]) with R = sum(ranks) (several adapters concatenated along R); the low-rank
+    term is about as large as the base term, so a wrong factor cannot hide under the tolerance."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    pairs = [(torch.randn(E, r, d_in, generator=g, device=device) * d_in**-0.5,
+              torch.randn(E, d_out, r, generator=g, device=device) * r**-0.5) for r in ranks]  # fmt: skip
+    return torch.cat([a for a, _ in pairs], 1).to(dtype), torch.cat([b for _, b in pairs], 2).to(dtype)
+
+
+def make_lora_inputs(T, H, I, E, K, spec, transposed, bias, ranks, dtype, device, seed):
+    layout, idx, tensors, grad_out = make_inputs(T, H, I, E, K, spec, transposed, bias, dtype, device, seed)
+    W = 2 * I if layout.activation.gated else I
+    return layout, idx, tensors + [*make_lora(E, H, W, ranks, dtype, device, seed + 1),
+                                   *make_lora(E, I, H, ranks, dtype, device, seed + 2)], grad_out  # fmt: skip
+
+
+def run_lora_engine(fn, layout, idx, tensors, grad_out, num_experts, trainable_base, dtype=None):
+    """Output and the gradients of x, the routing weights, the LoRA factors (and the base when trainable)."""
+    import torch
+
+    from moekit.plan import build_plan
+
+    wants = (True, True) + (trainable_base,) * 4 + (True,) * 4
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(w) for t, w in zip(tensors, wants)]
+    x, rw, up, up_b, down, down_b, ua, ub, da, db = leaves
+    out = fn(layout, build_plan(idx, num_experts), x, rw, up, up_b, down, down_b, up_lora=(ua, ub), down_lora=(da, db))
+    named = [(n, t) for n, t in zip(LORA_NAMES, leaves) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, [t for _, t in named], grad_out.to(out.dtype))
+    results = {"out": out.detach(), **{n: g for (n, _), g in zip(named, grads)}}
+    del out, leaves
+    return results
+
+
+def lora_cases(smoke: bool) -> list[dict]:
+    """Nemotron-3-Nano and Qwen3-30B-A3B at r=16, T = 512..8192, frozen base; a trainable base, several adapters
+    (r = 8 + 16 + 64) and the gpt-oss layout at T=512; fp32 at T=512 (dtype None: bf16, plus fp32 when T <= 512)."""
+    if smoke:
+        small = {"H": 24, "I": 20, "K": 2, "transposed": False}
+        return [{"name": "smoke-lora", "T": 9, "E": 4, "spec": "silu_glu", "bias": True, "ranks": (4,),
+                 "trainable": True, **small},
+                {"name": "smoke-lora-relu2", "T": 7, "E": 3, "spec": "relu2", "bias": False, "ranks": (2, 3),
+                 "trainable": False, **small}]  # fmt: skip
+    cases = []
+    for name, H, I, E, K, spec, transposed, bias in MODEL_SHAPES[:2]:
+        dims = {"H": H, "I": I, "E": E, "K": K, "spec": spec, "transposed": transposed, "bias": bias}
+        for T in (512, 2048, 8192):
+            cases.append({"name": name, "T": T, "ranks": (16,), "trainable": False, **dims})
+        cases.append({"name": name + "+base", "T": 2048, "ranks": (16,), "trainable": True, **dims})
+        cases.append({"name": name + " 3 adapters", "T": 512, "ranks": (8, 16, 64), "trainable": False, **dims})
+    name, H, I, E, K, spec, transposed, bias = MODEL_SHAPES[2]
+    cases.append({"name": name + "+base", "T": 512, "H": H, "I": I, "E": E, "K": K, "spec": spec,
+                  "transposed": transposed, "bias": bias, "ranks": (16,), "trainable": True})  # fmt: skip
+    return cases
+
+
+def lora_sweep(args) -> dict:
+    """Fused LoRA (Triton) vs the reference engine against an fp64 reference, every gradient, NaN-poisoned."""
+    import torch
+
+    from moekit.kernels import tiling
+    from moekit.reference import experts_reference
+    from moekit.triton_engine import experts_triton
+
+    tiling.POISON_OUTPUTS = True
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for i, case in enumerate(lora_cases(args.smoke)):
+        for dtype in (torch.bfloat16, torch.float32) if case["T"] <= 512 else (torch.bfloat16,):
+            c = dict(case)
+            row = {"case": c.pop("name"), "dtype": str(dtype).split(".")[-1], "T": c["T"], "H": c["H"], "I": c["I"],
+                   "E": c["E"], "K": c["K"], "act": c["spec"], "R": sum(c["ranks"]), "trainable": c["trainable"]}  # fmt: skip
+            t0 = time.time()
+            try:
+                layout, idx, tensors, grad_out = make_lora_inputs(
+                    c["T"], c["H"], c["I"], c["E"], c["K"], c["spec"], c["transposed"], c["bias"], c["ranks"],
+                    dtype, device, seed=100 + i,
+                )  # fmt: skip
+                common = (layout, idx, tensors, grad_out, c["E"], c["trainable"])
+                ours = run_lora_engine(experts_triton, *common)
+                ref = run_lora_engine(experts_reference, *common)
+                truth = run_lora_engine(experts_reference, *common, torch.float64)
+                errs = {k: rel_err(ours[k], truth[k]) for k in truth}
+                ref_errs = {k: rel_err(ref[k], truth[k]) for k in truth}
+                for key in truth:
+                    assert ours[key].dtype == ref[key].dtype and ours[key].shape == ref[key].shape, key
+                if dtype == torch.float32:
+                    ok = all(e <= 1e-4 for e in errs.values())
+                else:
+                    ok = all(errs[k] <= 1.5 * ref_errs[k] + 6e-3 for k in errs)
+                row.update(ok=ok, max_err=max(errs.values()), max_ref_err=max(ref_errs.values()),
+                           errs=errs, ref_errs=ref_errs)  # fmt: skip
+                del ours, ref, truth
+            except Exception as exc:  # noqa: BLE001
+                row.update(ok=False, error=repr(exc)[:300], trace=traceback.format_exc()[-2000:])
+            row["seconds"] = round(time.time() - t0, 2)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("trace",)}, default=str), flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def _time_steps(step, warmup=3, repeats=20):
+    """Median ms of ``step`` (CUDA events), peak GiB above what was resident before the timed steps."""
+    import statistics
+
+    import torch
+
+    if not torch.cuda.is_available():  # smoke run on the CPU: wall time
+        step()
+        begin = time.perf_counter()
+        step()
+        return (time.perf_counter() - begin) * 1e3, float("nan")
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    times, host = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        begin = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - begin) * 1e3)  # CPU time to issue the step (GPU-bound when below ms)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    _time_steps.host_ms = statistics.median(host)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - resident) / 2**30
+
+
+def _frozen_base_case(shape, T, device, rank=None):
+    """moekit-triton through the HF module (as ``moekit.bench`` runs it), base frozen, x and routing weights
+    trainable; without LoRA (rank None), or with LoRA factors passed straight to ``experts_triton`` (no PEFT)."""
+    import torch
+
+    import moekit.backend
+    from moekit.bench import _select, make_experts_module, make_routing
+
+    module = make_experts_module(shape, device, torch.bfloat16)
+    _select(module, "moekit-triton")
+    module.requires_grad_(False)
+    hidden, index, weights = make_routing(shape, T, device, torch.bfloat16)
+    hidden.requires_grad_(True)
+    weights.requires_grad_(True)
+    upstream = torch.randn_like(hidden)
+    lora = {}
+    if rank:
+        W = (2 if shape.gated else 1) * shape.intermediate
+        lora = {"up": make_lora(shape.num_experts, shape.hidden, W, (rank,), torch.bfloat16, device, 3),
+                "down": make_lora(shape.num_experts, shape.intermediate, shape.hidden, (rank,), torch.bfloat16,
+                                  device, 4)}  # fmt: skip
+        for a, b in lora.values():
+            a.requires_grad_(True)
+            b.requires_grad_(True)
+    real_collect = moekit.backend.collect_lora
+    moekit.backend.collect_lora = lambda module, dtype: lora
+    try:
+
+        def step():
+            out = module(hidden, index, weights)
+            out.backward(upstream)
+            hidden.grad = weights.grad = None
+            for a, b in lora.values():
+                a.grad = b.grad = None
+
+        ms, step_gib = _time_steps(step, warmup=5, repeats=40 if torch.cuda.is_available() else 1)
+    finally:
+        moekit.backend.collect_lora = real_collect
+        os.environ.pop("MOEKIT_BACKEND", None)
+    return {"ms": ms, "step_gib": step_gib, "host_ms": getattr(_time_steps, "host_ms", float("nan"))}
+
+
+def lora_bench(args) -> dict:
+    """T=8192 (64 smoke), r=16, bf16, fwd+bwd: grouped_mm + PEFT LoRA vs moekit-triton + PEFT LoRA (fused, through
+    ``moekit.enable``) vs moekit-triton with the base frozen and no LoRA, vs LoRA factors passed straight to the
+    engine (no PEFT wrapper); plus a per-kernel profile of the fused LoRA fwd+bwd."""
+    import gc
+
+    import torch
+
+    import moekit.triton_engine as engine
+    from moekit.bench import PRESETS, run_case
+
+    T = 64 if args.smoke else 8192
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # smoke run under the interpreter (the script's logic only): let MOEKIT_BACKEND=triton run
+        import moekit.backend
+
+        moekit.backend.select_engine = lambda *a, **k: os.environ.get("MOEKIT_BACKEND") or "reference"
+    rows, profiles = [], {}
+    fallbacks = []
+    real_reference = engine.experts_reference
+
+    def spy(*a, **k):  # a LoRA call that silently left the Triton engine would show here
+        fallbacks.append(1)
+        return real_reference(*a, **k)
+
+    reps = 40 if device == "cuda" else 1
+    for name in ("nemotron3-nano", "qwen3-30b-a3b") if device == "cuda" else ("tiny",):
+        shape = PRESETS[name]
+        cases = {
+            "grouped_mm+peft": lambda s=shape: run_case(s, "grouped_mm", "lora", T, device, lora_rank=16, repeats=reps),
+            "triton+peft": lambda s=shape: run_case(s, "moekit-triton", "lora", T, device, lora_rank=16, repeats=reps),
+            "triton frozen": lambda s=shape: _frozen_base_case(s, T, device),
+            "triton lora direct": lambda s=shape: _frozen_base_case(s, T, device, rank=16),
+        }
+        for impl, fn in cases.items():
+            row = {"shape": name, "impl": impl, "T": T, "rank": 16}
+            engine.experts_reference = spy
+            fallbacks.clear()
+            try:
+                t0 = time.time()
+                rec = fn()
+                row.update(ms=round(rec["ms"], 3), step_gib=round(rec.get("step_gib", float("nan")), 3),
+                           host_ms=round(rec.get("host_ms", float("nan")), 3),
+                           seconds=round(time.time() - t0, 1), fell_back_to_reference=bool(fallbacks))  # fmt: skip
+            except Exception as exc:  # noqa: BLE001
+                row.update(error=repr(exc)[:300], trace=traceback.format_exc()[-2000:])
+            finally:
+                engine.experts_reference = real_reference
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
+        if device == "cuda":
+            try:
+                profiles[name] = _lora_profile(shape, T)
+            except Exception as exc:  # noqa: BLE001
+                profiles[name] = {"error": repr(exc)[:300]}
+            gc.collect()
+            torch.cuda.empty_cache()
+    return {"rows": rows, "profiles": profiles}
+
+
+def _lora_profile(shape, T):
+    import torch
+
+    from moekit.plan import build_plan
+    from moekit.triton_engine import experts_triton
+
+    spec = "silu_glu" if shape.gated else "relu2"
+    layout, idx, tensors, grad_out = make_lora_inputs(
+        T, shape.hidden, shape.intermediate, shape.num_experts, shape.top_k, spec, False, False, (16,),
+        torch.bfloat16, "cuda", 21,
+    )  # fmt: skip
+    x, rw, up, _, down, _, ua, ub, da, db = tensors
+    inputs = [t.requires_grad_(True) for t in (x, rw, ua, ub, da, db)]
+    plan = build_plan(idx, shape.num_experts)
+
+    def fn():
+        return experts_triton(layout, plan, x, rw, up, None, down, None, up_lora=(ua, ub), down_lora=(da, db))
+
+    return profile_triton(fn, inputs, grad_out)
+
+
 # --------------------------------------------------------------------------------------------------- tests
 def tests(args) -> dict:
     cmd = [
@@ -418,7 +692,8 @@ def tests(args) -> dict:
         "pytest",
         "-m",
         "triton",
-        "tests/test_triton_engine.py",
+        *([] if args.lora else ["tests/test_triton_engine.py"]),
+        "tests/test_triton_lora.py",
         "-q",
         "-p",
         "no:cacheprovider",
@@ -448,11 +723,15 @@ def main():
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     parser.add_argument("--sweep-shards", type=int, default=4)
+    parser.add_argument("--lora", action="store_true",
+                        help="only the LoRA parts: LoRA tests, LoRA sweep, LoRA timing")  # fmt: skip
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
     if args.section:  # child process: run one section, write its JSON
-        result = {"tests": tests, "sweep": sweep, "large": large, "bench": bench}[args.section](args)
+        sections = {"tests": tests, "sweep": sweep, "large": large, "bench": bench, "lora": lora_sweep,
+                    "lora_bench": lora_bench}  # fmt: skip
+        result = sections[args.section](args)
         suffix = (
             "_" + args.shard.split("/")[0] if args.section == "sweep" else ("_l" if args.section == "large" else "")
         )
@@ -462,6 +741,7 @@ def main():
 
     skip = set(filter(None, args.skip.split(",")))
     base = [sys.executable, os.path.abspath(__file__), "--out", args.out] + (["--smoke"] if args.smoke else [])
+    base += ["--lora"] if args.lora else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
     if args.smoke:
@@ -483,7 +763,9 @@ def main():
 
     if "tests" not in skip:
         launch("tests", "tests")
-    if "sweep" not in skip:
+    if "lora" not in skip:  # the fused-LoRA sweep, beside the tests and the sweep shards
+        launch("lora", "lora")
+    if "sweep" not in skip and not args.lora:
         shards = 1 if args.smoke else args.sweep_shards
         for i in range(shards):
             launch(f"sweep_{i}", "sweep", ["--shard", f"{i}/{shards}"])
@@ -491,11 +773,13 @@ def main():
         if not args.smoke:  # T*K*H > 2^31 (needs ~30 GB: after the shards, beside the tests)
             launch("sweep_l", "large")
     wait([name for name in procs if procs[name].returncode is None])
-    if "bench" not in skip and (args.smoke is False or os.environ.get("MOEKIT_SMOKE_BENCH")):
-        with open(os.path.join(args.out, "bench.log"), "w") as log:
-            rc = subprocess.run(base + ["--section", "bench"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT, check=False).returncode  # fmt: skip
-        print(f"[{time.time() - t0:6.1f}s] bench finished rc={rc}", flush=True)
+    if args.smoke is False or os.environ.get("MOEKIT_SMOKE_BENCH"):
+        timings = [s for s in ("bench", "lora_bench") if s not in skip and not (args.lora and s == "bench")]
+        for section in timings:  # GPU timing alone
+            with open(os.path.join(args.out, f"{section}.log"), "w") as log:
+                rc = subprocess.run(base + ["--section", section], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=ROOT, check=False).returncode  # fmt: skip
+            print(f"[{time.time() - t0:6.1f}s] {section} finished rc={rc}", flush=True)
     summarize(args.out)
 
 
@@ -577,6 +861,7 @@ def summarize(out):
                           f"fwd+bwd {g['full_ms'] / t['full_ms']:.2f}x")  # fmt: skip
     elif tail:
         print("-- bench: no result; log tail:\n" + tail)
+    summarize_lora(out)
     res, tail = _load(out, "tests")
     if res:
         print(f"-- tests (pytest -m triton, native): rc={res['rc']} {res['summary']} ({res['seconds']}s)")
@@ -584,6 +869,54 @@ def summarize(out):
             print(res["log"][-3000:])
     elif tail:
         print("-- tests: no result; log tail:\n" + tail)
+
+
+def summarize_lora(out):
+    res, tail = _load(out, "lora")
+    if res:
+        rows = res["rows"]
+        bad = [r for r in rows if not r.get("ok")]
+        print(f"-- LoRA sweep (fused LoRA vs reference, both against fp64): {len(rows) - len(bad)}/{len(rows)} ok")
+        print(f"{'case':26} {'dtype':8} {'T':>5} {'H':>5} {'I':>5} {'E':>4} {'K':>2} {'R':>3} base  {'err':>9} "
+              f"{'ref_err':>9} {'s':>6} ok")  # fmt: skip
+        for r in rows:
+            print(f"{r['case']:26} {r['dtype']:8} {r['T']:>5} {r['H']:>5} {r['I']:>5} {r['E']:>4} {r['K']:>2} "
+                  f"{r['R']:>3} {'train' if r['trainable'] else 'frozn'} {r.get('max_err', float('nan')):9.2e} "
+                  f"{r.get('max_ref_err', float('nan')):9.2e} {r.get('seconds', 0):6.1f} "
+                  f"{'ok' if r.get('ok') else 'FAIL ' + r.get('error', str(r.get('errs')))[:200]}")  # fmt: skip
+    elif tail:
+        print("-- LoRA sweep: no result; log tail:\n" + tail)
+    res, tail = _load(out, "lora_bench")
+    if res:
+        print("-- LoRA timing (bf16, r=16, fwd+bwd, median ms of 40, x and routing weights trainable, base frozen)")
+        by = {}
+        for r in res["rows"]:
+            by[(r["shape"], r["impl"])] = r
+            if "error" in r:
+                print(f"{r['shape']:16} {r['impl']:20} ERROR {r['error'][:200]}")
+                continue
+            print(f"{r['shape']:16} {r['impl']:20} T={r['T']:>5} {r['ms']:8.3f} ms  step {r['step_gib']:6.2f} GiB"
+                  f"  host issue {r.get('host_ms', float('nan')):6.2f} ms"
+                  f"{'  (FELL BACK TO THE REFERENCE)' if r.get('fell_back_to_reference') else ''}")  # fmt: skip
+        for shape in dict.fromkeys(r["shape"] for r in res["rows"]):
+            ours, frozen = by.get((shape, "triton+peft"), {}), by.get((shape, "triton frozen"), {})
+            peft, direct = by.get((shape, "grouped_mm+peft"), {}), by.get((shape, "triton lora direct"), {})
+            if "ms" in ours and "ms" in frozen and "ms" in peft:
+                print(f"   {shape}: LoRA / frozen base {ours['ms'] / frozen['ms']:.2f}x (target <= 1.2; direct "
+                      f"{direct.get('ms', float('nan')) / frozen['ms']:.2f}x), grouped_mm+PEFT / ours "
+                      f"{peft['ms'] / ours['ms']:.2f}x (target >= 4)")  # fmt: skip
+        for shape, prof in res.get("profiles", {}).items():
+            print(
+                f"-- profile fused LoRA fwd+bwd {shape} (ms per iteration): "
+                + ", ".join(f"{k.split('(')[0]} {v}" for k, v in prof.get("totals", []))
+                + prof.get("error", "")
+            )
+            seq = prof.get("sequence")
+            if seq:
+                print("   one iteration, in order: " + ", ".join(f"{k.split('(')[0]} {v}" for k, v in seq)
+                      + f"; GPU idle between kernels {prof.get('idle_ms')} ms")  # fmt: skip
+    elif tail:
+        print("-- LoRA timing: no result; log tail:\n" + tail)
 
 
 if __name__ == "__main__":

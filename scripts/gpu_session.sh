@@ -6,7 +6,7 @@ out=${1:-${OUT:-gpu_out}}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=160
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
-python scripts/gpu_check.py --skip bench --out /tmp/gpu_check > /tmp/gpu_check.log 2>&1
+python scripts/gpu_check.py --skip bench,lora_bench --out /tmp/gpu_check > /tmp/gpu_check.log 2>&1
 echo "gpu_check exit $?" | tee -a "$out/card.txt"
 tail -60 /tmp/gpu_check.log > "$out/gpu_check_tail.txt"
 python -m moekit bench --preset nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 \

@@ -273,7 +273,7 @@ def test_deterministic():
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_custom_activation_and_lora_fall_back_to_reference():
+def test_custom_activation_falls_back_to_reference():
     act = Activation("plain", None, custom=lambda h: torch.tanh(h))
     assert act.kernel_id == -1
     case = make_case(act=act)
@@ -290,3 +290,23 @@ def test_forward_saves_no_row_sized_output():
     saved = [t for t in out.grad_fn.saved_tensors if t is not None]
     n, hidden = case["plan"].num_routed, 40
     assert not any(t.dim() == 2 and tuple(t.shape) == (n, hidden) for t in saved)
+
+
+@pytest.mark.parametrize("num_experts", [1, 5, 128, 600])
+def test_chunk_table_kernel_matches_torch(num_experts):
+    """The one-launch chunk table equals the torch-op specification (empty experts, all-empty, both row steps)."""
+    import importlib
+
+    wg = importlib.import_module("moekit.kernels.weight_grad")
+    g = torch.Generator().manual_seed(num_experts)
+    for trial in range(3):
+        counts = torch.randint(0, 50, (num_experts,), generator=g)
+        counts[torch.rand(num_experts, generator=g) < 0.3] = 0
+        if trial == 2:
+            counts.zero_()
+        n = int(counts.sum())
+        for block_k in (16, 64):
+            ours = wg.chunk_table(counts.to(DEVICE), n, block_k)
+            spec = wg.chunk_table_torch(counts.to(DEVICE), n, block_k)
+            for a, b in zip(ours, spec):
+                assert torch.equal(a, b)

@@ -20,6 +20,21 @@ Data path (S = T*K rows, n = plan.num_routed of them to real experts, plan-sorte
                    before (transient [n, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
       grouped_gemm dh @ W_up[e]ᵀ --> dxs [n, H] (transient);  combine --> dX [T, H]
 
+LoRA (optional per projection; A [E, R, in], B [E, out, R], scaling folded into B, adapters concatenated
+along R). No ΔW and no copy of W: the low-rank intermediates are small grouped GEMMs (``grouped_gemm(...,
+lowrank=True)``, BLOCK_N fitted to R) and the big GEMMs take them through a short second reduction loop over R
+into the same fp32 accumulator, before their epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
+
+    forward    u_up = x[tok] A_upᵀ [n, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
+               u_down = a A_downᵀ [n, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
+    backward   v_down = dOut[tok] B_down [n, R];  ga = dOut[tok] W_downᵀ + v_down A_down (dA kernel, fused), so
+               dh and the routing-weight gradient <ga, a> include the LoRA part of y
+               dB_down[e] = Σ dOut[tok]ᵀ (w u_down),  dA_down[e] = Σ v_downᵀ (w a)
+               v_up = dh B_up [n, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
+               dB_up[e] = Σ dhᵀ u_up,  dA_up[e] = Σ v_upᵀ x[tok]
+Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
+u_up and u_down [n, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
+
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan, its
 inverse permutation (S int64) and the pre-activation h [n, W] in the input dtype: nothing T·K·H-sized is cached.
 Forward transients: a [n, I] and yw [n, H] (freed on return). Backward transients: w * a [n, I] (only when
@@ -32,8 +47,9 @@ weight-gradient kernel).
 Numerics: operands in the input dtype, fp32 accumulation; fp32 inputs use the exact (ieee) dot, never tf32;
 the K-way sums and routing-weight products are fp32; every reduction has a fixed order (deterministic).
 
-Not handled here (falls back to the reference engine, same results): LoRA adapters, custom activations
-(``kernel_id == -1``), dtypes other than fp32/fp16/bf16, devices where ``triton_available`` is False.
+Not handled here (falls back to the reference engine, same results): custom activations (``kernel_id == -1``),
+dtypes other than fp32/fp16/bf16, LoRA factors in another dtype or on another device than x, devices where
+``triton_available`` is False.
 """
 
 from __future__ import annotations
@@ -76,13 +92,26 @@ def triton_available(device: torch.device | str) -> bool:
     return False
 
 
+def _lora_ok(pair, x: Tensor) -> bool:
+    """A LoRA pair the kernels take: (A [E, R, in], B [E, out, R]) in x's dtype, on x's device."""
+    if pair is None:
+        return True
+    factor_a, factor_b = pair
+    return (
+        factor_a.dim() == 3
+        and factor_b.dim() == 3
+        and factor_a.shape[1] == factor_b.shape[2]
+        and all(t.dtype == x.dtype and t.device == x.device for t in pair)
+    )
+
+
 def supported(layout: ExpertsLayout, x: Tensor, up_lora=None, down_lora=None) -> bool:
     """Whether this call can run on the Triton kernels (else ``experts_triton`` uses the reference)."""
     return (
-        up_lora is None
-        and down_lora is None
-        and layout.activation.kernel_id >= 0
+        layout.activation.kernel_id >= 0
         and x.dtype in _DTYPES
+        and _lora_ok(up_lora, x)
+        and _lora_ok(down_lora, x)
         and triton_available(x.device)
     )
 
@@ -104,7 +133,11 @@ def _out_in(weight: Tensor, transposed: bool) -> Tensor:
 
 
 class ExpertsTritonFunction(torch.autograd.Function):
-    """Forward and backward of the expert layer over one dispatch plan, on the Triton kernels."""
+    """Forward and backward of the expert layer over one dispatch plan, on the Triton kernels.
+
+    LoRA factors (optional, per projection): A [E, R, in], B [E, out, R] with the scaling folded into B, as
+    ``experts_reference`` takes them.
+    """
 
     @staticmethod
     def forward(
@@ -117,23 +150,37 @@ class ExpertsTritonFunction(torch.autograd.Function):
         up_bias: Tensor | None,
         down_weight: Tensor,
         down_bias: Tensor | None,
+        up_lora_a: Tensor | None = None,
+        up_lora_b: Tensor | None = None,
+        down_lora_a: Tensor | None = None,
+        down_lora_b: Tensor | None = None,
     ) -> Tensor:
         from .kernels import combine, grouped_gemm, inverse_permutation, up_proj
 
         n, transposed, act = plan.num_routed, layout.transposed, layout.activation
-        counts = plan.tokens_per_expert
+        counts, tok = plan.tokens_per_expert, plan.token_of_row
         rw_flat = routing_weights.reshape(-1)
-        h, a = up_proj(x, plan.token_of_row, _in_out(up_weight, transposed), up_bias, counts, n, act)
+        u_up = u_down = up_lora = down_lora = None
+        if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [n, R]; h += u_up @ B_up[e]ᵀ in up_proj's loop
+            u_up = grouped_gemm(x, up_lora_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
+            up_lora = (u_up, up_lora_b.transpose(1, 2))
+        h, a = up_proj(x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora)
+        if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [n, R]; y += u_down @ B_down[e]ᵀ
+            u_down = grouped_gemm(a, down_lora_a.transpose(1, 2), counts, n, lowrank=True)
+            down_lora = (u_down, down_lora_b.transpose(1, 2))
         yw = grouped_gemm(
             a, _in_out(down_weight, transposed), counts, n,
-            bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows,
+            bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
         )  # fmt: skip
         del a
         inv = inverse_permutation(plan.sorted_rows)
         out = combine(yw, inv, plan.num_tokens, plan.top_k, n, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan
-        ctx.save_for_backward(x, routing_weights, h, up_weight, up_bias, down_weight, down_bias, inv)
+        ctx.save_for_backward(
+            x, routing_weights, h, up_weight, up_bias, down_weight, down_bias, inv,
+            up_lora_a, up_lora_b, down_lora_a, down_lora_b, u_up, u_down,
+        )  # fmt: skip
         return out
 
     @staticmethod
@@ -144,12 +191,17 @@ class ExpertsTritonFunction(torch.autograd.Function):
         from .kernels.weight_grad import chunk_table
 
         layout, plan = ctx.layout, ctx.plan
-        x, routing_weights, h, w_up, b_up, w_down, b_down, inv = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+        (x, routing_weights, h, w_up, b_up, w_down, b_down, inv,
+         up_a, up_b, down_a, down_b, u_up, u_down) = ctx.saved_tensors  # fmt: skip
+        num_inputs = len(ctx.needs_input_grad)  # 8 when called without the LoRA arguments
+        needs = tuple(ctx.needs_input_grad) + (False,) * (12 - num_inputs)
         need_x, need_rw, need_wu, need_bu, need_wd, need_bd = needs[2:8]
-        need_dh = need_x or need_wu or need_bu
-        if not (need_dh or need_rw or need_wd or need_bd):
-            return (None,) * 8
+        need_up_a, need_up_b, need_down_a, need_down_b = needs[8:12]
+        up_lora, down_lora = up_a is not None, down_a is not None
+        need_dh = need_x or need_wu or need_bu or need_up_a or need_up_b
+        store_a = need_wd or need_down_a  # w * a: right operand of dW_down, left operand of dA_down
+        if not (need_dh or need_rw or store_a or need_bd or need_down_b):
+            return (None,) * num_inputs
         n, dtype, transposed, act = plan.num_routed, x.dtype, layout.transposed, layout.activation
         num_experts, counts = plan.num_experts, plan.tokens_per_expert
         tok, sorted_rows = plan.token_of_row, plan.sorted_rows
@@ -157,11 +209,19 @@ class ExpertsTritonFunction(torch.autograd.Function):
         grad_out = grad_out.to(dtype)
         rw_flat = routing_weights.reshape(-1)
 
-        dA = act_grad_backward if act_grad_mode(act) == "fused" else act_grad_backward_split
-        a, dh, part = dA(
-            grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act,
-            store_a=need_wd, store_dh=need_dh, store_part=need_rw,
-        )  # fmt: skip
+        # v_down = dOut[tok] @ B_down[e] [n, R]: the LoRA part of dL/da is v_down @ A_down[e]
+        run_da = need_dh or need_rw or store_a
+        v_down = None
+        if down_lora and (run_da or need_down_a):
+            v_down = grouped_gemm(grad_out, down_b, counts, n, gather=tok, lowrank=True)
+        a = dh = part = None
+        if run_da:
+            dA = act_grad_backward if act_grad_mode(act) == "fused" else act_grad_backward_split
+            a, dh, part = dA(
+                grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act,
+                store_a=store_a, store_dh=need_dh, store_part=need_rw,
+                lora=(v_down, down_a) if down_lora and (need_dh or need_rw) else None,
+            )  # fmt: skip
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
 
         grad_rw = None
@@ -176,46 +236,78 @@ class ExpertsTritonFunction(torch.autograd.Function):
         del part
 
         chunks = None
-        if need_wd or need_bd or need_wu or need_bu:  # rows cut in chunks per expert, shared by both
-            chunks = chunk_table(counts, n, wgrad_block_k(dtype))
+        if need_wd or need_bd or need_wu or need_bu or need_up_a or need_up_b or need_down_a or need_down_b:
+            chunks = chunk_table(counts, n, wgrad_block_k(dtype))  # rows cut in chunks per expert, shared by all
 
         # The weight-gradient kernel reads its token-side operand (dOut rows, x rows) either through the plan
         # inside its loop ("gather") or from a plan-ordered copy made just before ("copy", default: the
         # in-loop index loads cost the pipeline more than the copy costs bandwidth). Copies live one at a time,
-        # never beside dxs, so the backward peak does not grow.
+        # never beside dxs, so the backward peak does not grow. A copy is made only for the (compute-bound) base
+        # weight gradient; the memory-bound LoRA factor gradients reuse it when it exists and gather otherwise.
         copy_rows = wgrad_mode() == "copy"
-        grad_wd = grad_bd = None
-        if need_wd or need_bd:
+        grad_wd = grad_bd = grad_down_a = grad_down_b = None
+        if need_wd or need_bd or need_down_b:
             if copy_rows and need_wd:
                 left, left_index = grad_out.index_select(0, tok[:n]), None
             else:
                 left, left_index = grad_out, tok
-            grad_wd, grad_bd = weight_grad(  # a was written scaled by the routing weight (w * a)
-                left, a if need_wd else left, counts, n, num_experts, (hidden, inner), w_down.dtype,
-                transposed, left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows,
-                compute_w=need_wd, bias_dtype=b_down.dtype if need_bd else None, chunks=chunks,
-            )  # fmt: skip
+            if need_wd or need_bd:
+                grad_wd, grad_bd = weight_grad(  # a was written scaled by the routing weight (w * a)
+                    left, a if need_wd else left, counts, n, num_experts, (hidden, inner), w_down.dtype,
+                    transposed, left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows,
+                    compute_w=need_wd, bias_dtype=b_down.dtype if need_bd else None, chunks=chunks,
+                )  # fmt: skip
+            if need_down_b:  # dB_down[e] = Σ dOut[tok]ᵀ (w u_down)   [E, H, R]  (w applied in the kernel's loop)
+                grad_down_b, _ = weight_grad(
+                    left, u_down, counts, n, num_experts, (hidden, down_b.shape[2]), down_b.dtype, False,
+                    left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows, scale_right=True,
+                    chunks=chunks, lowrank=True,
+                )  # fmt: skip
             del left
-        del a
+        if need_down_a:  # dA_down[e] = Σ v_downᵀ (w a)   [E, R, I]
+            grad_down_a, _ = weight_grad(
+                a, v_down, counts, n, num_experts, (inner, down_a.shape[1]), down_a.dtype, True,
+                chunks=chunks, lowrank=True,
+            )  # fmt: skip
+        del a, v_down
 
-        grad_wu = grad_bu = None
-        if need_wu or need_bu:
+        # v_up = dh @ B_up[e] [n, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]
+        v_up = None
+        if up_lora and (need_x or need_up_a):
+            v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
+        grad_wu = grad_bu = grad_up_a = grad_up_b = None
+        if need_up_b:  # dB_up[e] = Σ dhᵀ u_up   [E, W, R]
+            grad_up_b, _ = weight_grad(
+                dh, u_up, counts, n, num_experts, (width, up_b.shape[2]), up_b.dtype, False,
+                chunks=chunks, lowrank=True,
+            )  # fmt: skip
+        if need_wu or need_bu or need_up_a:
             if copy_rows and need_wu:
                 right, right_index = x.index_select(0, tok[:n]), None
             else:
                 right, right_index = x, tok
-            grad_wu, grad_bu = weight_grad(
-                dh, right, counts, n, num_experts, (width, hidden), w_up.dtype, transposed,
-                right_index=right_index, compute_w=need_wu, bias_dtype=b_up.dtype if need_bu else None,
-                chunks=chunks,
-            )  # fmt: skip
+            if need_wu or need_bu:
+                grad_wu, grad_bu = weight_grad(
+                    dh, right, counts, n, num_experts, (width, hidden), w_up.dtype, transposed,
+                    right_index=right_index, compute_w=need_wu, bias_dtype=b_up.dtype if need_bu else None,
+                    chunks=chunks,
+                )  # fmt: skip
+            if need_up_a:  # dA_up[e] = Σ v_upᵀ x[tok]   [E, R, H]
+                grad_up_a, _ = weight_grad(
+                    right, v_up, counts, n, num_experts, (hidden, up_a.shape[1]), up_a.dtype, True,
+                    left_index=right_index, chunks=chunks, lowrank=True,
+                )  # fmt: skip
             del right
 
         grad_x = None
         if need_x:
-            dxs = grouped_gemm(dh, _out_in(w_up, transposed), counts, n)
+            lora = (v_up, up_a) if up_lora else None
+            dxs = grouped_gemm(dh, _out_in(w_up, transposed), counts, n, lora=lora)
             grad_x = combine(dxs, inv, plan.num_tokens, plan.top_k, n, dtype)
-        return None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd
+        return (
+            None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,
+            grad_up_a, grad_up_b, grad_down_a, grad_down_b,
+        )[:num_inputs]  # fmt: skip
 
 
 def experts_triton(
@@ -230,9 +322,14 @@ def experts_triton(
     up_lora: tuple[Tensor, Tensor] | None = None,
     down_lora: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference`` (LoRA goes to the reference)."""
+    """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference``. LoRA pairs are
+    (A [E, R, in], B [E, out, R]) with the scaling folded into B (several adapters concatenated along R)."""
     if not supported(layout, x, up_lora, down_lora):
         return experts_reference(
             layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_lora, down_lora
         )
-    return ExpertsTritonFunction.apply(layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias)
+    up_a, up_b = up_lora if up_lora is not None else (None, None)
+    down_a, down_b = down_lora if down_lora is not None else (None, None)
+    return ExpertsTritonFunction.apply(
+        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_a, up_b, down_a, down_b
+    )

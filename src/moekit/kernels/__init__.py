@@ -3,11 +3,13 @@
 One idea per module:
   activation.py   activation forward / derivative helpers switched on ``Activation.kernel_id``
   tiling.py       in-kernel tile map from ``plan.tokens_per_expert``, program swizzle, autotuning spaces
-  up_proj.py      gather + grouped GEMM + bias + activation epilogue (stores h and a)
-  down_proj.py    grouped GEMM + bias + routing weight epilogue (also dX)
+  up_proj.py      gather + grouped GEMM (+ fused LoRA u @ Bᵀ) + bias + activation epilogue (stores h and a)
+  down_proj.py    grouped GEMM (+ fused LoRA) + bias + routing weight epilogue (also dX, and the LoRA low-rank
+                  products u = rows @ A[e]ᵀ / rows @ B[e])
   combine.py      deterministic fp32 gather-sum over K through the inverse permutation
-  act_grad.py     dA: gathered dOut @ W_down, activation backward, routing-weight partials
-  weight_grad.py  per-expert weight / bias gradients, rows gathered through the plan, no atomics
+  act_grad.py     dA: gathered dOut @ W_down (+ LoRA), activation backward, routing-weight partials
+  weight_grad.py  per-expert weight / bias / LoRA-factor gradients, rows gathered through the plan, no atomics;
+                  the chunk table in one launch
 """
 
 from .act_grad import act_grad_backward

@@ -8,6 +8,10 @@ For every plan row r of expert e, with tok = token_of_row[r] and w = routing_wei
                  without y; the host sums the column blocks and adds <dOut[tok], b_down[e]>)
     dh[r]      = act'(h[r]) applied to w * ga[r]                   (gate and up columns for gated layouts)
 
+With LoRA on the down projection, ga also carries (dOut[tok] @ B_down[e]) @ A_down[e]: the caller passes
+v = dOut[tok] @ B_down[e] [n, R] (low-rank ``grouped_gemm``) and a short loop over R after the main loop adds
+v @ A_down[e] into the accumulator, so dh and the routing-weight partials <ga, a> include the LoRA part of y.
+
 No atomics: every output element is written by exactly one program; the per-row reduction over I is split in
 column blocks written to ``part`` and summed afterwards (deterministic).
 
@@ -33,10 +37,12 @@ from .tiling import (
     dot_precision,
     expert_tile,
     interpreting,
+    lora_preload,
     min_block_n,
     mma,
     new_output,
     num_row_tiles,
+    rank_block,
     rows_bucket,
     swizzle,
     to_dtype,
@@ -45,12 +51,14 @@ from .tiling import (
 
 @triton.jit
 def _act_grad_kernel(
-    go_ptr, tok_ptr, rows_ptr, rw_ptr, w_ptr, h_ptr, a_ptr, dh_ptr, part_ptr, counts_ptr,
-    n_rows, E, N, K, M_BUCKET,
+    go_ptr, tok_ptr, rows_ptr, rw_ptr, w_ptr, h_ptr, a_ptr, dh_ptr, part_ptr, counts_ptr, v_ptr, la_ptr,
+    n_rows, E, N, K, M_BUCKET, R,
     stride_gm, stride_gk, stride_we, stride_wk, stride_wn, stride_hm, stride_am, stride_dm, stride_pm,
+    stride_vm, stride_vr, stride_lae, stride_lar, stride_lan,
     up_off, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, COL_STRIDE: tl.constexpr,
     STORE_A: tl.constexpr, STORE_DH: tl.constexpr, STORE_PART: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRELOAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -71,6 +79,14 @@ def _act_grad_kernel(
     tok = tl.load(tok_ptr + rows64).to(tl.int64)
     g_ptrs = go_ptr + tok[:, None] * stride_gm + offs_k[None, :] * stride_gk
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    if HAS_LORA:  # v plan rows [n, R], A_down [R, I] through strides
+        offs_r = tl.arange(0, BLOCK_R)
+        v_ptrs = v_ptr + rows64[:, None] * stride_vm + offs_r[None, :] * stride_vr
+        la_ptrs = (la_ptr + expert.to(tl.int64) * stride_lae + offs_r[:, None] * stride_lar
+                   + offs_n[None, :] * stride_lan)  # fmt: skip
+        if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
+            vt = tl.load(v_ptrs, mask=(offs_r < R)[None, :], other=0.0)
+            lt = tl.load(la_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
@@ -79,6 +95,18 @@ def _act_grad_kernel(
         acc = mma(gt, wt, acc, PRECISION)
         g_ptrs += BLOCK_K * stride_gk
         w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LORA:  # + v @ A_down[e] into the same accumulator, before the activation backward
+        if LORA_PRELOAD:
+            acc = mma(vt, lt, acc, PRECISION)
+        else:
+            for r in range(tl.cdiv(R, BLOCK_R)):
+                r_mask = offs_r < R - r * BLOCK_R
+                vt = tl.load(v_ptrs, mask=r_mask[None, :], other=0.0)
+                lt = tl.load(la_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = mma(vt, lt, acc, PRECISION)
+                v_ptrs += BLOCK_R * stride_vr
+                la_ptrs += BLOCK_R * stride_lar
 
     dtype = h_ptr.dtype.element_ty
     mask = m_mask[:, None] & n_mask[None, :]
@@ -114,16 +142,21 @@ def _act_grad_kernel(
         tl.store(part_ptr + rows64 * stride_pm + pid_n, per_row, mask=m_mask)
 
 
-_PLAIN = Autotuned(_act_grad_kernel, "actgrad", key=["N", "K", "M_BUCKET", "STORE_A", "STORE_DH", "STORE_PART"])
+_PLAIN = Autotuned(
+    _act_grad_kernel,
+    "actgrad",
+    key=["N", "K", "M_BUCKET", "STORE_A", "STORE_DH", "STORE_PART", "HAS_LORA", "R", "LORA_PRELOAD"],
+)
 
 
 def act_grad_backward(
     grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
-    store_a=True, store_dh=True, store_part=True,
+    store_a=True, store_dh=True, store_part=True, lora=None,
 ):  # fmt: skip
     """(w * a [n, I], dL/dh [n, W], row partials [n, blocks] fp32) — see the module docstring.
 
-    ``weight_out_in`` is W_down viewed [E, H, I]; ``routing_weights`` is flat [T*K].
+    ``weight_out_in`` is W_down viewed [E, H, I]; ``routing_weights`` is flat [T*K]; ``lora``: (v [n, R],
+    A_down [E, R, I]) for LoRA on the down projection.
     """
     num_experts, k_dim, inner = weight_out_in.shape
     width = h.shape[1]
@@ -142,15 +175,20 @@ def act_grad_backward(
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(inner, meta["BLOCK_N"]),)
 
+    has_lora = lora is not None
+    v, la = lora if has_lora else (h, h)
+    rank = v.shape[1] if has_lora else 0
     _PLAIN.get(h.dtype)[grid](
         grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h,
-        a if store_a else h, dh if store_dh else h, part if store_part else h, counts,
-        n, num_experts, inner, k_dim, rows_bucket(n, num_experts),
+        a if store_a else h, dh if store_dh else h, part if store_part else h, counts, v, la,
+        n, num_experts, inner, k_dim, rows_bucket(n, num_experts), rank,
         grad_out.stride(0), grad_out.stride(1), *weight_out_in.stride(), h.stride(0),
         a.stride(0) if store_a else 0, dh.stride(0) if store_dh else 0, part.stride(0) if store_part else 0,
+        *(v.stride() if has_lora else (0, 0)), *(la.stride() if has_lora else (0, 0, 0)),
         up_off, float(activation.alpha), float(activation.limit),
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride,
-        STORE_A=store_a, STORE_DH=store_dh, STORE_PART=store_part,
+        STORE_A=store_a, STORE_DH=store_dh, STORE_PART=store_part, HAS_LORA=has_lora, BLOCK_R=rank_block(rank),
+        LORA_PRELOAD=lora_preload(rank),
         PRECISION=dot_precision(h.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return a, dh, part
@@ -217,7 +255,7 @@ _AUTO_MODE = {"gated": "split", "plain": "split"}
 
 def act_grad_backward_split(
     grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
-    store_a=True, store_dh=True, store_part=True,
+    store_a=True, store_dh=True, store_part=True, lora=None,
 ):  # fmt: skip
     """Same contract as ``act_grad_backward`` (partials have one column): GEMM, then the elementwise pass."""
     from .down_proj import grouped_gemm
@@ -230,7 +268,7 @@ def act_grad_backward_split(
     part = new_output(n if store_part else 0, 1, dtype=torch.float32, device=h.device)
     if n == 0:
         return a, dh, part
-    ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row)  # [n, I], rounded to the dtype
+    ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row, lora=lora)  # [n, I], dtype-rounded
     col_stride, up_off = (2, 1) if gated and not activation.concatenated else (1, inner)
     block_r, block_c, warps = (16, 16, 4) if interpreting() else (16, 256, 4)
     _act_backward_kernel[(triton.cdiv(n, block_r),)](

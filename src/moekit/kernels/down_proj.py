@@ -7,6 +7,13 @@ output, which the combine kernel sums over K. Backward dX: A = dL/dh [n, W], B =
 no weight. Backward dA (split mode, see act_grad.py): A = dOut rows gathered through token_of_row inside the
 loads, B = W_down viewed [E, H, I]. Operands are read through strides, so stored [E, out, in] and transposed [E, in, out] weights both
 work without copies. Accumulation in fp32, one rounding to the output dtype.
+
+LoRA (``lora=(u, L)``): after the main loop a short loop over the rank adds u[r] @ L[e] (u [n, R] plan rows,
+L viewed [E, R, N]) into the same accumulator, before bias and routing weight. Forward: u = a @ A_down[e]ᵀ,
+L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; split dA: u = dOut[tok] @ B_down[e], L = A_down.
+
+Low-rank mode (``lowrank=True``): the same kernel computes those u = rows @ F[e] [n, R] (F = A[e]ᵀ or B[e],
+the rank is N): its own small autotuning space, BLOCK_N set from R at launch instead of a 128-wide tile.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ from .tiling import (
     block_e,
     dot_precision,
     expert_tile,
+    lora_preload,
     mma,
     new_output,
     num_row_tiles,
+    rank_block,
     rows_bucket,
     swizzle,
     to_dtype,
@@ -30,10 +39,12 @@ from .tiling import (
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, gather_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr,
-    n_rows, E, N, K, M_BUCKET,
+    a_ptr, gather_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr,
+    n_rows, E, N, K, M_BUCKET, R,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
-    GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr,
+    stride_um, stride_ur, stride_le, stride_lr, stride_ln,
+    GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    LORA_PRELOAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -57,6 +68,13 @@ def _grouped_gemm_kernel(
         a_rows = rows64
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    if HAS_LORA:  # u plan rows [n, R], L [R, N] through strides
+        offs_r = tl.arange(0, BLOCK_R)
+        u_ptrs = u_ptr + rows64[:, None] * stride_um + offs_r[None, :] * stride_ur
+        l_ptrs = l_ptr + expert.to(tl.int64) * stride_le + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln
+        if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
+            ut = tl.load(u_ptrs, mask=(offs_r < R)[None, :], other=0.0)
+            lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
@@ -65,6 +83,18 @@ def _grouped_gemm_kernel(
         acc = mma(at, wt, acc, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LORA:  # + u @ L[e] into the same accumulator, before bias and routing weight
+        if LORA_PRELOAD:
+            acc = mma(ut, lt, acc, PRECISION)
+        else:
+            for r in range(tl.cdiv(R, BLOCK_R)):
+                r_mask = offs_r < R - r * BLOCK_R
+                ut = tl.load(u_ptrs, mask=r_mask[None, :], other=0.0)
+                lt = tl.load(l_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = mma(ut, lt, acc, PRECISION)
+                u_ptrs += BLOCK_R * stride_ur
+                l_ptrs += BLOCK_R * stride_lr
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
@@ -76,30 +106,41 @@ def _grouped_gemm_kernel(
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE"])
+_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD"]
+_KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=_KEY)
+_LOWRANK = Autotuned(_grouped_gemm_kernel, "lowrank", key=_KEY)
 
 
-def grouped_gemm(rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None, gather=None):
-    """rows [n, K] (plan-sorted; or any rows taken through ``gather`` [n]) @ weight[e] [K, N] (+ bias[e])
-    (* routing weight per row) -> [n, N]."""
+def grouped_gemm(
+    rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None, gather=None, lora=None,
+    lowrank=False,
+):  # fmt: skip
+    """rows [n, K] (plan-sorted; or any rows taken through ``gather`` [n]) @ weight[e] [K, N] (+ u @ L[e] with
+    ``lora=(u [n, R], L [E, R, N])``) (+ bias[e]) (* routing weight per row) -> [n, N].
+    ``lowrank``: N is a LoRA rank (small): BLOCK_N fitted to it."""
     num_experts, k_dim, n_dim = weight_in_out.shape
     out = new_output(n, n_dim, dtype=rows.dtype, device=rows.device)
     if n == 0:
         return out
-    has_bias, scale = bias is not None, routing_weights is not None
+    has_bias, scale, has_lora = bias is not None, routing_weights is not None, lora is not None
     b = bias if has_bias else out
     rw = routing_weights if scale else out
     idx = sorted_rows if scale else counts
+    u, lw = lora if has_lora else (out, out)
+    rank = u.shape[1] if has_lora else 0
+    kernel, extra = (_LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}) if lowrank else (_KERNEL, {})
 
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
 
-    _KERNEL.get(rows.dtype)[grid](
-        rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts,
-        n, num_experts, n_dim, k_dim, rows_bucket(n, num_experts),
+    kernel.get(rows.dtype)[grid](
+        rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts, u, lw,
+        n, num_experts, n_dim, k_dim, rows_bucket(n, num_experts), rank,
         rows.stride(0), rows.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
-        GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale,
-        PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
+        *(u.stride() if has_lora else (0, 0)), *(lw.stride() if has_lora else (0, 0, 0)),
+        GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale, HAS_LORA=has_lora, BLOCK_R=rank_block(rank),
+        LORA_PRELOAD=lora_preload(rank),
+        PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8, **extra,
     )  # fmt: skip
     return out

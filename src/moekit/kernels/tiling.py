@@ -119,7 +119,9 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
-    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk}, num_warps=warps, num_stages=stages)
+    """A config; ``bn`` == 0 leaves BLOCK_N out (the launch passes it)."""
+    meta = {names[0]: bm, names[1]: bn, names[2]: bk} if bn else {names[0]: bm, names[2]: bk}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 @functools.cache
@@ -162,6 +164,19 @@ _SPACES = {
         "ampere": [(128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
         "interpret": [(16, 16, 16, 4, 1)],
     },
+    # LoRA low-rank GEMMs (u = rows @ A[e]ᵀ, v = rows @ B[e]): N = the rank R, so BLOCK_N (0 here) is not
+    # tuned but set at launch from R (``rank_block``); memory-bound, so deep pipelines over long K steps.
+    "lowrank": {
+        "hopper": [(64, 0, 128, 4, 4), (128, 0, 64, 4, 4), (128, 0, 128, 8, 3)],
+        "ampere": [(64, 0, 64, 4, 4), (128, 0, 64, 4, 3)],
+        "interpret": [(16, 0, 16, 4, 1)],
+    },
+    # LoRA factor gradients (dA, dB: one side is the rank R): BLOCK_N (the R side) set at launch
+    "wgrad_lr": {
+        "hopper": [(128, 0, 64, 4, 5), (64, 0, 64, 4, 6), (256, 0, 64, 8, 4)],
+        "ampere": [(128, 0, 64, 4, 4), (64, 0, 64, 4, 4)],
+        "interpret": [(16, 0, 16, 4, 1)],
+    },
 }  # fmt: skip
 
 
@@ -172,14 +187,27 @@ def configs(family: str, element_size: int = 2) -> list[triton.Config]:
     kernel variants)."""
     space = _SPACES[family][_generation()]
     if element_size > 2 and _generation() != "interpret":
-        space = [(bm, bn, min(bk, 32), w, min(s, 4 if family == "wgrad" else 3)) for bm, bn, bk, w, s in space]
-    if family == "wgrad":  # the chunk table is built for one BLOCK_K
+        space = [(bm, bn, min(bk, 32), w, min(s, 4 if family.startswith("wgrad") else 3)) for bm, bn, bk, w, s in space]
+    if family.startswith("wgrad"):  # the chunk table is built for one BLOCK_K
         space = [(bm, bn, wgrad_block_k(element_size), w, s) for bm, bn, _, w, s in space]
         space = list(dict.fromkeys(space))
     space = [_cfg(*c) for c in space]
     if os.environ.get("MOEKIT_TRITON_AUTOTUNE", "1") == "0":
         return space[:1]
     return space
+
+
+def rank_block(rank: int, cap: int = 64) -> int:
+    """Tile width over a LoRA rank R: the next power of two, at least 16 (tl.dot's minimum), at most ``cap``
+    (larger ranks take several steps or tiles)."""
+    return max(16, min(triton.next_power_of_2(max(rank, 1)), cap))
+
+
+def lora_preload(rank: int) -> bool:
+    """``LORA_PRELOAD`` of the fused-LoRA GEMMs: with one rank step (R <= 64) the u / B tiles are loaded before
+    the main loop and multiplied after it, so their latency hides under the main loop instead of adding to
+    every tile's tail. ``MOEKIT_TRITON_LORA_PRELOAD=0`` turns it off (then a loop over R after the main loop)."""
+    return 0 < rank <= rank_block(rank) and os.environ.get("MOEKIT_TRITON_LORA_PRELOAD", "1") != "0"
 
 
 def wgrad_block_k(dtype_or_size) -> int:

@@ -3,6 +3,12 @@
     h[r] = x[token_of_row[r]] @ W_up[e]  (+ b_up[e])       r in expert e's block, h [n, W], W = 2I (gated) or I
     a[r] = act(h[r])                                        a [n, I]
 
+With LoRA (``HAS_LORA``) the caller passes the low-rank intermediate u = x[tok] @ A_up[e]ᵀ [n, R] (plan rows,
+computed by the low-rank ``grouped_gemm``); after the main loop over H a second, short loop over R adds
+u[r] @ B_up[e]ᵀ into the same fp32 accumulators (gate and up columns alike), before bias and activation:
+
+    h[r] = x[tok] @ W_up[e] + u[r] @ B_up[e]ᵀ (+ b_up[e])      no ΔW, no copy of W
+
 The token rows are gathered inside the kernel's operand loads (no [n, H] copy of x). Each program owns a
 BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it runs two accumulators, one over the gate columns and one
 over the matching up columns of W_up (concatenated: j and I + j; interleaved: 2j and 2j + 1), so the
@@ -21,9 +27,11 @@ from .tiling import (
     block_e,
     dot_precision,
     expert_tile,
+    lora_preload,
     mma,
     new_output,
     num_row_tiles,
+    rank_block,
     rows_bucket,
     swizzle,
     to_dtype,
@@ -32,11 +40,13 @@ from .tiling import (
 
 @triton.jit
 def _up_proj_kernel(
-    x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, a_ptr, counts_ptr,
-    n_rows, E, N, K, M_BUCKET,
+    x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, a_ptr, counts_ptr, u_ptr, lb_ptr,
+    n_rows, E, N, K, M_BUCKET, R,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_hm, stride_am,
+    stride_um, stride_ur, stride_lbe, stride_lbr, stride_lbn,
     up_off, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, COL_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRELOAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -60,6 +70,19 @@ def _up_proj_kernel(
     wg_ptrs = w_base + offs_k[:, None] * stride_wk + col_g[None, :].to(tl.int64) * stride_wn
     wu_ptrs = wg_ptrs + up_off * stride_wn
 
+    if HAS_LORA:  # B_up read as [R, W] through strides, same columns as W_up
+        offs_r = tl.arange(0, BLOCK_R)
+        u_ptrs = u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur
+        lg_ptrs = (lb_ptr + expert.to(tl.int64) * stride_lbe + offs_r[:, None] * stride_lbr
+                   + col_g[None, :].to(tl.int64) * stride_lbn)  # fmt: skip
+        lu_ptrs = lg_ptrs + up_off * stride_lbn
+        if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
+            r_mask = offs_r < R
+            ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            bg = tl.load(lg_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            if GATED:
+                bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
@@ -73,6 +96,24 @@ def _up_proj_kernel(
             wu_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
         wg_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LORA:  # + u @ B_up[e]ᵀ into the same accumulators, before bias and activation
+        if LORA_PRELOAD:
+            acc_g = mma(ut, bg, acc_g, PRECISION)
+            if GATED:
+                acc_u = mma(ut, bu, acc_u, PRECISION)
+        else:
+            for r in range(tl.cdiv(R, BLOCK_R)):
+                r_mask = offs_r < R - r * BLOCK_R
+                ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                bg = tl.load(lg_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc_g = mma(ut, bg, acc_g, PRECISION)
+                if GATED:
+                    bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc_u = mma(ut, bu, acc_u, PRECISION)
+                    lu_ptrs += BLOCK_R * stride_lbr
+                u_ptrs += BLOCK_R * stride_ur
+                lg_ptrs += BLOCK_R * stride_lbr
 
     dtype = h_ptr.dtype.element_ty
     if HAS_BIAS:
@@ -94,12 +135,13 @@ def _up_proj_kernel(
     tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], to_dtype(a, dtype), mask=out_mask)
 
 
-_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=["N", "K", "M_BUCKET"])
-_GATED = Autotuned(_up_proj_kernel, "gated", key=["N", "K", "M_BUCKET"])
+_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD"])
+_GATED = Autotuned(_up_proj_kernel, "gated", key=["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD"])
 
 
-def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation):
-    """h [n, W], a [n, I] for plan rows [0, n). ``weight_in_out`` is W_up viewed [E, H, W] (any strides)."""
+def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=None):
+    """h [n, W], a [n, I] for plan rows [0, n). ``weight_in_out`` is W_up viewed [E, H, W] (any strides).
+    ``lora``: (u [n, R] plan rows, B_up viewed [E, R, W]) adds u @ B_up[e]ᵀ to h (scaling folded into B)."""
     num_experts, hidden, width = weight_in_out.shape
     gated = activation.gated
     inner = width // 2 if gated else width
@@ -116,15 +158,19 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation):
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(inner, meta["BLOCK_N"]),)
 
-    has_bias = bias is not None
+    has_bias, has_lora = bias is not None, lora is not None
     b = bias if has_bias else h
+    u, lb = lora if has_lora else (h, h)
+    rank = u.shape[1] if has_lora else 0
     kernel.get(x.dtype)[grid](
-        x, token_of_row, weight_in_out, b, h, a, counts,
-        n, num_experts, inner, hidden, rows_bucket(n, num_experts),
+        x, token_of_row, weight_in_out, b, h, a, counts, u, lb,
+        n, num_experts, inner, hidden, rows_bucket(n, num_experts), rank,
         x.stride(0), x.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, h.stride(0), a.stride(0),
+        *(u.stride() if has_lora else (0, 0)), *(lb.stride() if has_lora else (0, 0, 0)),
         up_off, float(activation.alpha), float(activation.limit),
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride, HAS_BIAS=has_bias,
+        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=lora_preload(rank),
         PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return h, a

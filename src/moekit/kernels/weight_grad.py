@@ -18,6 +18,12 @@ last chunk of each expert stores that expert's tile and resets the accumulator. 
 exactly once by one program (experts without rows get explicit zeros), in a fixed order: deterministic. The bias
 sum is fused into the programs of the first q tile. With COMPUTE_W off (frozen weight, trainable bias) only
 those programs run and no GEMM is done.
+
+LoRA factor gradients use the same kernel with the rank on the Q side (``lowrank=True``: its own autotuning
+space, BLOCK_N fitted to R at launch):
+  dB_down[e] [H, R] = Σ dOut[tok]ᵀ (w u_down)      dA_down[e] [R, I] = (Σ (w a)ᵀ v_down)ᵀ   (transposed_out)
+  (w u_down: the routing weight is applied to the right rows in the loop, ``scale_right``)
+  dB_up[e]   [W, R] = Σ dhᵀ u_up                   dA_up[e]   [R, H] = (Σ x[tok]ᵀ v_up)ᵀ    (transposed_out)
 """
 
 from __future__ import annotations
@@ -26,7 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import Autotuned, dot_precision, mma, new_output, num_sms, rows_bucket, to_dtype, wgrad_block_k
+from .tiling import (
+    Autotuned,
+    block_e,
+    dot_precision,
+    mma,
+    new_output,
+    num_sms,
+    rank_block,
+    rows_bucket,
+    to_dtype,
+    wgrad_block_k,
+)
 
 
 @triton.jit
@@ -35,7 +52,7 @@ def _weight_grad_kernel(
     counts_ptr, expert_chunk_ptr, chunk_expert_ptr, chunk_row_ptr, chunk_end_ptr,
     E, P, Q, M_BUCKET,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq, stride_dbe,
-    GATHER_L: tl.constexpr, SCALE_L: tl.constexpr, GATHER_R: tl.constexpr,
+    GATHER_L: tl.constexpr, SCALE_L: tl.constexpr, GATHER_R: tl.constexpr, SCALE_R: tl.constexpr,
     COMPUTE_W: tl.constexpr, COMPUTE_B: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -88,6 +105,9 @@ def _weight_grad_kernel(
                 mask=r_mask[:, None] & q_mask[None, :],
                 other=0.0,
             )  # [BLOCK_K, BLOCK_N]
+            if SCALE_R:  # right rows times their routing weight, rounded to the operand dtype
+                w_r = tl.load(rw_ptr + tl.load(rows_ptr + rows_c)).to(tl.float32)
+                rt = to_dtype(rt.to(tl.float32) * w_r[:, None], r_ptr.dtype.element_ty)
             acc = mma(tl.trans(lt), rt, acc, PRECISION)
         if COMPUTE_B:  # noqa: SIM102 (constexpr, then a runtime test)
             if pid_q == 0:
@@ -116,19 +136,65 @@ def _weight_grad_kernel(
                     tl.store(db_ptr + e64 * stride_dbe + offs_p, tl.zeros((BLOCK_M,), db_dtype), mask=p_mask)
 
 
-_KERNEL = Autotuned(
-    _weight_grad_kernel, "wgrad",
-    key=["P", "Q", "M_BUCKET", "GATHER_L", "SCALE_L", "GATHER_R", "COMPUTE_W", "COMPUTE_B"],
-)  # fmt: skip
+_WG_KEY = ["P", "Q", "M_BUCKET", "GATHER_L", "SCALE_L", "GATHER_R", "SCALE_R", "COMPUTE_W", "COMPUTE_B"]
+_KERNEL = Autotuned(_weight_grad_kernel, "wgrad", key=_WG_KEY)
+_LOWRANK = Autotuned(_weight_grad_kernel, "wgrad_lr", key=_WG_KEY)
+
+
+@triton.jit
+def _chunk_table_kernel(
+    counts_ptr, expert_chunk_ptr, chunk_expert_ptr, chunk_row_ptr, chunk_end_ptr, E, C, block_k,
+    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``chunk_table`` in one launch: every program rebuilds the per-expert chunk counts and their scans from the
+    E row counts (one vector load) and fills BLOCK_C chunk entries; program 0 also writes ``expert_chunk``."""
+    pid = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    cnt = tl.load(counts_ptr + offs_e, mask=e_mask, other=0).to(tl.int32)
+    chunks = (cnt + block_k - 1) // block_k
+    chunk_end = tl.cumsum(chunks, 0)  # inclusive: first chunk of the next expert
+    if pid == 0:
+        tl.store(expert_chunk_ptr + offs_e + 1, chunk_end, mask=e_mask)
+        tl.store(expert_chunk_ptr + offs_e, tl.zeros((BLOCK_E,), tl.int32), mask=offs_e == 0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    # expert of chunk c: experts whose chunks end at or before c (torch.searchsorted(..., right=True)), clamped
+    done = (chunk_end[None, :] <= offs_c[:, None]) & e_mask[None, :]
+    expert = tl.minimum(tl.sum(done.to(tl.int32), 1), E - 1)
+    before = offs_e[None, :] < expert[:, None]
+    first_chunk = tl.sum(tl.where(before, chunks[None, :], 0), 1)
+    row_base = tl.sum(tl.where(before, cnt[None, :], 0), 1)
+    row_end = row_base + tl.sum(tl.where(offs_e[None, :] == expert[:, None], cnt[None, :], 0), 1)
+    c_mask = offs_c < C
+    tl.store(chunk_expert_ptr + offs_c, expert, mask=c_mask)
+    tl.store(chunk_row_ptr + offs_c, row_base + (offs_c - first_chunk) * block_k, mask=c_mask)
+    tl.store(chunk_end_ptr + offs_c, row_end, mask=c_mask)
 
 
 def chunk_table(counts: torch.Tensor, n: int, block_k: int):
-    """Chunks of ``block_k`` rows, expert by expert, built on the device (no host sync).
+    """Chunks of ``block_k`` rows, expert by expert, built on the device (no host sync, one launch).
 
     Returns (expert_chunk [E+1] int32: first chunk of each expert, exclusive scan, and the total last;
     chunk_expert, chunk_row, chunk_end [C] int32: the expert, first row and the expert's end row of every chunk),
     with C = n // block_k + E an upper bound on the number of chunks (entries past the total are unused).
     """
+    num_experts = counts.numel()
+    if num_experts == 0 or num_experts > 4096:
+        return chunk_table_torch(counts, n, block_k)
+    num_chunks = n // block_k + num_experts
+    device = counts.device
+    expert_chunk = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
+    chunk_expert, chunk_row, chunk_end = (torch.empty(num_chunks, device=device, dtype=torch.int32) for _ in range(3))
+    block_c = 16 if num_experts > 512 else 32
+    _chunk_table_kernel[(triton.cdiv(num_chunks, block_c),)](
+        counts, expert_chunk, chunk_expert, chunk_row, chunk_end, num_experts, num_chunks, block_k,
+        BLOCK_E=block_e(num_experts), BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return expert_chunk, chunk_expert, chunk_row, chunk_end
+
+
+def chunk_table_torch(counts: torch.Tensor, n: int, block_k: int):
+    """``chunk_table`` with torch ops (about a dozen launches): the specification the kernel is tested against."""
     num_experts = counts.numel()
     cnt = counts.to(torch.int32)
     chunks = (cnt + block_k - 1) // block_k
@@ -137,7 +203,9 @@ def chunk_table(counts: torch.Tensor, n: int, block_k: int):
     row_base = torch.zeros(num_experts + 1, device=counts.device, dtype=torch.int32)
     torch.cumsum(cnt, 0, out=row_base[1:])
     c = torch.arange(n // block_k + num_experts, device=counts.device, dtype=torch.int32)
-    chunk_expert = torch.searchsorted(expert_chunk[1:], c, right=True, out_int32=True).clamp_(max=num_experts - 1)
+    chunk_expert = torch.searchsorted(expert_chunk[1:], c, right=True, out_int32=True).clamp_(
+        max=max(num_experts - 1, 0)
+    )
     chunk_row = row_base[chunk_expert] + (c - expert_chunk[chunk_expert]) * block_k
     chunk_end = row_base[chunk_expert + 1]
     return expert_chunk, chunk_expert, chunk_row, chunk_end
@@ -146,14 +214,16 @@ def chunk_table(counts: torch.Tensor, n: int, block_k: int):
 def weight_grad(
     left, right, counts, n, num_experts, out_shape_pq, out_dtype, transposed_out,
     left_index=None, right_index=None, routing_weights=None, sorted_rows=None,
-    compute_w=True, bias_dtype=None, chunks=None,
+    compute_w=True, bias_dtype=None, chunks=None, lowrank=False, scale_right=False,
 ):  # fmt: skip
     """Per-expert Lᵀ R over plan rows; returns (dW in the stored layout or None, db [E, P] or None).
 
     ``left`` [*, P] rows taken through ``left_index`` (gather) when given, else plan-sorted; same for ``right``.
-    ``routing_weights`` (flat [T*K]) with ``sorted_rows`` scale the rows of ``left`` in the bias sum only.
+    ``routing_weights`` (flat [T*K]) with ``sorted_rows`` scale the rows of ``left`` in the bias sum only, or,
+    with ``scale_right``, the rows of ``right`` in the weight product (each product rounded to right's dtype).
     The weight is returned [E, P, Q], or [E, Q, P] when ``transposed_out`` (written directly, no copy).
     ``chunks``: a ``chunk_table(counts, n, wgrad_block_k(left.dtype))`` to share between calls.
+    ``lowrank``: Q is a LoRA rank (small): BLOCK_N fitted to it (weight only, no bias).
     """
     p_dim, q_dim = out_shape_pq
     compute_b = bias_dtype is not None
@@ -180,14 +250,16 @@ def weight_grad(
         tiles = triton.cdiv(p_dim, meta["BLOCK_M"]) * (triton.cdiv(q_dim, meta["BLOCK_N"]) if compute_w else 1)
         return (tiles, max(1, min(num_experts, target_programs // tiles)))
 
-    _KERNEL.get(left.dtype)[grid](
+    kernel, extra = (_LOWRANK, {"BLOCK_N": rank_block(q_dim, 128)}) if lowrank else (_KERNEL, {})
+    kernel.get(left.dtype)[grid](
         left, left_index if left_index is not None else counts, sorted_rows if scale else counts,
         routing_weights if scale else dummy, right, right_index if right_index is not None else counts,
         dummy, db if compute_b else dummy, counts, *chunks,
         num_experts, p_dim, q_dim, rows_bucket(n, num_experts),
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), s_e, s_p, s_q,
         db.stride(0) if compute_b else 0,
-        GATHER_L=left_index is not None, SCALE_L=scale, GATHER_R=right_index is not None,
-        COMPUTE_W=compute_w, COMPUTE_B=compute_b, PRECISION=dot_precision(left.dtype),
+        GATHER_L=left_index is not None, SCALE_L=scale and compute_b, GATHER_R=right_index is not None,
+        SCALE_R=scale and scale_right and compute_w,
+        COMPUTE_W=compute_w, COMPUTE_B=compute_b, PRECISION=dot_precision(left.dtype), **extra,
     )  # fmt: skip
     return dw, db

@@ -1,0 +1,287 @@
+"""Fused LoRA on the experts in the Triton engine, against the reference engine (the oracle).
+
+LoRA factors per projection: A [E, R, in], B [E, out, R] with the scaling folded into B (several adapters
+concatenated along R), exactly as ``experts_reference`` takes them. Forward output and every gradient (x, routing
+weights, A and B of both projections, base weights and biases when trainable) are compared; every buffer the
+kernels must fill is NaN-poisoned (``MOEKIT_TRITON_POISON``), so an unwritten element shows up as NaN.
+
+Runs natively on a GPU or under TRITON_INTERPRET=1 on the CPU (conftest sets it); shapes are tiny. bf16 under the
+interpreter: ``tl.dot`` tiles are upcast to fp32 and fp32 -> bf16 casts round by hand (see
+``moekit.kernels.tiling``), so bf16 results are those of the GPU up to summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from moekit import kernels
+from moekit.activations import ELEMENTWISE, Activation
+from moekit.kernels import tiling
+from moekit.plan import build_plan
+from moekit.reference import ExpertsLayout, experts_reference
+from moekit.triton_engine import experts_triton, supported, triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not triton_available(DEVICE), reason="no GPU and TRITON_INTERPRET is not set"),
+]
+
+NAMES = ("out", "x", "routing_weights", "up_weight", "up_bias", "down_weight", "down_bias",
+         "up_A", "up_B", "down_A", "down_B")  # fmt: skip
+FROZEN_BASE = (True, True, False, False, False, False, True, True, True, True)
+ALL = (True,) * 10
+
+LAYOUTS = {
+    # name: (activation, transposed, bias)
+    "relu2": (Activation("plain", ELEMENTWISE["relu2"]), False, False),  # NemotronH: non-gated
+    "silu_glu": (Activation("glu", ELEMENTWISE["silu"], True), False, False),  # Qwen3: gate/up concatenated
+    # gpt-oss: clamped gate, interleaved, transposed weights, biases (low limit: both clamp branches are hit)
+    "gpt_oss": (Activation("clamped_glu", None, False, alpha=1.702, limit=0.7), True, True),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(tiling, "POISON_OUTPUTS", True)
+
+
+def make_case(layout="silu_glu", ranks=(8,), T=13, H=24, I=20, E=4, K=2, dtype=torch.float32, seed=0,
+              sentinel_fraction=0.0, projections=("up", "down"), limit=None):  # fmt: skip
+    """Random inputs with LoRA factors (one pair per adapter rank, concatenated along R) on ``projections``."""
+    act, transposed, bias = LAYOUTS[layout]
+    if limit is not None:
+        act = Activation(act.kind, act.act, act.concatenated, alpha=act.alpha, limit=limit)
+    g = torch.Generator().manual_seed(seed)
+    W = 2 * I if act.gated else I
+    x = torch.randn(T, H, generator=g)
+    logits = torch.randn(T, E, generator=g)
+    rw, idx = torch.topk(logits.softmax(-1), K, dim=-1)
+    if sentinel_fraction:
+        drop = torch.rand(idx.shape, generator=g) < sentinel_fraction
+        idx = torch.where(drop, torch.full_like(idx, E), idx)
+    up = torch.randn(E, H, W, generator=g) if transposed else torch.randn(E, W, H, generator=g)
+    down = torch.randn(E, I, H, generator=g) if transposed else torch.randn(E, H, I, generator=g)
+    up, down = up / H**0.5, down / I**0.5
+    up_b = torch.randn(E, W, generator=g) * 0.5 if bias else None
+    down_b = torch.randn(E, H, generator=g) * 0.5 if bias else None
+
+    def lora(d_in, d_out):
+        # the low-rank term is as large as the base term, so a wrong factor cannot hide under the tolerance
+        pairs = [(torch.randn(E, r, d_in, generator=g) / d_in**0.5, torch.randn(E, d_out, r, generator=g) / r**0.5)
+                 for r in ranks]  # fmt: skip
+        return torch.cat([a for a, _ in pairs], 1), torch.cat([b for _, b in pairs], 2)
+
+    up_lora = lora(H, W) if "up" in projections else (None, None)
+    down_lora = lora(I, H) if "down" in projections else (None, None)
+    grad_out = torch.randn(T, H, generator=g)
+    to = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)
+    return {
+        "layout": ExpertsLayout(act, transposed),
+        "plan": build_plan(idx.to(DEVICE), E),
+        "tensors": [to(x), to(rw), to(up), to(up_b), to(down), to(down_b), *map(to, up_lora), *map(to, down_lora)],
+        "grad_out": to(grad_out),
+    }
+
+
+def run(fn, case, requires_grad=FROZEN_BASE, dtype=None):
+    """Output and the gradient of every input (None where none is asked for or the input is absent)."""
+    leaves = []
+    for t, req in zip(case["tensors"], requires_grad):
+        if t is None:
+            leaves.append(None)
+            continue
+        t = t.detach().clone()
+        if dtype is not None:
+            t = t.to(dtype)
+        leaves.append(t.requires_grad_(req))
+    x, rw, up, up_b, down, down_b, up_a, up_bl, down_a, down_bl = leaves
+    up_lora = (up_a, up_bl) if up_a is not None else None
+    down_lora = (down_a, down_bl) if down_a is not None else None
+    out = fn(case["layout"], case["plan"], x, rw, up, up_b, down, down_b, up_lora=up_lora, down_lora=down_lora)
+    if out.requires_grad:
+        out.backward(case["grad_out"].to(out.dtype))
+    return [out.detach()] + [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() if b.numel() else 0.0
+
+
+def assert_close(case, tol, requires_grad=FROZEN_BASE, truth_factor=None):
+    """Triton vs the reference in the same dtype (max|a-b| / max|b| <= tol); with ``truth_factor``, both against
+    an fp64 reference instead: the Triton error must be <= truth_factor x the reference's + tol."""
+    pairs = [None if t[0] is None else tuple(t) for t in (case["tensors"][6:8], case["tensors"][8:10])]
+    assert supported(case["layout"], case["tensors"][0], *pairs)  # no silent fallback to the reference
+    ours = run(experts_triton, case, requires_grad)
+    ref = run(experts_reference, case, requires_grad)
+    truth = run(experts_reference, case, requires_grad, torch.float64) if truth_factor else None
+    for i, name in enumerate(NAMES):
+        o, r = ours[i], ref[i]
+        assert (o is None) == (r is None), f"{name}: grad presence differs (triton {o is not None})"
+        if o is None:
+            continue
+        assert o.shape == r.shape and o.dtype == r.dtype, f"{name}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
+        assert not torch.isnan(o).any(), f"{name}: NaN (unwritten element)"
+        if truth_factor:
+            ours_err, ref_err = rel_err(o, truth[i]), rel_err(r, truth[i])
+            assert ours_err <= truth_factor * ref_err + tol, f"{name}: err {ours_err:.3g} vs reference {ref_err:.3g}"
+        else:
+            err = rel_err(o, r)
+            assert err <= tol, f"{name}: rel err {err:.3g} > {tol}"
+    return ours
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp32_frozen_base(layout, rank):
+    ours = assert_close(make_case(layout, ranks=(rank,), seed=rank), 1e-5)
+    assert all(g is None for g in ours[3:7])  # no gradient for the frozen base
+    assert all(g is not None and g.abs().max() > 0 for g in ours[7:])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp32_trainable_base_plus_lora(layout):
+    ours = assert_close(make_case(layout, ranks=(8,), seed=5, sentinel_fraction=0.2), 1e-5, requires_grad=ALL)
+    assert all(g is not None for i, g in enumerate(ours[1:], 1) if case_has(layout, NAMES[i]))
+
+
+def case_has(layout, name):
+    return LAYOUTS[layout][2] or not name.endswith("bias")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_bf16(layout):
+    case = make_case(
+        layout, ranks=(16,), T=24, dtype=torch.bfloat16, seed=7, limit=7.0 if layout == "gpt_oss" else None
+    )
+    assert_close(case, 2e-2)  # against the bf16 reference
+    assert_close(case, 2e-3, truth_factor=2.0)  # no worse than the bf16 reference against fp64
+
+
+def test_bf16_trainable_base():
+    case = make_case("silu_glu", ranks=(16,), T=24, dtype=torch.bfloat16, seed=9)
+    assert_close(case, 2e-2, requires_grad=ALL)
+
+
+def test_several_adapters_concatenated():
+    """Three adapters of ranks 8, 16 and 64 (R = 88: two steps of the in-kernel rank loop, several rank tiles)."""
+    assert_close(make_case("gpt_oss", ranks=(8, 16, 64), seed=3), 1e-5, requires_grad=ALL)
+
+
+@pytest.mark.parametrize("projection", ["up", "down"])
+def test_lora_on_one_projection(projection):
+    ours = assert_close(make_case("relu2", ranks=(4,), seed=11, projections=(projection,)), 1e-5)
+    present = [ours[7] is not None, ours[9] is not None]
+    assert present == [projection == "up", projection == "down"]
+
+
+def test_frozen_base_launches_no_base_weight_gradient(monkeypatch):
+    """A frozen base gets no weight-gradient kernel: the only weight-gradient launches are the LoRA factors'
+    (and, with trainable biases, the bias-only pass that runs no GEMM)."""
+    calls = []
+    real = kernels.weight_grad
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("compute_w", True), kwargs.get("lowrank", False), kwargs.get("bias_dtype")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "weight_grad", spy)
+    case = make_case("gpt_oss", ranks=(8,), seed=2)
+    assert_close(case, 1e-5)
+    assert sorted(calls) == [(True, True, None)] * 4  # dA, dB of both projections, nothing else
+    calls.clear()
+    # biases trainable, weights frozen: bias sums without a GEMM
+    assert_close(case, 1e-5, requires_grad=(True, True, False, True, False, True, True, True, True, True))
+    assert all(lowrank or not compute_w for compute_w, lowrank, _ in calls) and len(calls) == 6
+    calls.clear()
+    # only the up projection's A trains: one launch
+    assert_close(case, 1e-5, requires_grad=(False, False, False, False, False, False, True, False, False, False))
+    assert calls == [(True, True, None)]
+
+
+def test_sentinels_and_experts_without_tokens():
+    """Expert-parallel sentinel ids are skipped; experts that get no rows get exact-zero factor gradients."""
+    case = make_case("silu_glu", ranks=(8,), T=3, E=16, K=2, seed=4, sentinel_fraction=0.3)
+    ours = assert_close(case, 1e-5, requires_grad=ALL)
+    empty = case["plan"].tokens_per_expert.cpu() == 0
+    assert empty.any()
+    for grad in ours[7:]:
+        assert float(grad[empty].abs().sum()) == 0.0
+        assert float(grad[~empty].abs().sum()) > 0.0
+
+
+def test_all_sentinels_and_zero_tokens():
+    ours = assert_close(make_case("relu2", ranks=(8,), T=5, sentinel_fraction=1.0), 1e-5, requires_grad=ALL)
+    assert float(ours[0].abs().sum()) == 0.0 and all(float(g.abs().sum()) == 0.0 for g in ours[7:])
+    ours = assert_close(make_case("gpt_oss", ranks=(8,), T=0), 1e-5, requires_grad=ALL)
+    assert ours[0].shape == (0, 24)
+
+
+def test_backward_modes(monkeypatch):
+    """dA fused in the GEMM epilogue and split, weight gradients from copies and from gathered rows, the LoRA
+    tiles loaded before the main loop (one rank step) or in a loop over R after it."""
+    for mode, wgrad, preload in (("fused", "gather", "0"), ("split", "copy", "1"), ("fused", "copy", "1")):
+        monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
+        monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
+        monkeypatch.setenv("MOEKIT_TRITON_LORA_PRELOAD", preload)
+        assert_close(make_case("gpt_oss", ranks=(16,), T=17, E=3, seed=8, sentinel_fraction=0.2), 1e-5, ALL)
+
+
+def test_deterministic():
+    case = make_case("silu_glu", ranks=(8,), T=16, E=3, K=3)
+    first, second = run(experts_triton, case, ALL), run(experts_triton, case, ALL)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_peft_model_through_the_triton_engine(monkeypatch):
+    """``moekit.enable`` on a PEFT model: the backend hands PEFT's factors to the Triton engine (selection forced,
+    since the CPU normally runs the reference) and the result matches the reference path; ΔW is never built."""
+    from experts_factory import make_experts, make_inputs
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import ParamWrapper
+
+    import moekit
+    import moekit.backend
+    import moekit.triton_engine
+
+    class Block(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.experts = experts
+
+        def forward(self, *args):
+            return self.experts(*args)
+
+    experts = make_experts("nemotron_h", hidden=24, intermediate=16, num_experts=4).to(DEVICE)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                        target_parameters=["experts.up_proj", "experts.down_proj"])  # fmt: skip
+    model = moekit.enable(get_peft_model(Block(experts), config).to(DEVICE))
+    x, index, weights = (t.to(DEVICE) for t in make_inputs(9, 24, 4, 2))
+    monkeypatch.setattr(ParamWrapper, "get_delta_weight", lambda *a, **k: pytest.fail("ΔW requested"))
+    launched = []
+    real = moekit.triton_engine.ExpertsTritonFunction.apply
+    monkeypatch.setattr(moekit.triton_engine.ExpertsTritonFunction, "apply",
+                        lambda *a: launched.append(a[8] is not None and a[10] is not None) or real(*a))  # fmt: skip
+
+    def step(engine):
+        monkeypatch.setattr(moekit.backend, "select_engine", lambda *a, **k: engine)
+        model.zero_grad(set_to_none=True)
+        xr, wr = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        out = model(xr, index, wr)
+        out.backward(torch.ones_like(out))
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), xr.grad, wr.grad, grads
+
+    ours, ref = step("triton"), step("reference")
+    assert launched == [True]
+    for o, r in zip(ours[:3], ref[:3]):
+        assert rel_err(o, r) <= 1e-5
+    assert ours[3].keys() == ref[3].keys() and len(ref[3]) == 4  # lora_A / lora_B of both projections
+    for name in ref[3]:
+        assert rel_err(ours[3][name], ref[3][name]) <= 1e-5, name
