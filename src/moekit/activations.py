@@ -66,6 +66,26 @@ def _gelu_tanh_grad(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
 
 
+# fp32 elements one row chunk may hold: bounds the fp32 temporaries of the activation math to ~16 MiB each
+# instead of several [rows, 2I] fp32 copies (Mixtral-size experts: GBs).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def map_rows(fn: Callable[..., Tensor], out_width: int, out_dtype: torch.dtype, *tensors: Tensor) -> Tensor:
+    """fn over row chunks of tensors [n, *] (all with n rows) -> [n, out_width] in out_dtype.
+
+    fn may compute in fp32; only one chunk's temporaries are alive at a time.
+    """
+    n = tensors[0].shape[0]
+    rows = max(1, _CHUNK_ELEMENTS // max(max(t.shape[-1] for t in tensors), 1))
+    if n <= rows:
+        return fn(*tensors).to(out_dtype)
+    out = tensors[0].new_empty(n, out_width, dtype=out_dtype)
+    for start in range(0, n, rows):
+        out[start : start + rows] = fn(*(t[start : start + rows] for t in tensors))
+    return out
+
+
 @dataclass(frozen=True)
 class ElementwiseAct:
     """A scalar activation f with its derivative f'. Both are evaluated in fp32."""
@@ -144,9 +164,13 @@ class Activation:
         return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
 
     def forward(self, h: Tensor) -> Tensor:
-        """h [S, I or 2I] -> a [S, I], computed in fp32 and returned in h's dtype."""
+        """h [S, I or 2I] -> a [S, I], computed in fp32 (row chunk by row chunk) and returned in h's dtype."""
         if self.custom is not None:
             return self.custom(h)
+        width = h.shape[-1] // 2 if self.gated else h.shape[-1]
+        return map_rows(self._forward, width, h.dtype, h)
+
+    def _forward(self, h: Tensor) -> Tensor:
         hf = h.float()
         if self.kind == "plain":
             return self.act.fn(hf).to(h.dtype)
@@ -164,6 +188,9 @@ class Activation:
                 h_ = h.detach().requires_grad_(True)
                 (grad_h,) = torch.autograd.grad(self.custom(h_), h_, grad_a)
             return grad_h
+        return map_rows(self._backward, h.shape[-1], h.dtype, h, grad_a)
+
+    def _backward(self, h: Tensor, grad_a: Tensor) -> Tensor:
         hf, gf = h.float(), grad_a.float()
         if self.kind == "plain":
             return (gf * self.act.grad(hf)).to(h.dtype)

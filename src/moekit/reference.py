@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import Activation
+from .activations import Activation, map_rows
 from .grouped import grouped_matmul, grouped_outer, segment_sum
 from .plan import DispatchPlan
 
@@ -54,7 +54,7 @@ def _project(
         low_rank = grouped_matmul(rows, lora_a.transpose(1, 2), plan)  # [n, R]
         out = out + grouped_matmul(low_rank, lora_b.transpose(1, 2), plan)
     if bias is not None:
-        out = out + bias[plan.expert_of_row[: plan.num_routed]]
+        out.add_(bias[plan.expert_of_row[: plan.num_routed]])
     return out
 
 
@@ -63,6 +63,16 @@ def _weight_grad(grad_out_rows: Tensor, in_rows: Tensor, plan: DispatchPlan, tra
     if transposed:
         return grouped_outer(in_rows, grad_out_rows, plan)
     return grouped_outer(grad_out_rows, in_rows, plan)
+
+
+def _row_dot(left: Tensor, right: Tensor) -> Tensor:
+    """[rows, d] x 2 -> [rows, 1] fp32 dot products."""
+    return (left.float() * right.float()).sum(-1, keepdim=True)
+
+
+def _scale_rows(rows: Tensor, scale: Tensor) -> Tensor:
+    """rows [r, d] * scale [r, 1] in fp32."""
+    return rows.float() * scale
 
 
 def combine(rows: Tensor, plan: DispatchPlan, slot_weights: Tensor | None = None) -> Tensor:
@@ -141,7 +151,7 @@ class ExpertsFunction(torch.autograd.Function):
         grad_routing = None
         if needs[3]:
             # <dOut, y> without y: <dOut @ W_downᵀ..., a> + <dOut, b_down>
-            per_row = (grad_a.float() * a.float()).sum(-1)
+            per_row = map_rows(_row_dot, 1, torch.float32, grad_a, a).squeeze(-1)
             if b_down is not None:  # <dOut[t], b_down[e]> for every (t, e) is only [T, E]
                 bias_dot = grad_out.float() @ b_down.float().t()
                 per_row = per_row + bias_dot[plan.token_of_row[:n], expert_of_row]
@@ -151,10 +161,10 @@ class ExpertsFunction(torch.autograd.Function):
 
         # The routing weight scales the narrow operand of each product, never a [n, H] copy of dOut:
         # dW_down[e] = Σ dOutᵀ (w·a), dB_down_lora[e] = Σ dOutᵀ (w·(a A_downᵀ)).
-        grad_a = (grad_a.float() * row_weights[:, None]).to(dtype)  # [n, I]
+        grad_a = map_rows(_scale_rows, grad_a.shape[-1], dtype, grad_a, row_weights[:, None])  # [n, I]
         grad_w_down = grad_b_down = None
         if needs[6]:
-            weighted_a = (a.float() * row_weights[:, None]).to(dtype)  # [n, I]
+            weighted_a = map_rows(_scale_rows, a.shape[-1], dtype, a, row_weights[:, None])  # [n, I]
             grad_w_down = _weight_grad(grad_rows, weighted_a, plan, transposed)
             del weighted_a
         if needs[7]:
