@@ -41,7 +41,7 @@ def main() -> None:
         n = plan.num_routed
         rows = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
         grad = torch.randn(n, width, device="cuda", dtype=torch.bfloat16)
-        ms = time_ms(lambda: F.grouped_mm(grad.t(), rows, offs=plan.offsets))
+        ms = time_ms(lambda grad=grad, rows=rows, offs=plan.offsets: F.grouped_mm(grad.t(), rows, offs=offs))
         tflops = 2 * n * hidden * width / (ms * 1e-3) / 1e12
         print(f"{name}: grouped_mm weight gradient [E={experts}, {width}, {hidden}] over {n} rows: "
               f"{ms:.3f} ms, {tflops:.0f} TFLOP/s")
