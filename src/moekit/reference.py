@@ -182,23 +182,27 @@ class ExpertsFunction(torch.autograd.Function):
 
         grad_h = layout.activation.backward(h, grad_a)  # [n, 2I|I]
         del grad_a
-        xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather, only now that the down-side temporaries are gone
+        grad_low_up = grouped_matmul(grad_h, b_up_lora, plan) if a_up is not None else None  # [n, R]
 
-        grad_w_up = _weight_grad(grad_h, xs, plan, transposed) if needs[4] else None
+        # dX first, so its [n, H] rows are folded into [T, H] and freed before dW_up and the gather it needs.
+        grad_x = None
+        if needs[2]:
+            grad_xs = grouped_matmul(grad_h, _in_out(w_up, transposed).transpose(1, 2), plan)  # [n, H]
+            if a_up is not None:
+                grad_xs = grad_xs + grouped_matmul(grad_low_up, a_up, plan)
+            grad_x = combine(grad_xs, plan).to(dtype)  # sentinel slots get 0
+            del grad_xs
+
         grad_b_up = segment_sum(grad_h, plan).to(b_up.dtype) if needs[5] else None
-        grad_xs = grouped_matmul(grad_h, _in_out(w_up, transposed).transpose(1, 2), plan) if needs[2] else None
-        grad_a_up = grad_b_up_lora = None
-        if a_up is not None:
-            grad_low_up = grouped_matmul(grad_h, b_up_lora, plan)  # [n, R]
+        grad_w_up = grad_a_up = grad_b_up_lora = None
+        if needs[4] or needs[8] or needs[9]:
+            xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather, only now that the other temporaries are gone
+            grad_w_up = _weight_grad(grad_h, xs, plan, transposed) if needs[4] else None
             if needs[9]:
                 low = grouped_matmul(xs, a_up.transpose(1, 2), plan)  # [n, R]
                 grad_b_up_lora = grouped_outer(grad_h, low, plan)  # [E, out, R]
             if needs[8]:
                 grad_a_up = grouped_outer(grad_low_up, xs, plan)  # [E, R, H]
-            if grad_xs is not None:
-                grad_xs = grad_xs + grouped_matmul(grad_low_up, a_up, plan)
-
-        grad_x = combine(grad_xs, plan).to(dtype) if grad_xs is not None else None  # sentinel slots get 0
         return (
             None, None, grad_x, grad_routing, grad_w_up, grad_b_up, grad_w_down, grad_b_down,
             grad_a_up, grad_b_up_lora, grad_a_down, grad_b_down_lora,
