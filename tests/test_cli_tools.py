@@ -142,11 +142,11 @@ def test_check_catches_experts_without_adapter_gradient():
 
 
 def test_check_catches_a_wrong_engine(monkeypatch, capsys):
-    original = moekit.reference.ExpertsFunction.forward
+    original = moekit.reference.DownProjection.forward
 
     def wrong(ctx, *args):
         return original(ctx, *args) * 1.01  # a 1% error, as a layout read wrong would give
 
-    monkeypatch.setattr(moekit.reference.ExpertsFunction, "forward", staticmethod(wrong))
+    monkeypatch.setattr(moekit.reference.DownProjection, "forward", staticmethod(wrong))
     assert main(["check", "--tiny", "olmoe", "--tokens", "16"]) == 1
     assert "experts output differs from grouped_mm" in capsys.readouterr().out

@@ -108,6 +108,10 @@ def test_lora_bf16(family):
     puts it 0.14 off the exact gradient, while moekit (base and low-rank products kept apart) stays < 0.01.
     """
     model, experts = _lora_model(family, dtype=torch.bfloat16)
+    if family == "gpt_oss":
+        # A clamp decided on the other side of the limit by one bf16 rounding is a discontinuity (like a flipped
+        # top-k choice) and says nothing about the engine; the clamp itself is covered by the fp32 tests.
+        experts.limit = 1e4
     inputs = make_inputs(30, 32, 6, 2, dtype=torch.bfloat16)
     with _no_delta_weight():
         ours = _forward_backward(model, experts, "moekit", inputs)

@@ -5,8 +5,10 @@ Data path (S = T*K routed rows, n of them to real experts, sorted by the plan):
     x [T, H] --gather--> xs [n, H] --up (+LoRA, +bias)--> h [n, 2I|I] --act--> a [n, I]
       --down (+LoRA, +bias)--> y [n, H] --* routing weight, fp32--> combine over K --> out [T, H]
 
-Memory plan: backward keeps x, the routing weights, the plan and h. It recomputes the gather xs, the
-activation a, and never needs y: the routing-weight gradient is <dOut[token], y> = <dOut[token] @ W_down, a>
+Two autograd Functions share the plan: ``UpProjection`` (x -> h, keeps x) and ``DownProjection`` (h -> out,
+keeps h and the routing weights). Memory plan: backward keeps x, the routing weights, the plan and h — and
+autograd frees h once the down-projection's backward has run, before the up-projection's weight gradient is
+allocated. It recomputes the gather xs, the activation a, and never needs y: the routing-weight gradient is <dOut[token], y> = <dOut[token] @ W_down, a>
 (+ <dOut[token], b_down>), which reuses the dA GEMM backward does anyway.
 
 LoRA: per projection the caller passes A [E, R, in] and B [E, out, R] with the scaling already folded into B
@@ -94,49 +96,73 @@ def combine(rows: Tensor, plan: DispatchPlan, slot_weights: Tensor | None = None
     return out
 
 
-class ExpertsFunction(torch.autograd.Function):
-    """Forward and backward of the whole expert layer over one dispatch plan."""
+class UpProjection(torch.autograd.Function):
+    """x [T, H] -> h [n, 2I|I]: gather through the plan, per-expert GEMM (+LoRA, +bias). Saves x and weights."""
 
     @staticmethod
-    def forward(
-        ctx,
-        layout: ExpertsLayout,
-        plan: DispatchPlan,
-        x: Tensor,
-        routing_weights: Tensor,
-        up_weight: Tensor,
-        up_bias: Tensor | None,
-        down_weight: Tensor,
-        down_bias: Tensor | None,
-        up_lora_a: Tensor | None,
-        up_lora_b: Tensor | None,
-        down_lora_a: Tensor | None,
-        down_lora_b: Tensor | None,
-    ) -> Tensor:
-        n = plan.num_routed
-        xs = x[plan.token_of_row[:n]]  # [n, H]
+    def forward(ctx, layout, plan, x, up_weight, up_bias, up_lora_a, up_lora_b) -> Tensor:
+        xs = x[plan.token_of_row[: plan.num_routed]]  # [n, H]
         h = _project(xs, up_weight, up_bias, up_lora_a, up_lora_b, plan, layout.transposed)  # [n, 2I|I]
-        del xs
+        ctx.layout, ctx.plan = layout, plan
+        ctx.save_for_backward(x, up_weight, up_lora_a, up_lora_b)
+        ctx.bias_dtype = up_bias.dtype if up_bias is not None else None
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        layout, plan = ctx.layout, ctx.plan
+        x, w_up, a_up, b_up_lora = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # (layout, plan, x, weight, bias, lora_a, lora_b)
+        n, dtype, transposed = plan.num_routed, x.dtype, layout.transposed
+        grad_h = grad_h.to(dtype)
+        grad_low_up = grouped_matmul(grad_h, b_up_lora, plan) if a_up is not None else None  # [n, R]
+
+        # dX first, so its [n, H] rows are folded into [T, H] and freed before dW_up and the gather it needs.
+        grad_x = None
+        if needs[2]:
+            grad_xs = grouped_matmul(grad_h, _in_out(w_up, transposed).transpose(1, 2), plan)  # [n, H]
+            if a_up is not None:
+                grad_xs = grad_xs + grouped_matmul(grad_low_up, a_up, plan)
+            grad_x = combine(grad_xs, plan).to(dtype)  # sentinel slots get 0
+            del grad_xs
+
+        grad_b_up = segment_sum(grad_h, plan).to(ctx.bias_dtype) if needs[4] else None
+        grad_w_up = grad_a_up = grad_b_up_lora = None
+        if needs[3] or needs[5] or needs[6]:
+            xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather, only now that the other temporaries are gone
+            grad_w_up = _weight_grad(grad_h, xs, plan, transposed) if needs[3] else None
+            if needs[6]:
+                low = grouped_matmul(xs, a_up.transpose(1, 2), plan)  # [n, R]
+                grad_b_up_lora = grouped_outer(grad_h, low, plan)  # [E, out, R]
+            if needs[5]:
+                grad_a_up = grouped_outer(grad_low_up, xs, plan)  # [E, R, H]
+        return None, None, grad_x, grad_w_up, grad_b_up, grad_a_up, grad_b_up_lora
+
+
+class DownProjection(torch.autograd.Function):
+    """h [n, 2I|I] -> out [T, H]: activation, per-expert GEMM (+LoRA, +bias), routing weight, fp32 combine.
+
+    Saves h, the routing weights and the weights; autograd frees h as soon as this backward has run, before
+    the up-projection's weight gradient is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, layout, plan, h, routing_weights, down_weight, down_bias, down_lora_a, down_lora_b) -> Tensor:
         a = layout.activation.forward(h)  # [n, I]
         y = _project(a, down_weight, down_bias, down_lora_a, down_lora_b, plan, layout.transposed)  # [n, H]
         del a
         out = combine(y, plan, routing_weights)  # [T, H] fp32
-
         ctx.layout, ctx.plan = layout, plan
-        ctx.save_for_backward(
-            x, routing_weights, h, up_weight, up_bias, down_weight, down_bias,
-            up_lora_a, up_lora_b, down_lora_a, down_lora_b,
-        )  # fmt: skip
-        return out.to(x.dtype)
+        ctx.save_for_backward(h, routing_weights, down_weight, down_bias, down_lora_a, down_lora_b)
+        return out.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         layout, plan = ctx.layout, ctx.plan
-        (x, routing_weights, h, w_up, b_up, w_down, b_down, a_up, b_up_lora, a_down, b_down_lora) = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # aligned with forward's arguments
-        n, dtype, transposed = plan.num_routed, x.dtype, layout.transposed
+        h, routing_weights, w_down, b_down, a_down, b_down_lora = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # (layout, plan, h, routing_weights, weight, bias, lora_a, lora_b)
+        n, dtype, transposed = plan.num_routed, h.dtype, layout.transposed
         expert_of_row = plan.expert_of_row[:n]
-
         a = layout.activation.forward(h)  # [n, I] recomputed activation
         grad_rows = grad_out[plan.token_of_row[:n]].to(dtype)  # [n, H] dOut of each row's token
         row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].float()  # [n]
@@ -163,50 +189,25 @@ class ExpertsFunction(torch.autograd.Function):
         # dW_down[e] = Σ dOutᵀ (w·a), dB_down_lora[e] = Σ dOutᵀ (w·(a A_downᵀ)).
         grad_a = map_rows(_scale_rows, grad_a.shape[-1], dtype, grad_a, row_weights[:, None])  # [n, I]
         grad_w_down = grad_b_down = None
-        if needs[6]:
+        if needs[4]:
             weighted_a = map_rows(_scale_rows, a.shape[-1], dtype, a, row_weights[:, None])  # [n, I]
             grad_w_down = _weight_grad(grad_rows, weighted_a, plan, transposed)
             del weighted_a
-        if needs[7]:
+        if needs[5]:
             grad_b_down = segment_sum(grad_rows.float() * row_weights[:, None], plan).to(b_down.dtype)
         grad_a_down = grad_b_down_lora = None
         if a_down is not None:
-            if needs[11]:
+            if needs[7]:
                 low = grouped_matmul(a, a_down.transpose(1, 2), plan)  # [n, R]
                 weighted_low = (low.float() * row_weights[:, None]).to(dtype)
                 grad_b_down_lora = grouped_outer(grad_rows, weighted_low, plan)  # [E, H, R]
-            if needs[10]:
+            if needs[6]:
                 grad_low = (grad_low_down.float() * row_weights[:, None]).to(dtype)
                 grad_a_down = grouped_outer(grad_low, a, plan)  # [E, R, I]
         del grad_rows, a
 
-        grad_h = layout.activation.backward(h, grad_a)  # [n, 2I|I]
-        del grad_a
-        grad_low_up = grouped_matmul(grad_h, b_up_lora, plan) if a_up is not None else None  # [n, R]
-
-        # dX first, so its [n, H] rows are folded into [T, H] and freed before dW_up and the gather it needs.
-        grad_x = None
-        if needs[2]:
-            grad_xs = grouped_matmul(grad_h, _in_out(w_up, transposed).transpose(1, 2), plan)  # [n, H]
-            if a_up is not None:
-                grad_xs = grad_xs + grouped_matmul(grad_low_up, a_up, plan)
-            grad_x = combine(grad_xs, plan).to(dtype)  # sentinel slots get 0
-            del grad_xs
-
-        grad_b_up = segment_sum(grad_h, plan).to(b_up.dtype) if needs[5] else None
-        grad_w_up = grad_a_up = grad_b_up_lora = None
-        if needs[4] or needs[8] or needs[9]:
-            xs = x[plan.token_of_row[:n]]  # [n, H] recomputed gather, only now that the other temporaries are gone
-            grad_w_up = _weight_grad(grad_h, xs, plan, transposed) if needs[4] else None
-            if needs[9]:
-                low = grouped_matmul(xs, a_up.transpose(1, 2), plan)  # [n, R]
-                grad_b_up_lora = grouped_outer(grad_h, low, plan)  # [E, out, R]
-            if needs[8]:
-                grad_a_up = grouped_outer(grad_low_up, xs, plan)  # [E, R, H]
-        return (
-            None, None, grad_x, grad_routing, grad_w_up, grad_b_up, grad_w_down, grad_b_down,
-            grad_a_up, grad_b_up_lora, grad_a_down, grad_b_down_lora,
-        )  # fmt: skip
+        grad_h = layout.activation.backward(h, grad_a) if needs[2] else None  # [n, 2I|I]
+        return None, None, grad_h, grad_routing, grad_w_down, grad_b_down, grad_a_down, grad_b_down_lora
 
 
 def experts_reference(
@@ -224,6 +225,5 @@ def experts_reference(
     """Expert layer output [T, H] in x's dtype. LoRA pairs are (A [E, R, in], B [E, out, R]), scaling folded."""
     up_a, up_b = up_lora if up_lora is not None else (None, None)
     down_a, down_b = down_lora if down_lora is not None else (None, None)
-    return ExpertsFunction.apply(
-        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_a, up_b, down_a, down_b
-    )
+    h = UpProjection.apply(layout, plan, x, up_weight, up_bias, up_a, up_b)
+    return DownProjection.apply(layout, plan, h, routing_weights, down_weight, down_bias, down_a, down_b)
