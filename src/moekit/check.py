@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backend import _projection_params
 from .enable import enable, experts_modules
 from .lora import DOWN_PARAMS, UP_PARAMS
 
@@ -148,7 +149,7 @@ def _layer_grads(model: torch.nn.Module, module: torch.nn.Module) -> dict[str, T
 
 
 def _num_experts(module: torch.nn.Module) -> int:
-    return (module.gate_up_proj if module.has_gate else module.up_proj).shape[0]
+    return _projection_params(module)[0].shape[0]
 
 
 def _silent_experts(model, module: torch.nn.Module, routes: Tensor) -> list[str]:

@@ -60,7 +60,7 @@ import os
 import torch
 
 from .plan import DispatchPlan
-from .reference import ExpertsLayout, experts_reference
+from .reference import ExpertsLayout, _in_out, experts_reference
 
 Tensor = torch.Tensor
 
@@ -120,11 +120,6 @@ def wgrad_mode() -> str:
     """How the weight-gradient kernel reads token rows: ``MOEKIT_TRITON_WGRAD`` = "copy" (default) or "gather"."""
     mode = os.environ.get("MOEKIT_TRITON_WGRAD", "copy")
     return mode if mode in ("copy", "gather") else "copy"
-
-
-def _in_out(weight: Tensor, transposed: bool) -> Tensor:
-    """Stored expert weight viewed as [E, in, out] (a view: strides only)."""
-    return weight if transposed else weight.transpose(1, 2)
 
 
 def _out_in(weight: Tensor, transposed: bool) -> Tensor:
