@@ -13,6 +13,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from moekit.kernels import grouped_gemm
 from moekit.plan import build_plan
 
 SHAPES = {"nemotron3-nano": (2688, 1856, 128, 6), "qwen3-30b-a3b": (2048, 1536, 128, 8)}  # H, up width, E, K
@@ -45,6 +46,18 @@ def main() -> None:
         tflops = 2 * n * hidden * width / (ms * 1e-3) / 1e12
         print(f"{name}: grouped_mm weight gradient [E={experts}, {width}, {hidden}] over {n} rows: "
               f"{ms:.3f} ms, {tflops:.0f} TFLOP/s")
+        # Plain (no gather, no epilogue) grouped GEMMs of the forward/dX shapes: torch's against the Triton kernel.
+        for left, right in ((grad, (experts, width, hidden)), (rows, (experts, hidden, width))):
+            weight = torch.randn(right[0], right[2], right[1], device="cuda", dtype=torch.bfloat16) * 0.02
+            weight = weight.transpose(1, 2)  # [E, in, out] view of an [E, out, in] parameter, as the engine has
+            flops = 2 * n * right[1] * right[2]
+            for label, fn in (
+                ("grouped_mm", lambda a=left, w=weight, offs=plan.offsets: F.grouped_mm(a, w, offs=offs)),
+                ("triton", lambda a=left, w=weight, c=plan.tokens_per_expert: grouped_gemm(a, w, c, n)),
+            ):
+                ms = time_ms(fn)
+                print(f"  {label:10s} [{n}, {right[1]}] @ [E, {right[1]}, {right[2]}]: {ms:.3f} ms, "
+                      f"{flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 
 from moekit import kernels
 from moekit.activations import ELEMENTWISE, Activation
+from moekit.grouped import grouped_matmul, grouped_outer, grouped_outer_runs
 from moekit.kernels import tiling
 from moekit.plan import build_plan
 from moekit.reference import ExpertsLayout, experts_reference
@@ -148,17 +149,27 @@ def test_bf16(name):
     assert_close(case, 2e-3, truth_factor=2.0)  # no worse than the reference against fp64
 
 
-@pytest.mark.parametrize("wgrad", ["copy", "gather"])
+@pytest.mark.parametrize("plain, wgrad", [("triton", "copy"), ("triton", "gather"), ("torch", "copy")])
 @pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("name", ["relu2", "silu_glu_interleaved", "clamped_glu"])
-def test_backward_modes(monkeypatch, mode, wgrad, name):
+def test_backward_modes(monkeypatch, mode, plain, wgrad, name):
     """Every way of running the backward matches the reference: dA fused in the GEMM epilogue or GEMM + an
-    elementwise pass (MOEKIT_TRITON_DA); weight gradients from plan-ordered row copies or gathered rows
-    (MOEKIT_TRITON_WGRAD)."""
+    elementwise pass (MOEKIT_TRITON_DA); weight gradients by the Triton kernel from plan-ordered row copies or
+    gathered rows (MOEKIT_TRITON_WGRAD), or, with dX, by torch's grouped_mm (MOEKIT_TRITON_PLAIN_GEMM)."""
+    import moekit.triton_engine as engine
+
     monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
     monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
+    monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", plain)
+    calls = []
+    monkeypatch.setattr(engine, "grouped_outer", lambda *args: calls.append("outer") or grouped_outer(*args))
+    monkeypatch.setattr(engine, "grouped_matmul", lambda *args: calls.append("matmul") or grouped_matmul(*args))
     act, transposed, bias = ACTIVATIONS[name]
     assert_close(make_case(T=17, E=3, K=2, act=act, transposed=transposed, bias=bias, sentinel_fraction=0.2), 1e-5)
+    # where grouped_mm runs (CPU builds of torch >= 2.10 have it), both weight gradients and dX went through it
+    probe = torch.ones(8, 8, device=DEVICE)
+    torch_runs = plain == "torch" and grouped_outer_runs(probe, probe)
+    assert sorted(calls) == (["matmul", "outer", "outer"] if torch_runs else [])
 
 
 def test_fp16_routing_weights_fp32():

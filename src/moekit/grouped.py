@@ -51,6 +51,11 @@ def _use_grouped_mm(*tensors: Tensor) -> bool:
     return _grouped_mm_works(first.device.type, first.device.index, first.dtype)
 
 
+def grouped_matmul_runs(rows: Tensor, weight: Tensor) -> bool:
+    """Whether ``grouped_matmul(rows, weight, plan)`` runs on grouped_mm (else it is a per-expert loop)."""
+    return _use_grouped_mm(rows, weight)
+
+
 def grouped_matmul(rows: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
     """rows [n, in] (plan-sorted, n = num_routed) @ weight[e] [in, out] per expert -> [n, out].
 
@@ -66,6 +71,11 @@ def grouped_matmul(rows: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
     for expert, start, end in plan.expert_blocks():
         torch.mm(rows[start:end], weight[expert], out=out[start:end])
     return out
+
+
+def grouped_outer_runs(left: Tensor, right: Tensor) -> bool:
+    """Whether ``grouped_outer(left, right, plan)`` runs on grouped_mm (else it is a per-expert loop)."""
+    return _use_grouped_mm(left.t(), right)
 
 
 def grouped_outer(left: Tensor, right: Tensor, plan: DispatchPlan) -> Tensor:

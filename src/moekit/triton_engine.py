@@ -19,6 +19,9 @@ Data path (S = T*K rows, n = plan.num_routed of them to real experts, plan-sorte
                    expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
                    before (transient [n, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
       grouped_gemm dh @ W_up[e]ᵀ --> dxs [n, H] (transient);  combine --> dX [T, H]
+    The GEMMs with neither a gather nor an epilogue (dW_down and dW_up from the row copies, dxs without LoRA)
+    go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our kernels at these shapes on an H100); the
+    bias sums then run alone in the weight-gradient kernel (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
 
 LoRA (optional per projection; A [E, R, in], B [E, out, R], scaling folded into B, adapters concatenated
 along R). No ΔW and no copy of W: the low-rank intermediates are small grouped GEMMs (``grouped_gemm(...,
@@ -59,6 +62,7 @@ import os
 
 import torch
 
+from .grouped import grouped_matmul, grouped_matmul_runs, grouped_outer, grouped_outer_runs
 from .plan import DispatchPlan
 from .reference import ExpertsLayout, _in_out, experts_reference
 
@@ -117,9 +121,37 @@ def supported(layout: ExpertsLayout, x: Tensor, up_lora=None, down_lora=None) ->
 
 
 def wgrad_mode() -> str:
-    """How the weight-gradient kernel reads token rows: ``MOEKIT_TRITON_WGRAD`` = "copy" (default) or "gather"."""
+    """How the Triton weight-gradient kernel reads token rows (``MOEKIT_TRITON_WGRAD``): "copy" (default) from
+    plan-ordered row copies, or "gather" through the plan in its loop."""
     mode = os.environ.get("MOEKIT_TRITON_WGRAD", "copy")
     return mode if mode in ("copy", "gather") else "copy"
+
+
+def plain_gemm_mode() -> str:
+    """Who runs the grouped GEMMs that need no gather and no epilogue (``MOEKIT_TRITON_PLAIN_GEMM``): "torch"
+    (default; torch's grouped_mm where it runs, measured 1.3-1.5x faster than the Triton kernels on an H100,
+    BENCHMARKS.md) or "triton". They are the base weight gradients (from plan-ordered row copies) and dX's
+    per-row product dh @ W_up[e] when the up-projection has no LoRA."""
+    return "triton" if os.environ.get("MOEKIT_TRITON_PLAIN_GEMM", "torch") == "triton" else "torch"
+
+
+def _torch_outer(left: Tensor, right: Tensor, plan: DispatchPlan, transposed: bool, dtype) -> Tensor | None:
+    """Σ over each expert's rows of leftᵀ right (plan-ordered [n, P], [n, Q]) -> [E, P, Q], or [E, Q, P] for a
+    transposed stored weight, by torch grouped_mm; None when plain GEMMs stay on Triton or grouped_mm cannot
+    take these operands."""
+    if plain_gemm_mode() != "torch" or plan.num_routed == 0:
+        return None
+    first, second = (right, left) if transposed else (left, right)
+    if not grouped_outer_runs(first, second):
+        return None
+    return grouped_outer(first, second, plan).to(dtype)
+
+
+def _torch_matmul(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan) -> Tensor | None:
+    """rows [n, K] (plan-ordered) @ weight[e] [K, N] -> [n, N] by torch grouped_mm, or None (as ``_torch_outer``)."""
+    if plain_gemm_mode() != "torch" or plan.num_routed == 0 or not grouped_matmul_runs(rows, weight_in_out):
+        return None
+    return grouped_matmul(rows, weight_in_out, plan)
 
 
 def _out_in(weight: Tensor, transposed: bool) -> Tensor:
@@ -239,19 +271,23 @@ class ExpertsTritonFunction(torch.autograd.Function):
         # in-loop index loads cost the pipeline more than the copy costs bandwidth). Copies live one at a time,
         # never beside dxs, so the backward peak does not grow. A copy is made only for the (compute-bound) base
         # weight gradient; the memory-bound LoRA factor gradients reuse it when it exists and gather otherwise.
-        copy_rows = wgrad_mode() == "copy"
+        copy_rows = wgrad_mode() == "copy" or plain_gemm_mode() == "torch"
         grad_wd = grad_bd = grad_down_a = grad_down_b = None
         if need_wd or need_bd or need_down_b:
             if copy_rows and need_wd:
                 left, left_index = grad_out.index_select(0, tok[:n]), None
             else:
                 left, left_index = grad_out, tok
-            if need_wd or need_bd:
-                grad_wd, grad_bd = weight_grad(  # a was written scaled by the routing weight (w * a)
+            if need_wd:  # a was written scaled by the routing weight (w * a)
+                grad_wd = _torch_outer(left, a, plan, transposed, w_down.dtype)
+            if (need_wd and grad_wd is None) or need_bd:
+                grad_wd_kernel, grad_bd = weight_grad(
                     left, a if need_wd else left, counts, n, num_experts, (hidden, inner), w_down.dtype,
                     transposed, left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows,
-                    compute_w=need_wd, bias_dtype=b_down.dtype if need_bd else None, chunks=chunks,
+                    compute_w=need_wd and grad_wd is None, bias_dtype=b_down.dtype if need_bd else None,
+                    chunks=chunks,
                 )  # fmt: skip
+                grad_wd = grad_wd if grad_wd is not None else grad_wd_kernel
             if need_down_b:  # dB_down[e] = Σ dOut[tok]ᵀ (w u_down)   [E, H, R]  (w applied in the kernel's loop)
                 grad_down_b, _ = weight_grad(
                     left, u_down, counts, n, num_experts, (hidden, down_b.shape[2]), down_b.dtype, False,
@@ -281,12 +317,15 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 right, right_index = x.index_select(0, tok[:n]), None
             else:
                 right, right_index = x, tok
-            if need_wu or need_bu:
-                grad_wu, grad_bu = weight_grad(
+            if need_wu:
+                grad_wu = _torch_outer(dh, right, plan, transposed, w_up.dtype)
+            if (need_wu and grad_wu is None) or need_bu:
+                grad_wu_kernel, grad_bu = weight_grad(
                     dh, right, counts, n, num_experts, (width, hidden), w_up.dtype, transposed,
-                    right_index=right_index, compute_w=need_wu, bias_dtype=b_up.dtype if need_bu else None,
-                    chunks=chunks,
+                    right_index=right_index, compute_w=need_wu and grad_wu is None,
+                    bias_dtype=b_up.dtype if need_bu else None, chunks=chunks,
                 )  # fmt: skip
+                grad_wu = grad_wu if grad_wu is not None else grad_wu_kernel
             if need_up_a:  # dA_up[e] = Σ v_upᵀ x[tok]   [E, R, H]
                 grad_up_a, _ = weight_grad(
                     right, v_up, counts, n, num_experts, (hidden, up_a.shape[1]), up_a.dtype, True,
@@ -296,8 +335,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
 
         grad_x = None
         if need_x:
-            lora = (v_up, up_a) if up_lora else None
-            dxs = grouped_gemm(dh, _out_in(w_up, transposed), counts, n, lora=lora)
+            w_up_out_in = _out_in(w_up, transposed)
+            dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
+            if dxs is None:
+                lora = (v_up, up_a) if up_lora else None
+                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
             grad_x = combine(dxs, inv, plan.num_tokens, plan.top_k, n, dtype)
         return (
             None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,

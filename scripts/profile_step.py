@@ -1,0 +1,87 @@
+"""Where does one expert-layer step spend its GPU time? Kernel-level breakdown of a `moekit bench` case.
+
+    PYTHONPATH=src python scripts/profile_step.py --preset nemotron3-nano --tokens 8192 --mode full --impl moekit-triton
+
+Prints the median step time (CUDA events, as the benchmark measures it) and torch.profiler's per-kernel CUDA
+time averaged over the profiled steps, largest first. Environment knobs (MOEKIT_TRITON_*) apply as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+
+from moekit.bench import PRESETS, _select, _timer, _wrap_lora, make_experts_module, make_routing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="nemotron3-nano")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--mode", choices=("fwd", "full", "lora"), default="full")
+    parser.add_argument("--impl", default="moekit-triton")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=14)
+    parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
+    args = parser.parse_args()
+
+    shape = PRESETS[args.preset]
+    module = make_experts_module(shape, "cuda", torch.bfloat16)
+    _select(module, args.impl)
+    model = _wrap_lora(module, 16) if args.mode == "lora" else module.requires_grad_(args.mode == "full")
+    hidden, index, weights = make_routing(shape, args.tokens, "cuda", torch.bfloat16)
+    if args.mode != "fwd":
+        hidden.requires_grad_(True)
+        weights.requires_grad_(True)
+    upstream = torch.randn_like(hidden)
+
+    def step() -> None:
+        if args.mode == "fwd":
+            with torch.no_grad():
+                model(hidden, index, weights)
+            return
+        model(hidden, index, weights).backward(upstream)
+        hidden.grad = weights.grad = None
+        for param in model.parameters():
+            param.grad = None
+
+    measure = _timer("cuda")
+    for _ in range(3):
+        step()
+    ms = statistics.median(measure(step) for _ in range(10))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) / args.steps / 1e3
+    print(f"{args.preset} T={args.tokens} {args.mode} {args.impl}: step {ms:.3f} ms (events), "
+          f"kernels {total:.3f} ms/step, gaps {ms - total:.3f} ms")
+    for e in events[: args.rows]:
+        per_step = e.device_time_total / args.steps / 1e3
+        print(f"  {per_step:7.3f} ms  x{e.count // args.steps:<3d} {e.key[:100]}")
+    if args.python:  # host time per step by function (time blocked in a device sync shows up as its own time)
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        print(f"  host: {stats.total_tt / args.steps * 1e3:.3f} ms/step; own time per step, largest first:")
+        rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[: args.rows]
+        for (path, line, name), (_, calls, own, cumulative, _) in rows:
+            where = f"{os.path.basename(path)}:{line}({name})"
+            print(f"  {own / args.steps * 1e3:7.3f} ms own {cumulative / args.steps * 1e3:7.3f} cum "
+                  f"x{calls // args.steps:<4d} {where[:90]}")
+
+
+if __name__ == "__main__":
+    main()
