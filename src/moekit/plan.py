@@ -25,6 +25,7 @@ class DispatchPlan:
     expert_of_row:     [S] int64  expert id at each sorted position (ascending; sentinels last)
     tokens_per_expert: [E] int64  rows per expert
     offsets:           [E] int32  cumulative end of each expert's block (grouped_mm's ``offs``)
+    row_of_slot:       [T, K] int64  sorted position of each (token, slot); >= num_routed for sentinel slots
     """
 
     num_tokens: int
@@ -36,18 +37,12 @@ class DispatchPlan:
     expert_of_row: Tensor
     tokens_per_expert: Tensor
     offsets: Tensor
+    row_of_slot: Tensor
 
     @cached_property
     def tokens_per_expert_list(self) -> list[int]:
         """Host copy of ``tokens_per_expert`` for per-expert loops (one device sync, once per plan)."""
         return self.tokens_per_expert.tolist()
-
-    @cached_property
-    def row_of_slot(self) -> Tensor:
-        """[T, K] int64: sorted position of each (token, slot); positions >= num_routed are sentinel slots."""
-        inverse = torch.empty_like(self.sorted_rows)
-        inverse[self.sorted_rows] = torch.arange(self.sorted_rows.numel(), device=self.sorted_rows.device)
-        return inverse.view(self.num_tokens, self.top_k)
 
     def expert_blocks(self) -> list[tuple[int, int, int]]:
         """(expert, start, end) for every expert that received rows."""
@@ -75,6 +70,15 @@ def build_plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
     # until the check below rejects them.
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_ids.device)
     counts.scatter_add_(0, expert_ids.clamp(0, num_experts), torch.ones_like(expert_ids))
+    # Stable sort: rows of one expert keep token order, so results are reproducible run to run. Everything is
+    # queued before the sync below, so after it the host goes straight on to the expert kernels (the device idles
+    # for as long as the host needs between the sync and the next launch).
+    expert_of_row, sorted_rows = torch.sort(expert_ids, stable=True)
+    tokens_per_expert = counts[:num_experts]
+    offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
+    token_of_row = sorted_rows // max(top_k, 1)
+    row_of_slot = torch.empty_like(sorted_rows)
+    row_of_slot[sorted_rows] = torch.arange(sorted_rows.numel(), device=sorted_rows.device)
     num_routed = 0
     if expert_ids.numel():
         # The one host sync of a call: the range check and the routed-row count, fetched together.
@@ -85,18 +89,15 @@ def build_plan(top_k_index: Tensor, num_experts: int) -> DispatchPlan:
                 f"(num_experts={num_experts}; {num_experts} itself marks an expert-parallel sentinel)"
             )
         num_routed = expert_ids.numel() - num_sentinels
-    # Stable sort: rows of one expert keep token order, so results are reproducible run to run.
-    expert_of_row, sorted_rows = torch.sort(expert_ids, stable=True)
-    tokens_per_expert = counts[:num_experts]
-    offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
     return DispatchPlan(
         num_tokens=num_tokens,
         top_k=top_k,
         num_experts=num_experts,
         num_routed=num_routed,
         sorted_rows=sorted_rows,
-        token_of_row=sorted_rows // max(top_k, 1),
+        token_of_row=token_of_row,
         expert_of_row=expert_of_row,
         tokens_per_expert=tokens_per_expert,
         offsets=offsets,
+        row_of_slot=row_of_slot.view(num_tokens, top_k),
     )

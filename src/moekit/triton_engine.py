@@ -182,7 +182,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         down_lora_a: Tensor | None = None,
         down_lora_b: Tensor | None = None,
     ) -> Tensor:
-        from .kernels import combine, grouped_gemm, inverse_permutation, up_proj
+        from .kernels import combine, grouped_gemm, up_proj
 
         n, transposed, act = plan.num_routed, layout.transposed, layout.activation
         counts, tok = plan.tokens_per_expert, plan.token_of_row
@@ -200,7 +200,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
         )  # fmt: skip
         del a
-        inv = inverse_permutation(plan.sorted_rows)
+        inv = plan.row_of_slot.reshape(-1)
         out = combine(yw, inv, plan.num_tokens, plan.top_k, n, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan

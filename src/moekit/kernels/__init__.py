@@ -13,9 +13,9 @@ One idea per module:
 """
 
 from .act_grad import act_grad_backward
-from .combine import combine, inverse_permutation
+from .combine import combine
 from .down_proj import grouped_gemm
 from .up_proj import up_proj
 from .weight_grad import weight_grad
 
-__all__ = ["act_grad_backward", "combine", "grouped_gemm", "inverse_permutation", "up_proj", "weight_grad"]
+__all__ = ["act_grad_backward", "combine", "grouped_gemm", "up_proj", "weight_grad"]

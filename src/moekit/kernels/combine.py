@@ -40,13 +40,6 @@ def _combine_kernel(
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
 
 
-def inverse_permutation(sorted_rows: torch.Tensor) -> torch.Tensor:
-    """inv[sorted_rows[i]] = i (int64 [S]): each (token, slot) row's sorted position."""
-    inv = torch.empty_like(sorted_rows)
-    inv[sorted_rows] = torch.arange(sorted_rows.numel(), device=sorted_rows.device, dtype=sorted_rows.dtype)
-    return inv
-
-
 def combine(rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, n: int, out_dtype) -> torch.Tensor:
     """rows [n, H] plan-sorted -> [T, H] in ``out_dtype`` (fp32 sum over the K slots in slot order)."""
     hidden = rows.shape[1]
