@@ -99,9 +99,6 @@ def _triton_blocker(hidden: Tensor, layout: ExpertsLayout, has_lora: bool) -> st
         return "Triton cannot compile for this device"
     if layout.activation.custom is not None:
         return "the experts' activation is not in moekit's activation table (it runs through autograd)"
-    if layout.activation.gated and not layout.activation.concatenated:
-        # Measured on an H200 (BENCHMARKS.md): strided gate/up loads make the kernels 4x slower than the reference.
-        return "interleaved gate/up weights (gpt-oss) are not tuned in the Triton kernels yet"
     return None
 
 

@@ -10,9 +10,9 @@ u[r] @ B_up[e]ᵀ into the same fp32 accumulators (gate and up columns alike), b
     h[r] = x[tok] @ W_up[e] + u[r] @ B_up[e]ᵀ (+ b_up[e])      no ΔW, no copy of W
 
 The token rows are gathered inside the kernel's operand loads (no [n, H] copy of x). Each program owns a
-BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it runs two accumulators, one over the gate columns and one
-over the matching up columns of W_up (concatenated: j and I + j; interleaved: 2j and 2j + 1), so the
-activation is applied in registers. ``h`` is stored (rounded to the input dtype) for backward and ``a`` is
+BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it holds the gate and the matching up columns of W_up
+(concatenated: j and I + j, two accumulators; interleaved: 2j and 2j + 1, one accumulator over the dense
+2·BLOCK_N columns, split in registers after the main loop), so the activation is applied in registers. ``h`` is stored (rounded to the input dtype) for backward and ``a`` is
 computed from the rounded h, as the reference does.
 """
 
@@ -66,31 +66,35 @@ def _up_proj_kernel(
     tok = tl.load(tok_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_base = w_ptr + expert.to(tl.int64) * stride_we
-    col_g = offs_n * COL_STRIDE  # gate column (or the only column, non-gated)
-    wg_ptrs = w_base + offs_k[:, None] * stride_wk + col_g[None, :].to(tl.int64) * stride_wn
-    wu_ptrs = wg_ptrs + up_off * stride_wn
+    # Columns of W_up the "g" accumulator runs over: the gate (or only) columns offs_n, or, interleaved, the
+    # contiguous 2·BLOCK_N columns holding gate and up of offs_n (one dense tile; split in registers after the
+    # loop: strided loads would cost the main loop its vectorised copies)
+    col_w = pid_n * BLOCK_N * COL_STRIDE + tl.arange(0, BLOCK_N * COL_STRIDE)
+    w_mask = col_w < N * COL_STRIDE
+    wg_ptrs = w_base + offs_k[:, None] * stride_wk + col_w[None, :].to(tl.int64) * stride_wn
+    wu_ptrs = wg_ptrs + up_off * stride_wn  # concatenated gated layout only
 
     if HAS_LORA:  # B_up read as [R, W] through strides, same columns as W_up
         offs_r = tl.arange(0, BLOCK_R)
         u_ptrs = u_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur
         lg_ptrs = (lb_ptr + expert.to(tl.int64) * stride_lbe + offs_r[:, None] * stride_lbr
-                   + col_g[None, :].to(tl.int64) * stride_lbn)  # fmt: skip
+                   + col_w[None, :].to(tl.int64) * stride_lbn)  # fmt: skip
         lu_ptrs = lg_ptrs + up_off * stride_lbn
         if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
             r_mask = offs_r < R
             ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            bg = tl.load(lg_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            if GATED:
+            bg = tl.load(lg_ptrs, mask=r_mask[:, None] & w_mask[None, :], other=0.0)
+            if GATED and COL_STRIDE == 1:
                 bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
 
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N * COL_STRIDE), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        wg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=k_mask[:, None] & w_mask[None, :], other=0.0)
         acc_g = mma(xt, wg, acc_g, PRECISION)
-        if GATED:
+        if GATED and COL_STRIDE == 1:
             wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc_u = mma(xt, wu, acc_u, PRECISION)
             wu_ptrs += BLOCK_K * stride_wk
@@ -100,21 +104,24 @@ def _up_proj_kernel(
     if HAS_LORA:  # + u @ B_up[e]ᵀ into the same accumulators, before bias and activation
         if LORA_PRELOAD:
             acc_g = mma(ut, bg, acc_g, PRECISION)
-            if GATED:
+            if GATED and COL_STRIDE == 1:
                 acc_u = mma(ut, bu, acc_u, PRECISION)
         else:
             for r in range(tl.cdiv(R, BLOCK_R)):
                 r_mask = offs_r < R - r * BLOCK_R
                 ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                bg = tl.load(lg_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                bg = tl.load(lg_ptrs, mask=r_mask[:, None] & w_mask[None, :], other=0.0)
                 acc_g = mma(ut, bg, acc_g, PRECISION)
-                if GATED:
+                if GATED and COL_STRIDE == 1:
                     bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                     acc_u = mma(ut, bu, acc_u, PRECISION)
                     lu_ptrs += BLOCK_R * stride_lbr
                 u_ptrs += BLOCK_R * stride_ur
                 lg_ptrs += BLOCK_R * stride_lbr
 
+    if COL_STRIDE == 2:  # interleaved: columns 2j (gate) and 2j + 1 (up) of the wide tile
+        acc_g, acc_u = tl.split(tl.reshape(acc_g, (BLOCK_M, BLOCK_N, 2)))
+    col_g = offs_n * COL_STRIDE  # gate column (or the only column, non-gated) of h, b_up
     dtype = h_ptr.dtype.element_ty
     if HAS_BIAS:
         b_base = b_ptr + expert.to(tl.int64) * stride_be
