@@ -157,6 +157,9 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     if n == 0:
         return h, a
     if gated and not activation.concatenated:
+        # Interleaved: the LoRA tiles are loaded after the main loop, never preloaded. Preloading them beside the
+        # wide 2·BLOCK_N accumulator made some tuned configs fault with an illegal address on an H200 (triton
+        # 3.6); the loop form is correct with every config (scripts/gpu_check.py).
         col_stride, up_off = 2, 1
     else:
         col_stride, up_off = 1, inner
@@ -177,7 +180,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
         *(u.stride() if has_lora else (0, 0)), *(lb.stride() if has_lora else (0, 0, 0)),
         up_off, float(activation.alpha), float(activation.limit),
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride, HAS_BIAS=has_bias,
-        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=lora_preload(rank),
+        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=lora_preload(rank) and col_stride == 1,
         PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return h, a
