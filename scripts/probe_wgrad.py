@@ -53,7 +53,7 @@ def main() -> None:
             flops = 2 * n * right[1] * right[2]
             for label, fn in (
                 ("grouped_mm", lambda a=left, w=weight, offs=plan.offsets: F.grouped_mm(a, w, offs=offs)),
-                ("triton", lambda a=left, w=weight, c=plan.tokens_per_expert: grouped_gemm(a, w, c, n)),
+                ("triton", lambda a=left, w=weight, c=plan.tokens_per_expert, rows=n: grouped_gemm(a, w, c, rows)),
             ):
                 ms = time_ms(fn)
                 print(f"  {label:10s} [{n}, {right[1]}] @ [E, {right[1]}, {right[2]}]: {ms:.3f} ms, "

@@ -177,6 +177,20 @@ def test_fp16_routing_weights_fp32():
     assert_close(case, 5e-3)
 
 
+def test_tuned_launches_reuse_the_chosen_config(monkeypatch):
+    """Once a key is tuned, launches bypass triton's autotuner (host time) with the config it chose."""
+    case = make_case(T=11, act=_act("silu", "glu"), bias=True)
+    first = assert_close(case, 1e-5)
+    used = [k for k in tiling.Autotuned.registry if k.chosen]
+    assert used, "no kernel recorded a chosen config"
+    for kernel in used:  # the autotuner must not run again for a key it has tuned
+        for tuner in kernel.tuners.values():
+            monkeypatch.setattr(tuner, "run", lambda *a, **k: pytest.fail("autotuner ran for a tuned key"))
+    second = assert_close(case, 1e-5)
+    for a, b in zip(first, second):
+        assert a is None or torch.equal(a, b)
+
+
 def test_zero_tokens():
     case = make_case(T=0, act=_act("silu", "glu"), bias=True)
     ours = assert_close(case, 1e-5)
