@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from moekit.bench import PRESETS, _select, _timer, _wrap_lora, make_experts_module, make_routing
+from moekit.bench import PRESETS, _timer, make_step
 
 
 def main() -> None:
@@ -28,25 +28,7 @@ def main() -> None:
     parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
     args = parser.parse_args()
 
-    shape = PRESETS[args.preset]
-    module = make_experts_module(shape, "cuda", torch.bfloat16)
-    _select(module, args.impl)
-    model = _wrap_lora(module, 16) if args.mode == "lora" else module.requires_grad_(args.mode == "full")
-    hidden, index, weights = make_routing(shape, args.tokens, "cuda", torch.bfloat16)
-    if args.mode != "fwd":
-        hidden.requires_grad_(True)
-        weights.requires_grad_(True)
-    upstream = torch.randn_like(hidden)
-
-    def step() -> None:
-        if args.mode == "fwd":
-            with torch.no_grad():
-                model(hidden, index, weights)
-            return
-        model(hidden, index, weights).backward(upstream)
-        hidden.grad = weights.grad = None
-        for param in model.parameters():
-            param.grad = None
+    step = make_step(PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16)
 
     measure = _timer("cuda")
     for _ in range(3):

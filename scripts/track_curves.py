@@ -37,12 +37,13 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
 
-    start = demo.add_lora(demo.build_model(0), seed=0).to(device=device, dtype=torch.bfloat16)
-    for name, param in start.named_parameters():
-        if "lora_" in name:  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
-            param.data = param.data.float()
-    generator = torch.Generator().manual_seed(2)
-    batches = [tuple(t.to(device) for t in demo.make_batch(generator, 16, 64)) for _ in range(args.steps)]
+    config = demo.DemoConfig()
+    start = demo.build_lora_model(config.seed, device, torch.bfloat16)
+    generator = torch.Generator().manual_seed(config.seed + 2)  # the demo's own training batches
+    batches = [
+        tuple(t.to(device) for t in demo.make_batch(generator, config.batch_size, config.seq_len))
+        for _ in range(args.steps)
+    ]
 
     results = []
     for lr in (float(v) for v in args.lr.split(",")):

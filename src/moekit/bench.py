@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -163,18 +164,11 @@ def run_case(shape: Shape, impl: str, mode: str, tokens: int, device: str = "cud
             torch.cuda.empty_cache()
 
 
-def _time_case(
-    shape: Shape,
-    impl: str,
-    mode: str,
-    tokens: int,
-    device: str = "cuda",
-    dtype: torch.dtype = torch.bfloat16,
-    lora_rank: int = 16,
-    warmup: int = 3,
-    repeats: int = 10,
-    card: str | None = None,
-) -> dict:
+def make_step(
+    shape: Shape, impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, lora_rank: int = 16
+) -> Callable[[], None]:
+    """One benchmark step of a configuration (a forward, or a forward + backward that clears the gradients),
+    with its module, routing and upstream gradient built once."""
     module = make_experts_module(shape, device, dtype)
     _select(module, impl)
     model = module
@@ -188,7 +182,7 @@ def _time_case(
         weights.requires_grad_(True)
     upstream = torch.randn_like(hidden)
 
-    def step():
+    def step() -> None:
         if mode == "fwd":
             with torch.no_grad():
                 model(hidden, index, weights)
@@ -199,6 +193,22 @@ def _time_case(
             for param in model.parameters():
                 param.grad = None
 
+    return step
+
+
+def _time_case(
+    shape: Shape,
+    impl: str,
+    mode: str,
+    tokens: int,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    lora_rank: int = 16,
+    warmup: int = 3,
+    repeats: int = 10,
+    card: str | None = None,
+) -> dict:
+    step = make_step(shape, impl, mode, tokens, device, dtype, lora_rank)
     measure = _timer(device)
     for _ in range(warmup):
         step()

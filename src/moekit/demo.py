@@ -135,6 +135,16 @@ def add_lora(model: torch.nn.Module, seed: int = 0):
         return get_peft_model(model, config)
 
 
+def build_lora_model(seed: int, device: torch.device | str, dtype: torch.dtype):
+    """The demo model with LoRA on its experts, in ``dtype`` on ``device``; the trainable LoRA factors stay in
+    fp32, as PEFT keeps them by default (autocast_adapter_dtype)."""
+    model = add_lora(build_model(seed), seed=seed).to(device=device, dtype=dtype)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    return model
+
+
 # --- the task -------------------------------------------------------------------------------------------------
 
 MODULUS = 32
@@ -359,11 +369,7 @@ def run_demo(config: DemoConfig | None = None, *, log=None) -> DemoResult:
     threads = config.threads if config.threads is not None else (1 if device.type == "cpu" else 0)
     with _quiet_transformers(), _torch_threads(threads):
         threads = torch.get_num_threads()
-        model = add_lora(build_model(config.seed), seed=config.seed).to(device=device, dtype=dtype)
-        # Keep the trainable LoRA factors in fp32, as PEFT does by default (autocast_adapter_dtype).
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.data = param.data.float()
+        model = build_lora_model(config.seed, device, dtype)
         default_model = copy.deepcopy(model)  # identical weights, its own config object
         enable(model)
 

@@ -6,7 +6,7 @@ Data path (S = T*K rows, n = plan.num_routed of them to real experts, plan-sorte
     forward
       up_proj      x --gather in the operand loads--> GEMM W_up[e] (+b_up) --epilogue--> h [n, W] (kept), a [n, I]
       grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [n, H]          (transient)
-      combine      out[t] = sum_k yw[inv[t*K+k]] in fp32, slot order, sentinels skipped --> [T, H]
+      combine      out[t] = sum_k yw[row_of_slot[t, k]] in fp32, slot order, sentinels skipped --> [T, H]
     backward
       act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [n, I]
                    (for dW_down), dL/dh [n, W] = act'(h) * w * ga, and per-row partials of <ga, a> for the
@@ -38,8 +38,8 @@ into the same fp32 accumulator, before their epilogues (``lora=`` of up_proj / g
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
 u_up and u_down [n, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
 
-Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan, its
-inverse permutation (S int64) and the pre-activation h [n, W] in the input dtype: nothing T·K·H-sized is cached.
+Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
+its inverse permutation row_of_slot, S int64) and the pre-activation h [n, W] in the input dtype: nothing T·K·H-sized is cached.
 Forward transients: a [n, I] and yw [n, H] (freed on return). Backward transients: w * a [n, I] (only when
 dW_down is needed), ga [n, I] (split dA only), dh [n, W], partials [n, I/64 or 1] fp32 (only when the routing
 weights need a gradient), the chunk table (~n/64 + E int32), one plan-ordered row copy [n, H] at a time for the
@@ -200,12 +200,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
             bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
         )  # fmt: skip
         del a
-        inv = plan.row_of_slot.reshape(-1)
-        out = combine(yw, inv, plan.num_tokens, plan.top_k, n, x.dtype)
+        out = combine(yw, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, n, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan
         ctx.save_for_backward(
-            x, routing_weights, h, up_weight, up_bias, down_weight, down_bias, inv,
+            x, routing_weights, h, up_weight, up_bias, down_weight, down_bias,
             up_lora_a, up_lora_b, down_lora_a, down_lora_b, u_up, u_down,
         )  # fmt: skip
         return out
@@ -218,7 +217,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         from .kernels.weight_grad import chunk_table
 
         layout, plan = ctx.layout, ctx.plan
-        (x, routing_weights, h, w_up, b_up, w_down, b_down, inv,
+        (x, routing_weights, h, w_up, b_up, w_down, b_down,
          up_a, up_b, down_a, down_b, u_up, u_down) = ctx.saved_tensors  # fmt: skip
         num_inputs = len(ctx.needs_input_grad)  # 8 when called without the LoRA arguments
         needs = tuple(ctx.needs_input_grad) + (False,) * (12 - num_inputs)
@@ -340,7 +339,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             if dxs is None:
                 lora = (v_up, up_a) if up_lora else None
                 dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
-            grad_x = combine(dxs, inv, plan.num_tokens, plan.top_k, n, dtype)
+            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, n, dtype)
         return (
             None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,
             grad_up_a, grad_up_b, grad_down_a, grad_down_b,

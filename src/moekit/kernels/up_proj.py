@@ -12,8 +12,9 @@ u[r] @ B_up[e]ᵀ into the same fp32 accumulators (gate and up columns alike), b
 The token rows are gathered inside the kernel's operand loads (no [n, H] copy of x). Each program owns a
 BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it holds the gate and the matching up columns of W_up
 (concatenated: j and I + j, two accumulators; interleaved: 2j and 2j + 1, one accumulator over the dense
-2·BLOCK_N columns, split in registers after the main loop), so the activation is applied in registers. ``h`` is stored (rounded to the input dtype) for backward and ``a`` is
-computed from the rounded h, as the reference does.
+2·BLOCK_N columns, split in registers after the main loop), so the activation is applied in registers.
+``h`` is stored (rounded to the input dtype) for backward and ``a`` is computed from the rounded h, as the
+reference does.
 """
 
 from __future__ import annotations
@@ -157,9 +158,6 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     if n == 0:
         return h, a
     if gated and not activation.concatenated:
-        # Interleaved: the LoRA tiles are loaded after the main loop, never preloaded. Preloading them beside the
-        # wide 2·BLOCK_N accumulator made some tuned configs fault with an illegal address on an H200 (triton
-        # 3.6); the loop form is correct with every config (scripts/gpu_check.py).
         col_stride, up_off = 2, 1
     else:
         col_stride, up_off = 1, inner
@@ -172,6 +170,9 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     b = bias if has_bias else h
     u, lb = lora if has_lora else (h, h)
     rank = u.shape[1] if has_lora else 0
+    # Interleaved layouts never preload the LoRA tiles: beside the wide 2·BLOCK_N accumulator that made some tuned
+    # configs fault with an illegal address on an H200 (triton 3.6); the loop after the main loop is correct.
+    preload = lora_preload(rank) and col_stride == 1
     kernel.get(x.dtype)[grid](
         x, token_of_row, weight_in_out, b, h, a, counts, u, lb,
         n, num_experts, inner, hidden, rows_bucket(n, num_experts), rank,
@@ -180,7 +181,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
         *(u.stride() if has_lora else (0, 0)), *(lb.stride() if has_lora else (0, 0, 0)),
         up_off, float(activation.alpha), float(activation.limit),
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride, HAS_BIAS=has_bias,
-        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=lora_preload(rank) and col_stride == 1,
+        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=preload,
         PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return h, a
