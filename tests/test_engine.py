@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 import torch
 from experts_factory import FAMILIES, make_experts, make_inputs, rel_err, run_experts
 
 import moekit
-from moekit.plan import build_plan
+from moekit import plan as plan_module
+from moekit.plan import RoutingCheck, build_plan, raise_pending_routing_errors
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -122,7 +125,8 @@ def test_deterministic(dtype):
 def test_plan_orders_rows_by_expert_and_skips_sentinels():
     index = torch.tensor([[2, 0], [4, 2], [1, 4]])
     plan = build_plan(index, num_experts=4)  # 4 is the sentinel
-    assert plan.num_routed == 4
+    assert plan.num_rows == 6 and plan.num_routed == 4
+    assert plan.row_of_slot.tolist() == [[2, 0], [-1, 3], [1, -1]]  # -1: sentinel slot
     assert plan.tokens_per_expert.tolist() == [1, 1, 2, 0]
     assert plan.offsets.tolist() == [1, 2, 4, 4]
     assert plan.expert_of_row.tolist() == [0, 1, 2, 2, 4, 4]
@@ -155,6 +159,52 @@ def test_bad_input_gets_a_clear_error(mutate, error, match):
     x, index, weights = mutate(*make_inputs(5, 32, 6, 2))
     with pytest.raises(error, match=match):
         _call(module, x, index, weights)
+
+
+class _Event:
+    """Stands in for a CUDA event: ``finished`` says whether the GPU has run past it."""
+
+    def __init__(self, finished: bool):
+        self.finished = finished
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        self.finished = True
+
+
+def _pending_check(low: int, high: int, finished: bool) -> RoutingCheck:
+    return RoutingCheck(torch.tensor([low, high]), _Event(finished), num_experts=6, shape=(5, 2))
+
+
+def test_gpu_range_check_is_reported_by_a_later_call(monkeypatch):
+    """On a GPU the id range is read back without a sync: finished checks raise, unfinished ones wait their turn
+    (until MAX_PENDING_CHECKS are queued, then the oldest is waited for), and waiting raises them all."""
+    pending = deque()
+    monkeypatch.setattr(plan_module, "_pending", pending)
+    pending.extend([_pending_check(0, 6, True), _pending_check(0, 9, False)])
+    raise_pending_routing_errors(wait=False)  # the finished check was fine; the bad one is still running
+    assert len(pending) == 1
+    with pytest.raises(ValueError, match=r"expert id 9, outside \[0, 6\] .* earlier moekit call .*\[5, 2\]"):
+        raise_pending_routing_errors(wait=True)
+    assert not pending
+
+    pending.extend(_pending_check(-2, 5, False) for _ in range(plan_module.MAX_PENDING_CHECKS + 1))
+    with pytest.raises(ValueError, match="expert id -2"):  # one over the limit: the oldest is waited for
+        raise_pending_routing_errors(wait=False)
+    assert not pending  # the error clears the queue: one report per failure, not one per later call
+
+
+@pytest.mark.triton  # with the native GPU tests (scripts/gpu_check.py runs ``-m triton`` on the device)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred range check runs on CUDA tensors only")
+def test_gpu_range_check_end_to_end():
+    index = torch.tensor([[2, 0], [9, 1]], device="cuda")
+    with pytest.raises(ValueError, match=r"expert id 9, outside \[0, 4\]"):
+        build_plan(index, num_experts=4)
+        raise_pending_routing_errors()
+    build_plan(index.clamp(max=4), num_experts=4)
+    raise_pending_routing_errors()  # a good call after a reported bad one raises nothing
 
 
 def test_inconsistent_expert_weights_are_rejected():

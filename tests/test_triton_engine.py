@@ -313,7 +313,7 @@ def test_forward_saves_no_row_sized_output():
         case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None
     )
     saved = [t for t in out.grad_fn.saved_tensors if t is not None]
-    n, hidden = case["plan"].num_routed, 40
+    n, hidden = case["plan"].num_rows, 40
     assert not any(t.dim() == 2 and tuple(t.shape) == (n, hidden) for t in saved)
 
 

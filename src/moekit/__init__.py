@@ -9,9 +9,17 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .backend import moekit_experts_forward
 from .enable import enable, experts_modules
 from .lora import BACKEND_NAME, install_peft_hook
+from .plan import raise_pending_routing_errors
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND_NAME", "__version__", "enable", "experts_modules", "moekit_experts_forward"]
+__all__ = [
+    "BACKEND_NAME",
+    "__version__",
+    "enable",
+    "experts_modules",
+    "moekit_experts_forward",
+    "raise_pending_routing_errors",
+]
 
 ALL_EXPERTS_FUNCTIONS.register(BACKEND_NAME, moekit_experts_forward)
 install_peft_hook()

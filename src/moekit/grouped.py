@@ -1,7 +1,8 @@
 """Grouped GEMMs over a dispatch plan: torch's grouped_mm where it runs, a per-expert loop elsewhere.
 
-Both primitives read rows [0, num_routed) of a plan-sorted operand; expert e owns rows
-``offsets[e-1]:offsets[e]``.
+Both primitives take plan-sorted operands of n rows: n = num_routed (the reference engine) or n = S = T*K with
+the sentinel rows at the tail (the Triton engine; grouped_mm ignores rows past ``offsets[-1]``). Expert e owns
+rows ``offsets[e-1]:offsets[e]``; the per-expert loop (no grouped_mm) reads the counts on the host.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def grouped_matmul_runs(rows: Tensor, weight: Tensor) -> bool:
 
 
 def grouped_matmul(rows: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
-    """rows [n, in] (plan-sorted, n = num_routed) @ weight[e] [in, out] per expert -> [n, out].
+    """rows [n, in] (plan-sorted) @ weight[e] [in, out] per expert -> [n, out] (rows past the routed ones: any value).
 
     ``weight`` is [E, in, out] and may be a transposed view of an [E, out, in] parameter.
     """
-    n = plan.num_routed
+    n = rows.shape[0]
     out_features = weight.shape[-1]
     if n == 0:
         return rows.new_zeros(0, out_features)
@@ -84,7 +85,7 @@ def grouped_outer(left: Tensor, right: Tensor, plan: DispatchPlan) -> Tensor:
     This is every weight gradient (dW_e = dYᵀ X over the expert's rows). Experts with no rows get zeros.
     """
     num_experts, p, q = plan.num_experts, left.shape[-1], right.shape[-1]
-    if plan.num_routed == 0:
+    if left.shape[0] == 0:
         return left.new_zeros(num_experts, p, q)
     left_t = left.t()
     if _use_grouped_mm(left_t, right):

@@ -81,7 +81,7 @@ def combine(rows: Tensor, plan: DispatchPlan, slot_weights: Tensor | None = None
     """out[t] = Σ_k w[t, k] · rows[row_of_slot[t, k]] in fp32: plan-sorted rows [n, H] back to tokens [T, H].
 
     A gather per slot k, summed in slot order: deterministic (no atomics), and only [T, H]-sized temporaries
-    (never a [T·K, H] buffer). Sentinel slots read a clamped row and are multiplied by zero.
+    (never a [T·K, H] buffer). Sentinel slots (row -1) read row 0 and are multiplied by zero.
     ``slot_weights`` [T, K] are the routing weights (None: 1).
     """
     out = rows.new_zeros(plan.num_tokens, rows.shape[-1], dtype=torch.float32)
@@ -89,10 +89,10 @@ def combine(rows: Tensor, plan: DispatchPlan, slot_weights: Tensor | None = None
         return out
     for slot in range(plan.top_k):
         row = plan.row_of_slot[:, slot]  # [T]
-        scale = (row < plan.num_routed).float()
+        scale = (row >= 0).float()
         if slot_weights is not None:
             scale = scale * slot_weights[:, slot].float()
-        out += rows.index_select(0, row.clamp(max=plan.num_routed - 1)).float() * scale[:, None]
+        out += rows.index_select(0, row.clamp(min=0)).float() * scale[:, None]
     return out
 
 

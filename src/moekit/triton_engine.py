@@ -1,24 +1,27 @@
 """The Triton engine: same signature and semantics as ``moekit.reference.experts_reference``, fused kernels.
 
-Data path (S = T*K rows, n = plan.num_routed of them to real experts, plan-sorted by expert; kernels in
-``moekit.kernels``):
+Data path (S = T*K rows plan-sorted by expert, the routed ones first; kernels in ``moekit.kernels``). The host
+never learns how many rows are routed (the plan makes no host sync): every row buffer below has S rows and the
+kernels take each expert's rows from the counts on the device; rows past the routed ones (expert-parallel
+sentinels) are never computed, and nothing reads them (the combines skip sentinel slots, grouped_mm ignores rows
+past ``offsets[-1]``, the routing-weight gradient masks them).
 
     forward
-      up_proj      x --gather in the operand loads--> GEMM W_up[e] (+b_up) --epilogue--> h [n, W] (kept), a [n, I]
-      grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [n, H]          (transient)
+      up_proj      x --gather in the operand loads--> GEMM W_up[e] (+b_up) --epilogue--> h [S, W] (kept), a [S, I]
+      grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [S, H]          (transient)
       combine      out[t] = sum_k yw[row_of_slot[t, k]] in fp32, slot order, sentinels skipped --> [T, H]
     backward
-      act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [n, I]
-                   (for dW_down), dL/dh [n, W] = act'(h) * w * ga, and per-row partials of <ga, a> for the
+      act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [S, I]
+                   (for dW_down), dL/dh [S, W] = act'(h) * w * ga, and per-row partials of <ga, a> for the
                    routing-weight gradient (<dOut, y> without y, + <dOut, b_down> on the host). Either fused in
-                   the GEMM's epilogue (ga stays in registers) or split: the GEMM writes ga [n, I] (transient,
+                   the GEMM's epilogue (ga stays in registers) or split: the GEMM writes ga [S, I] (transient,
                    rounded to the dtype as the reference does) and a memory-bound pass does the rest
                    (``MOEKIT_TRITON_DA``; default per layout)
       weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused; dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused
                    (per output tile, one flat loop over the row chunks of a group of experts, a store at each
                    expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
-                   before (transient [n, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
-      grouped_gemm dh @ W_up[e]ᵀ --> dxs [n, H] (transient);  combine --> dX [T, H]
+                   before (transient [S, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
+      grouped_gemm dh @ W_up[e]ᵀ --> dxs [S, H] (transient);  combine --> dX [T, H]
     The GEMMs with neither a gather nor an epilogue (dW_down and dW_up from the row copies, dxs without LoRA)
     go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our kernels at these shapes on an H100); the
     bias sums then run alone in the weight-gradient kernel (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
@@ -28,22 +31,22 @@ along R). No ΔW and no copy of W: the low-rank intermediates are small grouped 
 lowrank=True)``, BLOCK_N fitted to R) and the big GEMMs take them through a short second reduction loop over R
 into the same fp32 accumulator, before their epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
 
-    forward    u_up = x[tok] A_upᵀ [n, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
-               u_down = a A_downᵀ [n, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
-    backward   v_down = dOut[tok] B_down [n, R];  ga = dOut[tok] W_downᵀ + v_down A_down (dA kernel, fused), so
+    forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
+               u_down = a A_downᵀ [S, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
+    backward   v_down = dOut[tok] B_down [S, R];  ga = dOut[tok] W_downᵀ + v_down A_down (dA kernel, fused), so
                dh and the routing-weight gradient <ga, a> include the LoRA part of y
                dB_down[e] = Σ dOut[tok]ᵀ (w u_down),  dA_down[e] = Σ v_downᵀ (w a)
-               v_up = dh B_up [n, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
+               v_up = dh B_up [S, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
                dB_up[e] = Σ dhᵀ u_up,  dA_up[e] = Σ v_upᵀ x[tok]
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
-u_up and u_down [n, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
+u_up and u_down [S, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
-its inverse permutation row_of_slot, S int64) and the pre-activation h [n, W] in the input dtype: nothing T·K·H-sized is cached.
-Forward transients: a [n, I] and yw [n, H] (freed on return). Backward transients: w * a [n, I] (only when
-dW_down is needed), ga [n, I] (split dA only), dh [n, W], partials [n, I/64 or 1] fp32 (only when the routing
-weights need a gradient), the chunk table (~n/64 + E int32), one plan-ordered row copy [n, H] at a time for the
-weight gradients (dOut rows, then x rows; "copy" mode), dxs [n, H] (only when x needs a gradient, after them).
+its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing T·K·H-sized is cached.
+Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
+dW_down is needed), ga [S, I] (split dA only), dh [S, W], partials [S, I/64 or 1] fp32 (only when the routing
+weights need a gradient), the chunk table (~S/64 + E int32), one plan-ordered row copy [S, H] at a time for the
+weight gradients (dOut rows, then x rows; "copy" mode), dxs [S, H] (only when x needs a gradient, after them).
 Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (frozen weights cost no
 weight-gradient kernel).
 
@@ -136,10 +139,10 @@ def plain_gemm_mode() -> str:
 
 
 def _torch_outer(left: Tensor, right: Tensor, plan: DispatchPlan, transposed: bool, dtype) -> Tensor | None:
-    """Σ over each expert's rows of leftᵀ right (plan-ordered [n, P], [n, Q]) -> [E, P, Q], or [E, Q, P] for a
+    """Σ over each expert's rows of leftᵀ right (plan-ordered [S, P], [S, Q]) -> [E, P, Q], or [E, Q, P] for a
     transposed stored weight, by torch grouped_mm; None when plain GEMMs stay on Triton or grouped_mm cannot
     take these operands."""
-    if plain_gemm_mode() != "torch" or plan.num_routed == 0:
+    if plain_gemm_mode() != "torch" or plan.num_rows == 0:
         return None
     first, second = (right, left) if transposed else (left, right)
     if not grouped_outer_runs(first, second):
@@ -148,8 +151,8 @@ def _torch_outer(left: Tensor, right: Tensor, plan: DispatchPlan, transposed: bo
 
 
 def _torch_matmul(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan) -> Tensor | None:
-    """rows [n, K] (plan-ordered) @ weight[e] [K, N] -> [n, N] by torch grouped_mm, or None (as ``_torch_outer``)."""
-    if plain_gemm_mode() != "torch" or plan.num_routed == 0 or not grouped_matmul_runs(rows, weight_in_out):
+    """rows [S, K] (plan-ordered) @ weight[e] [K, N] -> [S, N] by torch grouped_mm, or None (as ``_torch_outer``)."""
+    if plain_gemm_mode() != "torch" or plan.num_rows == 0 or not grouped_matmul_runs(rows, weight_in_out):
         return None
     return grouped_matmul(rows, weight_in_out, plan)
 
@@ -184,15 +187,15 @@ class ExpertsTritonFunction(torch.autograd.Function):
     ) -> Tensor:
         from .kernels import combine, grouped_gemm, up_proj
 
-        n, transposed, act = plan.num_routed, layout.transposed, layout.activation
+        n, transposed, act = plan.num_rows, layout.transposed, layout.activation
         counts, tok = plan.tokens_per_expert, plan.token_of_row
         rw_flat = routing_weights.reshape(-1)
         u_up = u_down = up_lora = down_lora = None
-        if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [n, R]; h += u_up @ B_up[e]ᵀ in up_proj's loop
+        if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [S, R]; h += u_up @ B_up[e]ᵀ in up_proj's loop
             u_up = grouped_gemm(x, up_lora_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
             up_lora = (u_up, up_lora_b.transpose(1, 2))
         h, a = up_proj(x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora)
-        if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [n, R]; y += u_down @ B_down[e]ᵀ
+        if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [S, R]; y += u_down @ B_down[e]ᵀ
             u_down = grouped_gemm(a, down_lora_a.transpose(1, 2), counts, n, lowrank=True)
             down_lora = (u_down, down_lora_b.transpose(1, 2))
         yw = grouped_gemm(
@@ -200,7 +203,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
         )  # fmt: skip
         del a
-        out = combine(yw, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, n, x.dtype)
+        out = combine(yw, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan
         ctx.save_for_backward(
@@ -228,14 +231,14 @@ class ExpertsTritonFunction(torch.autograd.Function):
         store_a = need_wd or need_down_a  # w * a: right operand of dW_down, left operand of dA_down
         if not (need_dh or need_rw or store_a or need_bd or need_down_b):
             return (None,) * num_inputs
-        n, dtype, transposed, act = plan.num_routed, x.dtype, layout.transposed, layout.activation
+        n, dtype, transposed, act = plan.num_rows, x.dtype, layout.transposed, layout.activation
         num_experts, counts = plan.num_experts, plan.tokens_per_expert
         tok, sorted_rows = plan.token_of_row, plan.sorted_rows
         hidden = x.shape[1]
         grad_out = grad_out.to(dtype)
         rw_flat = routing_weights.reshape(-1)
 
-        # v_down = dOut[tok] @ B_down[e] [n, R]: the LoRA part of dL/da is v_down @ A_down[e]
+        # v_down = dOut[tok] @ B_down[e] [S, R]: the LoRA part of dL/da is v_down @ A_down[e]
         run_da = need_dh or need_rw or store_a
         v_down = None
         if down_lora and (run_da or need_down_a):
@@ -252,12 +255,14 @@ class ExpertsTritonFunction(torch.autograd.Function):
 
         grad_rw = None
         if need_rw:
-            per_row = part.sum(1)
+            per_row = part.sum(1)  # [S]; sentinel rows were never written
+            expert_of_row = plan.expert_of_row
             if b_down is not None and n:
                 bias_dot = grad_out.float() @ b_down.float().t()  # [T, E]
-                per_row = per_row + bias_dot[tok[:n], plan.expert_of_row[:n]]
-            grad_rw = torch.zeros(plan.num_tokens * plan.top_k, device=x.device, dtype=torch.float32)
-            grad_rw[sorted_rows[:n]] = per_row
+                per_row = per_row + bias_dot[tok, expert_of_row.clamp(max=num_experts - 1)]
+            per_row = torch.where(expert_of_row < num_experts, per_row, 0.0)
+            grad_rw = torch.empty(n, device=x.device, dtype=torch.float32)
+            grad_rw[sorted_rows] = per_row
             grad_rw = grad_rw.view_as(routing_weights).to(routing_weights.dtype)
         del part
 
@@ -274,7 +279,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         grad_wd = grad_bd = grad_down_a = grad_down_b = None
         if need_wd or need_bd or need_down_b:
             if copy_rows and need_wd:
-                left, left_index = grad_out.index_select(0, tok[:n]), None
+                left, left_index = grad_out.index_select(0, tok), None
             else:
                 left, left_index = grad_out, tok
             if need_wd:  # a was written scaled by the routing weight (w * a)
@@ -301,7 +306,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             )  # fmt: skip
         del a, v_down
 
-        # v_up = dh @ B_up[e] [n, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]
+        # v_up = dh @ B_up[e] [S, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]
         v_up = None
         if up_lora and (need_x or need_up_a):
             v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
@@ -313,7 +318,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             )  # fmt: skip
         if need_wu or need_bu or need_up_a:
             if copy_rows and need_wu:
-                right, right_index = x.index_select(0, tok[:n]), None
+                right, right_index = x.index_select(0, tok), None
             else:
                 right, right_index = x, tok
             if need_wu:
@@ -339,7 +344,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             if dxs is None:
                 lora = (v_up, up_a) if up_lora else None
                 dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
-            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, n, dtype)
+            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
         return (
             None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,
             grad_up_a, grad_up_b, grad_down_a, grad_down_b,

@@ -1,7 +1,7 @@
 """Deterministic K-way combine: out[t] = sum over slots k (in slot order, fp32) of rows[inv[t*K + k]].
 
-``inv`` is the plan's inverse permutation: the sorted position of every (token, slot) row; positions >= n mark
-expert-parallel sentinel slots (id == E) and contribute nothing. Each output element is written once by one
+``inv`` is the plan's inverse permutation: the sorted position of every (token, slot) row; -1 marks an
+expert-parallel sentinel slot (id == E), which contributes nothing. Each output element is written once by one
 program: a gather-sum, no scatter-add, no atomics. Used for the forward output (rows = weighted expert outputs)
 and for dX (rows = per-row input gradients).
 """
@@ -17,7 +17,7 @@ from .tiling import interpreting, new_output, to_dtype
 
 @triton.jit
 def _combine_kernel(
-    rows_ptr, inv_ptr, out_ptr, T, K, H, n_rows, stride_rm, stride_ot,
+    rows_ptr, inv_ptr, out_ptr, T, K, H, stride_rm, stride_ot,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
@@ -29,8 +29,8 @@ def _combine_kernel(
     t64 = offs_t.to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k in range(K):
-        pos = tl.load(inv_ptr + t64 * K + k, mask=t_mask, other=n_rows).to(tl.int64)
-        valid = pos < n_rows
+        pos = tl.load(inv_ptr + t64 * K + k, mask=t_mask, other=-1).to(tl.int64)
+        valid = pos >= 0
         pos = tl.where(valid, pos, 0)
         v = tl.load(
             rows_ptr + pos[:, None] * stride_rm + offs_h[None, :], mask=valid[:, None] & h_mask[None, :], other=0.0
@@ -40,13 +40,13 @@ def _combine_kernel(
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
 
 
-def combine(rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, n: int, out_dtype) -> torch.Tensor:
-    """rows [n, H] plan-sorted -> [T, H] in ``out_dtype`` (fp32 sum over the K slots in slot order)."""
+def combine(rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, out_dtype) -> torch.Tensor:
+    """rows [S, H] plan-sorted -> [T, H] in ``out_dtype`` (fp32 sum over the K slots in slot order)."""
     hidden = rows.shape[1]
     out = new_output(num_tokens, hidden, device=rows.device, dtype=out_dtype)
     if num_tokens == 0 or hidden == 0:
         return out
-    if n == 0:
+    if top_k == 0:
         return out.zero_()
     if interpreting():
         block_t, block_h, warps = 16, 32, 4
@@ -54,7 +54,7 @@ def combine(rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, 
         block_t, block_h, warps = 4, min(1024, triton.next_power_of_2(hidden)), 4
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
     _combine_kernel[grid](
-        rows, inv, out, num_tokens, top_k, hidden, n, rows.stride(0), out.stride(0),
+        rows, inv, out, num_tokens, top_k, hidden, rows.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     return out
