@@ -4,7 +4,7 @@
                                                [--lora]
 
 Sections, each in its own process (tests and sweeps side by side, the timings alone afterwards):
-  tests  pytest -m triton tests/test_triton_engine.py tests/test_triton_lora.py, natively on the GPU (one kernel
+  tests  pytest -m triton tests/test_triton_engine.py tests/test_engine.py tests/test_triton_lora.py, natively on the GPU (one kernel
          config: no tuning)
   sweep  randomized shapes (the four model shapes at T=512, random small/odd ones, zero tokens), fresh random
          inputs, bf16 and fp32, forward output and every gradient vs the reference engine and an fp64 reference
@@ -692,7 +692,7 @@ def tests(args) -> dict:
         "pytest",
         "-m",
         "triton",
-        *([] if args.lora else ["tests/test_triton_engine.py"]),
+        *([] if args.lora else ["tests/test_triton_engine.py", "tests/test_engine.py"]),
         "tests/test_triton_lora.py",
         "-q",
         "-p",

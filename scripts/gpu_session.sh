@@ -25,4 +25,5 @@ else
     2>&1 | tail -18 | tee "$out/demo.log"
   python scripts/track_curves.py --device cuda --lr 5e-3,2e-3,1e-3 --json "$out/curves.json" 2>&1 | grep lr
   python scripts/probe_wgrad.py 2>&1 | tee "$out/probe_wgrad.txt"
+  python scripts/probe_sync.py 2>&1 | tee "$out/probe_sync.txt"
 fi
