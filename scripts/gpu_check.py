@@ -4,8 +4,8 @@
                                                [--lora]
 
 Sections, each in its own process (tests and sweeps side by side, the timings alone afterwards):
-  tests  pytest -m triton tests/test_triton_engine.py tests/test_engine.py tests/test_triton_lora.py, natively on the GPU (one kernel
-         config: no tuning)
+  tests  pytest -m triton on tests/test_triton_engine.py, test_engine.py, test_triton_lora.py, natively on the GPU
+         (one kernel config: no tuning)
   sweep  randomized shapes (the four model shapes at T=512, random small/odd ones, zero tokens), fresh random
          inputs, bf16 and fp32, forward output and every gradient vs the reference engine and an fp64 reference
          (bf16 passes when no worse than the bf16 reference: err <= 1.5 ref_err + 6e-3; fp32: err <= 1e-4), all
