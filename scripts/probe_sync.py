@@ -1,7 +1,7 @@
 """Probe: what a host sync in the dispatch plan costs. Times benchmark steps (``moekit.bench.make_step``) with the
 plan as it is (no sync) and with one forced sync per call (reading ``plan.num_routed``, as the plan did before),
-against grouped_mm, all in one process. Two timings each: one step between syncs (how ``moekit bench`` times)
-and 20 steps back to back (the host may run ahead of the GPU)."""
+against grouped_mm, all in one process. Two timings each (medians of 20 steps): the host waiting for the GPU after
+every step, and steps queued back to back (the host may run ahead of the GPU; ``moekit bench``'s "ms")."""
 
 from __future__ import annotations
 
@@ -22,18 +22,10 @@ def synced_plan(top_k_index, num_experts):
 
 
 def time_step(step, repeats=20):
-    measure = _timer("cuda")
     for _ in range(3):
         step()
-    single = statistics.median(measure(step) for _ in range(repeats))
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return single, start.elapsed_time(end) / repeats
+    single = statistics.median(_timer("cuda", back_to_back=False)(step, repeats))
+    return single, statistics.median(_timer("cuda")(step, repeats))
 
 
 def main() -> None:

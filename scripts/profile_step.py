@@ -30,10 +30,9 @@ def main() -> None:
 
     step = make_step(PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16)
 
-    measure = _timer("cuda")
     for _ in range(3):
         step()
-    ms = statistics.median(measure(step) for _ in range(10))
+    ms = statistics.median(_timer("cuda")(step, 10))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()

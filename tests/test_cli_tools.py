@@ -12,7 +12,7 @@ import moekit.reference
 from moekit.cli import main
 from moekit.tiny import add_lora, build, lora_target_parameters
 
-RECORD_KEYS = {"card", "shape", "impl", "mode", "tokens", "ms", "peak_gib", "step_gib", "tflops", "dense_tflops"}
+RECORD_KEYS = {"card", "shape", "impl", "mode", "tokens", "ms", "ms_synced", "peak_gib", "step_gib", "tflops", "dense_tflops"}
 
 
 # --- bench ------------------------------------------------------------------------------------------------------

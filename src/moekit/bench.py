@@ -1,6 +1,7 @@
 """Expert-layer benchmark: transformers' backends against moekit's engines on real model shapes.
 
-One record per (shape, impl, mode, tokens): median ms over timed repeats (CUDA events on GPU), TFLOP/s with
+One record per (shape, impl, mode, tokens): median ms over timed repeats (CUDA events on GPU, steps queued back
+to back; ``ms_synced`` with the host waiting for the GPU after every step), TFLOP/s with
 the FLOP counts of ``performance-anchors.md`` (gated fwd 6·T·K·H·I, non-gated 4·T·K·H·I; full = 3× fwd,
 LoRA = 2× fwd) and the peak memory allocated during the timed step.
 """
@@ -132,23 +133,36 @@ def _wrap_lora(module: torch.nn.Module, rank: int) -> torch.nn.Module:
     return model
 
 
-def _timer(device: str):
+def _timer(device: str, back_to_back: bool = True) -> Callable[[Callable[[], object], int], list[float]]:
+    """``measure(fn, repeats)``: the time of each of ``repeats`` calls of ``fn``, in ms.
+
+    On CUDA every call sits between two events. ``back_to_back`` (default) queues the calls with no sync between
+    them, as triton's ``do_bench`` does and as training runs: the host may work ahead of the GPU, so a call's time
+    is what the GPU spends on it, plus any wait for the host when the host is the slower one. Otherwise the host
+    waits for the GPU after every call, and each call also pays the latency of its own first launches.
+    """
     if device.startswith("cuda"):
 
-        def measure(fn) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
+        def measure(fn, repeats: int) -> list[float]:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+                if not back_to_back:
+                    torch.cuda.synchronize()
             torch.cuda.synchronize()
-            return start.elapsed_time(end)
+            return [start.elapsed_time(end) for start, end in events]
 
         return measure
 
-    def measure_cpu(fn) -> float:
-        begin = time.perf_counter()
-        fn()
-        return (time.perf_counter() - begin) * 1e3
+    def measure_cpu(fn, repeats: int) -> list[float]:
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+        return times
 
     return measure_cpu
 
@@ -209,7 +223,6 @@ def _time_case(
     card: str | None = None,
 ) -> dict:
     step = make_step(shape, impl, mode, tokens, device, dtype, lora_rank)
-    measure = _timer(device)
     for _ in range(warmup):
         step()
     resident = float("nan")
@@ -217,9 +230,9 @@ def _time_case(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated() / 2**30  # weights, adapters and inputs
-    times = [measure(step) for _ in range(repeats)]
+    ms = statistics.median(_timer(device)(step, repeats))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    ms = statistics.median(times)
+    ms_synced = statistics.median(_timer(device, back_to_back=False)(step, repeats))
     flops = shape.forward_flops(tokens) * {"fwd": 1, "full": 3, "lora": 2}[mode]
     record = {
         "card": card or (torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
@@ -231,6 +244,7 @@ def _time_case(
         "dtype": str(dtype).removeprefix("torch."),
         "lora_rank": lora_rank if mode == "lora" else None,
         "ms": ms,
+        "ms_synced": ms_synced,  # the host waiting for the GPU after every step (the timing of runs 1-5)
         "tflops": flops / (ms * 1e-3) / 1e12,
         "peak_gib": peak,
         # What one step allocates on top of the resident weights and inputs: activations, transients, gradients.
@@ -243,10 +257,9 @@ def dense_matmul_tflops(device: str = "cuda", size: int = 8192, dtype: torch.dty
     """The card's measured dense GEMM rate, the ceiling every other number is read against."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    measure = _timer(device)
     for _ in range(3):
         a @ b
-    ms = statistics.median(measure(lambda: a @ b) for _ in range(10))
+    ms = statistics.median(_timer(device)(lambda: a @ b, 10))
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
@@ -279,7 +292,7 @@ def _custom_shape(args) -> Shape:
 def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noqa: F821
     from rich.table import Table
 
-    table = Table(title="expert layer benchmark")
+    table = Table(title="expert layer benchmark", caption="ms: median step, steps queued back to back (CUDA events)")
     for column in ("shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB",
                    "× grouped_mm"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right")
