@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python scripts/profile_step.py --preset nemotron3-nano --tokens 8192 --mode full --impl moekit-triton
 
-Prints the median step time (CUDA events, as the benchmark measures it) and torch.profiler's per-kernel CUDA
-time averaged over the profiled steps, largest first. Environment knobs (MOEKIT_TRITON_*) apply as usual.
+Prints the median step time (CUDA events, as the benchmark measures it), the host's own time per step, and
+torch.profiler's per-kernel CUDA time averaged over the profiled steps, largest first. Environment knobs (MOEKIT_TRITON_*) apply as usual.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 
@@ -33,6 +34,12 @@ def main() -> None:
     for _ in range(3):
         step()
     ms = statistics.median(_timer("cuda")(step, 10))
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(10):  # no sync in a step: the host runs ahead, and this is its own time per step
+        step()
+    host_ms = (time.perf_counter() - begin) * 1e3 / 10
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
@@ -41,7 +48,7 @@ def main() -> None:
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / args.steps / 1e3
     print(f"{args.preset} T={args.tokens} {args.mode} {args.impl}: step {ms:.3f} ms (events), "
-          f"kernels {total:.3f} ms/step, gaps {ms - total:.3f} ms")
+          f"kernels {total:.3f} ms/step, gaps {ms - total:.3f} ms, host {host_ms:.3f} ms/step")
     for e in events[: args.rows]:
         per_step = e.device_time_total / args.steps / 1e3
         print(f"  {per_step:7.3f} ms  x{e.count // args.steps:<3d} {e.key[:100]}")
