@@ -724,6 +724,9 @@ def main():
     parser.add_argument("--section", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     parser.add_argument("--sweep-shards", type=int, default=4)
+    parser.add_argument("--config", type=int, default=0,
+                        help="run the correctness sections with the N-th tile config of every kernel family "
+                             "(MOEKIT_TRITON_AUTOTUNE=config:N); 0 is the default config")
     parser.add_argument("--lora", action="store_true",
                         help="only the LoRA parts: LoRA tests, LoRA sweep, LoRA timing")  # fmt: skip
     args = parser.parse_args()
@@ -752,7 +755,7 @@ def main():
 
     def launch(name, section, extra=()):
         log = open(os.path.join(args.out, f"{name}.log"), "w")  # noqa: SIM115 (closed at exit)
-        sec_env = dict(env, MOEKIT_TRITON_AUTOTUNE="0") if section != "bench" else env
+        sec_env = dict(env, MOEKIT_TRITON_AUTOTUNE=f"config:{args.config}") if section != "bench" else env
         procs[name] = subprocess.Popen(
             [*base, "--section", section, *extra], env=sec_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
         )

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One GPU visit in two calls (each fits the device's 10-minute limit):
+# A GPU visit in calls that each fit the device's 10-minute limit:
 #   bash scripts/gpu_session.sh OUT_DIR check   Triton correctness: native tests, LoRA sweep, randomized sweep,
 #                                               one section at a time (side by side they overfill an 80 GB card)
+#   bash scripts/gpu_session.sh OUT_DIR configs 1,2   the randomized and LoRA sweeps with the N-th tile config of
+#                                               every kernel family (the check runs config 0, the default; the
+#                                               tuner may pick any), two configs per call
 #   bash scripts/gpu_session.sh OUT_DIR bench   the benchmark BENCHMARKS.md and benchmarks/results/ are made
 #                                               from, the CUDA demo, the loss-curve comparison, the GEMM probe
 set -uo pipefail
@@ -16,6 +19,16 @@ if [ "$part" = check ]; then
     python scripts/gpu_check.py --skip "$skip" --sweep-shards 1 --out "$out/check" > "$out/check_$section.log" 2>&1
     echo "gpu_check $section: exit $?" | tee -a "$out/card.txt"
     tail -25 "$out/check_$section.log"
+  done
+elif [ "$part" = configs ]; then
+  for config in $(echo "${3:-1,2}" | tr ',' ' '); do
+    for section in sweep lora; do
+      skip=$(echo tests,lora,sweep,bench,lora_bench | tr ',' '\n' | grep -vx "$section" | paste -sd,)
+      python scripts/gpu_check.py --skip "$skip" --sweep-shards 1 --config "$config" --out "$out/config$config" \
+        > "$out/config${config}_$section.log" 2>&1
+      echo "gpu_check $section, tile config $config: exit $?" | tee -a "$out/card.txt"
+      grep -E "^-- (sweep|LoRA sweep)" "$out/config${config}_$section.log" | head -2
+    done
   done
 else
   python -m moekit bench --preset nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 \

@@ -177,6 +177,21 @@ def test_fp16_routing_weights_fp32():
     assert_close(case, 5e-3)
 
 
+def test_autotune_env_picks_one_config(monkeypatch):
+    """MOEKIT_TRITON_AUTOTUNE: 0 keeps the default config, config:N the N-th (clamped), anything else all of them."""
+    monkeypatch.setattr(tiling, "_generation", lambda: "hopper")
+
+    def meta(value):
+        monkeypatch.setenv("MOEKIT_TRITON_AUTOTUNE", value)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tiling.configs("gemm")]
+
+    space = [(bm, bn, w, s) for bm, bn, _, w, s in tiling._SPACES["gemm"]["hopper"]]
+    assert meta("1") == space
+    assert meta("0") == space[:1]
+    assert meta("config:1") == space[1:2]
+    assert meta("config:99") == space[-1:]
+
+
 def test_tuned_launches_reuse_the_chosen_config(monkeypatch):
     """Once a key is tuned, launches bypass triton's autotuner (host time) with the config it chose."""
     case = make_case(T=11, act=_act("silu", "glu"), bias=True)

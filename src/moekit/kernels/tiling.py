@@ -186,7 +186,8 @@ def configs(family: str, element_size: int = 2) -> list[triton.Config]:
     """The autotuning space of ``family`` on this GPU generation for operands of ``element_size`` bytes (4-byte
     operands get BLOCK_K 32 and at most 3 stages, so their tiles fit in shared memory).
     ``MOEKIT_TRITON_AUTOTUNE=0`` keeps only the first (default) config: no tuning (test runs that compile many
-    kernel variants)."""
+    kernel variants). ``MOEKIT_TRITON_AUTOTUNE=config:N`` keeps only the N-th (the last where a family has fewer),
+    so a correctness run can go through every config the tuner may pick (``scripts/gpu_check.py --config N``)."""
     space = _SPACES[family][_generation()]
     if element_size > 2 and _generation() != "interpret":
         space = [(bm, bn, min(bk, 32), w, min(s, 4 if family.startswith("wgrad") else 3)) for bm, bn, bk, w, s in space]
@@ -194,8 +195,11 @@ def configs(family: str, element_size: int = 2) -> list[triton.Config]:
         space = [(bm, bn, wgrad_block_k(element_size), w, s) for bm, bn, _, w, s in space]
         space = list(dict.fromkeys(space))
     space = [_cfg(*c) for c in space]
-    if os.environ.get("MOEKIT_TRITON_AUTOTUNE", "1") == "0":
+    tune = os.environ.get("MOEKIT_TRITON_AUTOTUNE", "1")
+    if tune == "0":
         return space[:1]
+    if tune.startswith("config:"):
+        return [space[min(int(tune.removeprefix("config:")), len(space) - 1)]]
     return space
 
 
