@@ -39,7 +39,9 @@ def main() -> None:
                 row[name] = time_step(make_step(PRESETS[preset], impl, mode, 8192, "cuda", torch.bfloat16))
                 torch.cuda.empty_cache()
             base = row["grouped_mm"]
-            cells = [f"{k} {v[0]:.3f}/{v[1]:.3f} ms ({base[0] / v[0]:.2f}x/{base[1] / v[1]:.2f}x)" for k, v in row.items()]
+            cells = [
+                f"{k} {v[0]:.3f}/{v[1]:.3f} ms ({base[0] / v[0]:.2f}x/{base[1] / v[1]:.2f}x)" for k, v in row.items()
+            ]
             print(f"{preset:15s} {mode:5s} T=8192: " + "  ".join(cells), flush=True)
     backend.build_plan = no_sync
 

@@ -31,8 +31,10 @@ def main() -> None:
         shape = PRESETS[name]
         x, index, _ = make_routing(shape, 8192, "cuda", torch.bfloat16)
         plan = build_plan(index, shape.num_experts)
-        weight = torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, device="cuda",
-                             dtype=torch.bfloat16) * 0.02
+        weight = (
+            torch.randn(shape.num_experts, 2 * shape.intermediate, shape.hidden, device="cuda", dtype=torch.bfloat16)
+            * 0.02
+        )
         w_in_out = weight.transpose(1, 2)
         flops = 2 * plan.num_rows * shape.hidden * 2 * shape.intermediate
         space = tiling._SPACES["gated"]["hopper"]

@@ -47,8 +47,10 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / args.steps / 1e3
-    print(f"{args.preset} T={args.tokens} {args.mode} {args.impl}: step {ms:.3f} ms (events), "
-          f"kernels {total:.3f} ms/step, gaps {ms - total:.3f} ms, host {host_ms:.3f} ms/step")
+    print(
+        f"{args.preset} T={args.tokens} {args.mode} {args.impl}: step {ms:.3f} ms (events), "
+        f"kernels {total:.3f} ms/step, gaps {ms - total:.3f} ms, host {host_ms:.3f} ms/step"
+    )
     for e in events[: args.rows]:
         per_step = e.device_time_total / args.steps / 1e3
         print(f"  {per_step:7.3f} ms  x{e.count // args.steps:<3d} {e.key[:100]}")
@@ -67,8 +69,10 @@ def main() -> None:
         rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[: args.rows]
         for (path, line, name), (_, calls, own, cumulative, _) in rows:
             where = f"{os.path.basename(path)}:{line}({name})"
-            print(f"  {own / args.steps * 1e3:7.3f} ms own {cumulative / args.steps * 1e3:7.3f} cum "
-                  f"x{calls // args.steps:<4d} {where[:90]}")
+            print(
+                f"  {own / args.steps * 1e3:7.3f} ms own {cumulative / args.steps * 1e3:7.3f} cum "
+                f"x{calls // args.steps:<4d} {where[:90]}"
+            )
 
 
 if __name__ == "__main__":

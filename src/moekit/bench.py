@@ -144,7 +144,9 @@ def _timer(device: str, back_to_back: bool = True) -> Callable[[Callable[[], obj
     if device.startswith("cuda"):
 
         def measure(fn, repeats: int) -> list[float]:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+            ]
             for start, end in events:
                 start.record()
                 fn()
@@ -325,7 +327,9 @@ def plot(records: list[dict], path: str) -> None:
     shapes = list(dict.fromkeys(r["shape"] for r in timed))
     impls = list(dict.fromkeys(r["impl"] for r in timed))
     width = 0.8 / max(len(impls), 1)
-    groups_per_shape = max((len({(r["tokens"], r["mode"]) for r in timed if r["shape"] == s}) for s in shapes), default=1)
+    groups_per_shape = max(
+        (len({(r["tokens"], r["mode"]) for r in timed if r["shape"] == s}) for s in shapes), default=1
+    )
     figure, axes_list = plt.subplots(
         len(shapes), 1, figsize=(max(6.0, 1.3 * groups_per_shape + 2), 2.6 * max(len(shapes), 1)), squeeze=False
     )
