@@ -79,15 +79,15 @@ class DispatchPlan:
 def _range_error(low: int, high: int, num_experts: int, shape: tuple[int, ...], earlier: bool) -> ValueError | None:
     if 0 <= low and high <= num_experts:
         return None
-    when = (
-        f"an earlier moekit call (top_k_index of shape {list(shape)}; that call dropped the bad rows, "
+    where = (
+        f" — in an earlier moekit call (top_k_index of shape {list(shape)}; that call dropped the bad rows: "
         "the check runs on the GPU without stalling the host)"
         if earlier
-        else "top_k_index"
+        else ""
     )
     return ValueError(
         f"top_k_index holds expert id {low if low < 0 else high}, outside [0, {num_experts}] "
-        f"(num_experts={num_experts}; {num_experts} itself marks an expert-parallel sentinel) — in {when}"
+        f"(num_experts={num_experts}; {num_experts} itself marks an expert-parallel sentinel){where}"
     )
 
 
