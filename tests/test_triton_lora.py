@@ -215,6 +215,22 @@ def test_sentinels_and_experts_without_tokens():
         assert float(grad[~empty].abs().sum()) > 0.0
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_engine_never_reads_the_plan_on_the_host(monkeypatch, layout):
+    """The Triton engine's forward and backward (trainable base, LoRA, sentinels) never ask the plan for its
+    routed-row count or per-expert counts on the host: on a GPU either would be a sync per call."""
+    from moekit.plan import DispatchPlan
+
+    def host_read(self):
+        raise AssertionError("the Triton engine read a plan count on the host (a device sync on a GPU)")
+
+    case = make_case(layout, ranks=(8,), T=9, E=5, K=2, seed=6, sentinel_fraction=0.3)
+    monkeypatch.setattr(DispatchPlan, "num_routed", property(host_read))
+    monkeypatch.setattr(DispatchPlan, "tokens_per_expert_list", property(host_read))
+    out, *grads = run(experts_triton, case, requires_grad=ALL)
+    assert not torch.isnan(out).any() and all(g is None or not torch.isnan(g).any() for g in grads)
+
+
 def test_all_sentinels_and_zero_tokens():
     ours = assert_close(make_case("relu2", ranks=(8,), T=5, sentinel_fraction=1.0), 1e-5, requires_grad=ALL)
     assert float(ours[0].abs().sum()) == 0.0 and all(float(g.abs().sum()) == 0.0 for g in ours[7:])
