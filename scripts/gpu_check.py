@@ -544,18 +544,17 @@ def _time_steps(step, warmup=3, repeats=20):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
-    # Steps queued back to back, each between its own events (as ``moekit bench`` times them since run 6)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    from moekit.bench import _timer
+
     host = []
-    for start, end in events:
-        start.record()
+
+    def issue():  # CPU time to issue the step (the GPU is the bound when it is below the step's ms)
         begin = time.perf_counter()
         step()
-        host.append((time.perf_counter() - begin) * 1e3)  # CPU time to issue the step (GPU-bound when below ms)
-        end.record()
-    torch.cuda.synchronize()
+        host.append((time.perf_counter() - begin) * 1e3)
+
+    times = _timer("cuda")(issue, repeats)  # steps back to back, as ``moekit bench`` times them
     _time_steps.host_ms = statistics.median(host)
-    times = [start.elapsed_time(end) for start, end in events]
     return statistics.median(times), (torch.cuda.max_memory_allocated() - resident) / 2**30
 
 
@@ -836,12 +835,7 @@ def summarize(out):
     if res:
         print("-- tuning: " + "; ".join(res.get("tuning", []))[:3000])
         for shape, prof in res.get("profiles", {}).items():
-            print(f"-- profile triton fwd+bwd {shape} (ms per iteration): "
-                  + ", ".join(f"{k.split('(')[0]} {v}" for k, v in prof.get("totals", [])))  # fmt: skip
-            seq = prof.get("sequence")
-            if seq:
-                print("   one iteration, in order: " + ", ".join(f"{k.split('(')[0]} {v}" for k, v in seq)
-                      + f"; GPU idle between kernels {prof.get('idle_ms')} ms")  # fmt: skip
+            _print_profile(f"triton fwd+bwd {shape}", prof)
         print(f"-- bench (bf16, median ms; TFLOP/s; peak GiB of fwd+bwd) on {device}")
         print(
             f"{'shape':16} {'engine':11} {'fwd':>8} {'TF/s':>6} {'full':>8} {'TF/s':>6} {'peak':>6} {'1st call s':>10}"
@@ -873,6 +867,16 @@ def summarize(out):
             print(res["log"][-3000:])
     elif tail:
         print("-- tests: no result; log tail:\n" + tail)
+
+
+def _print_profile(title: str, prof: dict) -> None:
+    """Per-kernel totals of a profiled step and, when recorded, the kernels of one iteration in order."""
+    totals = ", ".join(f"{k.split('(')[0]} {v}" for k, v in prof.get("totals", []))
+    print(f"-- profile {title} (ms per iteration): {totals}{prof.get('error', '')}")
+    seq = prof.get("sequence")
+    if seq:
+        print("   one iteration, in order: " + ", ".join(f"{k.split('(')[0]} {v}" for k, v in seq)
+              + f"; GPU idle between kernels {prof.get('idle_ms')} ms")  # fmt: skip
 
 
 def summarize_lora(out):
@@ -910,15 +914,7 @@ def summarize_lora(out):
                       f"{direct.get('ms', float('nan')) / frozen['ms']:.2f}x), grouped_mm+PEFT / ours "
                       f"{peft['ms'] / ours['ms']:.2f}x (target >= 4)")  # fmt: skip
         for shape, prof in res.get("profiles", {}).items():
-            print(
-                f"-- profile fused LoRA fwd+bwd {shape} (ms per iteration): "
-                + ", ".join(f"{k.split('(')[0]} {v}" for k, v in prof.get("totals", []))
-                + prof.get("error", "")
-            )
-            seq = prof.get("sequence")
-            if seq:
-                print("   one iteration, in order: " + ", ".join(f"{k.split('(')[0]} {v}" for k, v in seq)
-                      + f"; GPU idle between kernels {prof.get('idle_ms')} ms")  # fmt: skip
+            _print_profile(f"fused LoRA fwd+bwd {shape}", prof)
     elif tail:
         print("-- LoRA timing: no result; log tail:\n" + tail)
 

@@ -83,6 +83,17 @@ def run_experts(module: torch.nn.Module, implementation: str, hidden_states, top
     return out.detach(), grads
 
 
+class Block(torch.nn.Module):
+    """The smallest model PEFT can wrap: a parent holding ``experts``."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.experts(hidden_states, top_k_index, top_k_weights)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().item()

@@ -7,23 +7,12 @@ from unittest import mock
 
 import pytest
 import torch
-from experts_factory import FAMILIES, make_experts, make_inputs, rel_err
+from experts_factory import FAMILIES, Block, make_experts, make_inputs, rel_err
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
 import moekit
 import moekit.reference
-
-
-class Block(torch.nn.Module):
-    """The smallest model PEFT can wrap: a parent holding ``experts``."""
-
-    def __init__(self, experts: torch.nn.Module):
-        super().__init__()
-        self.experts = experts
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        return self.experts(hidden_states, top_k_index, top_k_weights)
 
 
 def _targets(experts: torch.nn.Module, which: str = "both") -> list[str]:

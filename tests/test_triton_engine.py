@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_compare import assert_matches
 
 triton = pytest.importorskip("triton")
 
@@ -93,30 +94,13 @@ def run(fn, case, dtype=None, requires_grad=(True,) * 6):
     return [out.detach()] + [None if t is None else t.grad for t in leaves]
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() if b.numel() else 0.0
-
-
 def assert_close(case, tol, requires_grad=(True,) * 6, truth_factor=None):
     """Triton vs reference in the same dtype (max|a-b|/max|b| <= tol). With ``truth_factor``, instead both are
     compared with an fp64 reference and the Triton error must be <= truth_factor x the reference's + tol."""
     ours = run(experts_triton, case, requires_grad=requires_grad)
     ref = run(experts_reference, case, requires_grad=requires_grad)
     truth = run(experts_reference, case, torch.float64, requires_grad) if truth_factor else None
-    for i, name in enumerate(NAMES):
-        o, r = ours[i], ref[i]
-        assert (o is None) == (r is None), f"{name}: grad presence differs (triton {o is not None})"
-        if o is None:
-            continue
-        assert o.shape == r.shape and o.dtype == r.dtype, f"{name}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
-        assert not torch.isnan(o).any(), f"{name}: NaN (unwritten element)"
-        if truth_factor:
-            ours_err, ref_err = rel_err(o, truth[i]), rel_err(r, truth[i])
-            assert ours_err <= truth_factor * ref_err + tol, f"{name}: err {ours_err:.3g} vs reference {ref_err:.3g}"
-        else:
-            err = rel_err(o, r)
-            assert err <= tol, f"{name}: rel err {err:.3g} > {tol}"
+    assert_matches(ours, ref, truth, NAMES, tol, truth_factor)
     return ours
 
 

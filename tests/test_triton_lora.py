@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_compare import assert_matches, rel_err
 
 triton = pytest.importorskip("triton")
 
@@ -107,11 +108,6 @@ def run(fn, case, requires_grad=FROZEN_BASE, dtype=None):
     return [out.detach()] + [None if t is None or not t.requires_grad else t.grad for t in leaves]
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() if b.numel() else 0.0
-
-
 def assert_close(case, tol, requires_grad=FROZEN_BASE, truth_factor=None):
     """Triton vs the reference in the same dtype (max|a-b| / max|b| <= tol); with ``truth_factor``, both against
     an fp64 reference instead: the Triton error must be <= truth_factor x the reference's + tol."""
@@ -120,19 +116,7 @@ def assert_close(case, tol, requires_grad=FROZEN_BASE, truth_factor=None):
     ours = run(experts_triton, case, requires_grad)
     ref = run(experts_reference, case, requires_grad)
     truth = run(experts_reference, case, requires_grad, torch.float64) if truth_factor else None
-    for i, name in enumerate(NAMES):
-        o, r = ours[i], ref[i]
-        assert (o is None) == (r is None), f"{name}: grad presence differs (triton {o is not None})"
-        if o is None:
-            continue
-        assert o.shape == r.shape and o.dtype == r.dtype, f"{name}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
-        assert not torch.isnan(o).any(), f"{name}: NaN (unwritten element)"
-        if truth_factor:
-            ours_err, ref_err = rel_err(o, truth[i]), rel_err(r, truth[i])
-            assert ours_err <= truth_factor * ref_err + tol, f"{name}: err {ours_err:.3g} vs reference {ref_err:.3g}"
-        else:
-            err = rel_err(o, r)
-            assert err <= tol, f"{name}: rel err {err:.3g} > {tol}"
+    assert_matches(ours, ref, truth, NAMES, tol, truth_factor)
     return ours
 
 
@@ -258,21 +242,13 @@ def test_deterministic():
 def test_peft_model_through_the_triton_engine(monkeypatch):
     """``moekit.enable`` on a PEFT model: the backend hands PEFT's factors to the Triton engine (selection forced,
     since the CPU normally runs the reference) and the result matches the reference path; ΔW is never built."""
-    from experts_factory import make_experts, make_inputs
+    from experts_factory import Block, make_experts, make_inputs
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import ParamWrapper
 
     import moekit
     import moekit.backend
     import moekit.triton_engine
-
-    class Block(torch.nn.Module):
-        def __init__(self, experts):
-            super().__init__()
-            self.experts = experts
-
-        def forward(self, *args):
-            return self.experts(*args)
 
     experts = make_experts("nemotron_h", hidden=24, intermediate=16, num_experts=4).to(DEVICE)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
