@@ -126,7 +126,7 @@ def moekit_experts_forward(
         hidden_states = hidden_states.to(up_weight.dtype)
     _check_inputs(self, hidden_states, top_k_index, top_k_weights, layout)
     plan = build_plan(top_k_index, up_weight.shape[0])
-    lora = collect_lora(self, hidden_states.dtype)
+    lora = collect_lora(self)
     if select_engine(hidden_states, layout, bool(lora)) == "triton":
         from .triton_engine import experts_triton
 

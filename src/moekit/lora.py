@@ -14,7 +14,7 @@ them for transposed parameters so this holds for gpt-oss too):
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,8 +62,32 @@ def install_peft_hook() -> bool:
     return True
 
 
-def _adapter_factors(wrapper, adapter: str, num_experts: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(A [E, r, in], s·B [E, out, r]) of one adapter: a view of A and a small copy of B."""
+class LoraFactors(NamedTuple):
+    """One projection's LoRA, ``y += scale · (x A[e]ᵀ) B[e]ᵀ`` for expert e.
+
+    ``a`` [E, R, in] and ``b`` [E, out, R] may be views of PEFT's parameters in their own dtype and strides
+    (B's experts are strided by 1 in PEFT's layout): each engine makes the small operand copies it needs inside
+    its own autograd Function, so the step pays no per-factor autograd ops. A plain (A, B) pair means scale 1.
+    """
+
+    a: Tensor
+    b: Tensor
+    scale: float = 1.0
+
+    def folded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(A, scale·B) in ``dtype`` through autograd ops, B contiguous (grouped_mm's stride rules): the reference
+        engine's operands."""
+        factor_b = self.b if self.scale == 1.0 else self.b * self.scale
+        return self.a.to(dtype), factor_b.to(dtype).contiguous()
+
+
+def as_lora_factors(lora: tuple | None) -> LoraFactors | None:
+    """A ``LoraFactors`` from a (A, B) or (A, B, scale) tuple (None stays None)."""
+    return None if lora is None else LoraFactors(*lora)
+
+
+def _adapter_factors(wrapper, adapter: str, num_experts: int) -> LoraFactors:
+    """Views of one adapter's parameters: A [E, r, in] and B [E, out, r] (no copy), and its scaling."""
     weight_a = wrapper.lora_A[adapter].weight  # [r*E, in]
     weight_b = wrapper.lora_B[adapter].weight  # [out, r*E]
     if wrapper.num_experts != num_experts or weight_a.shape[0] % num_experts:
@@ -73,17 +97,26 @@ def _adapter_factors(wrapper, adapter: str, num_experts: int, dtype: torch.dtype
         )
     rank = weight_a.shape[0] // num_experts
     factor_a = weight_a.view(num_experts, rank, -1)
-    factor_b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1) * wrapper.scaling[adapter]
-    return factor_a.to(dtype), factor_b.to(dtype).contiguous()
+    factor_b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)
+    return LoraFactors(factor_a, factor_b, float(wrapper.scaling[adapter]))
 
 
-def collect_lora(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
+def _concatenated(adapters: list[LoraFactors]) -> LoraFactors:
+    """Several adapters as one LoRA of the summed rank (scalings folded into the B copies)."""
+    dtype = adapters[0].a.dtype
+    return LoraFactors(
+        torch.cat([f.a.to(dtype) for f in adapters], dim=1),
+        torch.cat([(f.b * f.scale).to(dtype) for f in adapters], dim=2),
+    )
+
+
+def collect_lora(module: torch.nn.Module) -> dict[str, LoraFactors]:
     """LoRA factors of the active adapters on ``module``'s expert weights, keyed by "up"/"down".
 
-    Several active adapters are concatenated along the rank (their sum is one LoRA of the summed rank).
-    Raises for LoRA that moekit cannot apply exactly, rather than dropping it.
+    One adapter: views of its parameters and its scaling. Several: concatenated along the rank (their sum is
+    one LoRA of the summed rank). Raises for LoRA that moekit cannot apply exactly, rather than dropping it.
     """
-    per_projection: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    per_projection: dict[str, list[LoraFactors]] = {}
     num_experts = _up_weight(module).shape[0]
     for wrapper in _ACTIVE_WRAPPERS.get():
         if wrapper.get_base_layer() is not module:
@@ -103,12 +136,10 @@ def collect_lora(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, tuple
                 continue
             if getattr(wrapper, "lora_bias", {}).get(adapter, False):
                 raise ValueError(f"moekit does not support lora_bias on expert parameter '{name}'")
-            per_projection.setdefault(projection, []).append(_adapter_factors(wrapper, adapter, num_experts, dtype))
+            per_projection.setdefault(projection, []).append(_adapter_factors(wrapper, adapter, num_experts))
     return {
-        projection: (torch.cat([a for a, _ in pairs], dim=1), torch.cat([b for _, b in pairs], dim=2))
-        if len(pairs) > 1
-        else pairs[0]
-        for projection, pairs in per_projection.items()
+        projection: _concatenated(adapters) if len(adapters) > 1 else adapters[0]
+        for projection, adapters in per_projection.items()
     }
 
 

@@ -11,8 +11,9 @@ autograd frees h once the down-projection's backward has run, before the up-proj
 allocated. It recomputes the gather xs, the activation a, and never needs y: the routing-weight gradient is <dOut[token], y> = <dOut[token] @ W_down, a>
 (+ <dOut[token], b_down>), which reuses the dA GEMM backward does anyway.
 
-LoRA: per projection the caller passes A [E, R, in] and B [E, out, R] with the scaling already folded into B
-(several adapters concatenated along R), so y = x W_eᵀ + (x A_eᵀ) B_eᵀ and no ΔW is ever formed.
+LoRA: per projection the caller passes ``LoraFactors`` (A [E, R, in], B [E, out, R], scale; several adapters
+concatenated along R); the scale is folded into B in x's dtype, so y = x W_eᵀ + (x A_eᵀ) B_eᵀ and no ΔW is
+ever formed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from .activations import Activation, map_rows
 from .grouped import grouped_matmul, grouped_outer, segment_sum
+from .lora import as_lora_factors
 from .plan import DispatchPlan
 
 Tensor = torch.Tensor
@@ -219,11 +221,13 @@ def experts_reference(
     up_bias: Tensor | None,
     down_weight: Tensor,
     down_bias: Tensor | None,
-    up_lora: tuple[Tensor, Tensor] | None = None,
-    down_lora: tuple[Tensor, Tensor] | None = None,
+    up_lora: tuple | None = None,
+    down_lora: tuple | None = None,
 ) -> Tensor:
-    """Expert layer output [T, H] in x's dtype. LoRA pairs are (A [E, R, in], B [E, out, R]), scaling folded."""
-    up_a, up_b = up_lora if up_lora is not None else (None, None)
-    down_a, down_b = down_lora if down_lora is not None else (None, None)
+    """Expert layer output [T, H] in x's dtype. LoRA per projection: ``LoraFactors`` or an (A [E, R, in],
+    B [E, out, R]) pair with the scaling already in B."""
+    up_lora, down_lora = as_lora_factors(up_lora), as_lora_factors(down_lora)
+    up_a, up_b = up_lora.folded(x.dtype) if up_lora is not None else (None, None)
+    down_a, down_b = down_lora.folded(x.dtype) if down_lora is not None else (None, None)
     h = UpProjection.apply(layout, plan, x, up_weight, up_bias, up_a, up_b)
     return DownProjection.apply(layout, plan, h, routing_weights, down_weight, down_bias, down_a, down_b)

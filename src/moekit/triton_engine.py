@@ -26,8 +26,11 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
     go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our kernels at these shapes on an H100); the
     bias sums then run alone in the weight-gradient kernel (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
 
-LoRA (optional per projection; A [E, R, in], B [E, out, R], scaling folded into B, adapters concatenated
-along R). No ΔW and no copy of W: the low-rank intermediates are small grouped GEMMs (``grouped_gemm(...,
+LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
+typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
+operands itself, outside autograd: A in x's dtype and s·B in x's dtype, contiguous (one small copy each, none
+when they already are), and the backward writes the factor gradients straight into the parameters' dtype and
+strides (dB times s in the kernel's store), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W: the low-rank intermediates are small grouped GEMMs (``grouped_gemm(...,
 lowrank=True)``, BLOCK_N fitted to R) and the big GEMMs take them through a short second reduction loop over R
 into the same fp32 accumulator, before their epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
 
@@ -66,6 +69,7 @@ import os
 import torch
 
 from .grouped import grouped_matmul, grouped_matmul_runs, grouped_outer, grouped_outer_runs
+from .lora import LoraFactors, as_lora_factors
 from .plan import DispatchPlan
 from .reference import ExpertsLayout, _in_out, experts_reference
 
@@ -99,21 +103,22 @@ def triton_available(device: torch.device | str) -> bool:
     return False
 
 
-def _lora_ok(pair, x: Tensor) -> bool:
-    """A LoRA pair the kernels take: (A [E, R, in], B [E, out, R]) in x's dtype, on x's device."""
-    if pair is None:
+def _lora_ok(factors: LoraFactors | None, x: Tensor) -> bool:
+    """LoRA factors the kernels take: A [E, R, in], B [E, out, R] of a supported dtype, on x's device."""
+    if factors is None:
         return True
-    factor_a, factor_b = pair
+    factor_a, factor_b = factors.a, factors.b
     return (
         factor_a.dim() == 3
         and factor_b.dim() == 3
         and factor_a.shape[1] == factor_b.shape[2]
-        and all(t.dtype == x.dtype and t.device == x.device for t in pair)
+        and all(t.dtype in _DTYPES and t.device == x.device for t in (factor_a, factor_b))
     )
 
 
 def supported(layout: ExpertsLayout, x: Tensor, up_lora=None, down_lora=None) -> bool:
     """Whether this call can run on the Triton kernels (else ``experts_triton`` uses the reference)."""
+    up_lora, down_lora = as_lora_factors(up_lora), as_lora_factors(down_lora)
     return (
         layout.activation.kernel_id >= 0
         and x.dtype in _DTYPES
@@ -162,11 +167,22 @@ def _out_in(weight: Tensor, transposed: bool) -> Tensor:
     return weight.transpose(1, 2) if transposed else weight
 
 
+def _kernel_factors(factor_a: Tensor, factor_b: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The LoRA operands the kernels read: A [E, R, in] in ``dtype`` (any strides) and scale·B [E, out, R] in
+    ``dtype``, contiguous (PEFT's B has its experts at stride 1; the kernels want its rows dense). Made under
+    the Function's forward, so no autograd op is recorded for them."""
+    if factor_a.dtype != dtype:
+        factor_a = factor_a.to(dtype)
+    if factor_b.dtype != dtype or scale != 1.0 or not factor_b.is_contiguous():
+        factor_b = torch.mul(factor_b, scale, out=torch.empty(factor_b.shape, dtype=dtype, device=factor_b.device))
+    return factor_a, factor_b
+
+
 class ExpertsTritonFunction(torch.autograd.Function):
     """Forward and backward of the expert layer over one dispatch plan, on the Triton kernels.
 
-    LoRA factors (optional, per projection): A [E, R, in], B [E, out, R] with the scaling folded into B, as
-    ``experts_reference`` takes them.
+    LoRA (optional, per projection): factors A [E, R, in], B [E, out, R] (any float dtype and strides) and the
+    scale s of ``y += s·(x Aᵀ) Bᵀ``; their gradients come back in the factors' own dtype and strides.
     """
 
     @staticmethod
@@ -184,6 +200,8 @@ class ExpertsTritonFunction(torch.autograd.Function):
         up_lora_b: Tensor | None = None,
         down_lora_a: Tensor | None = None,
         down_lora_b: Tensor | None = None,
+        up_lora_scale: float = 1.0,
+        down_lora_scale: float = 1.0,
     ) -> Tensor:
         from .kernels import combine, grouped_gemm, up_proj
 
@@ -191,13 +209,16 @@ class ExpertsTritonFunction(torch.autograd.Function):
         counts, tok = plan.tokens_per_expert, plan.token_of_row
         rw_flat = routing_weights.reshape(-1)
         u_up = u_down = up_lora = down_lora = None
-        if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [S, R]; h += u_up @ B_up[e]ᵀ in up_proj's loop
-            u_up = grouped_gemm(x, up_lora_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
-            up_lora = (u_up, up_lora_b.transpose(1, 2))
+        up_a = up_b = down_a = down_b = None  # the kernels' LoRA operands (see _kernel_factors)
+        if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [S, R]; h += u_up @ (s B_up[e])ᵀ in up_proj's loop
+            up_a, up_b = _kernel_factors(up_lora_a, up_lora_b, up_lora_scale, x.dtype)
+            u_up = grouped_gemm(x, up_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
+            up_lora = (u_up, up_b.transpose(1, 2))
         h, a = up_proj(x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora)
-        if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [S, R]; y += u_down @ B_down[e]ᵀ
-            u_down = grouped_gemm(a, down_lora_a.transpose(1, 2), counts, n, lowrank=True)
-            down_lora = (u_down, down_lora_b.transpose(1, 2))
+        if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [S, R]; y += u_down @ (s B_down[e])ᵀ
+            down_a, down_b = _kernel_factors(down_lora_a, down_lora_b, down_lora_scale, x.dtype)
+            u_down = grouped_gemm(a, down_a.transpose(1, 2), counts, n, lowrank=True)
+            down_lora = (u_down, down_b.transpose(1, 2))
         yw = grouped_gemm(
             a, _in_out(down_weight, transposed), counts, n,
             bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
@@ -206,9 +227,10 @@ class ExpertsTritonFunction(torch.autograd.Function):
         out = combine(yw, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan
+        ctx.lora_scales = (up_lora_scale, down_lora_scale)
         ctx.save_for_backward(
             x, routing_weights, h, up_weight, up_bias, down_weight, down_bias,
-            up_lora_a, up_lora_b, down_lora_a, down_lora_b, u_up, u_down,
+            up_a, up_b, down_a, down_b, u_up, u_down, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
         )  # fmt: skip
         return out
 
@@ -216,14 +238,15 @@ class ExpertsTritonFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         from .kernels import act_grad_backward, combine, grouped_gemm, weight_grad
         from .kernels.act_grad import act_grad_backward_split, act_grad_mode
-        from .kernels.tiling import wgrad_block_k
+        from .kernels.tiling import new_output_like, wgrad_block_k
         from .kernels.weight_grad import chunk_table
 
         layout, plan = ctx.layout, ctx.plan
-        (x, routing_weights, h, w_up, b_up, w_down, b_down,
-         up_a, up_b, down_a, down_b, u_up, u_down) = ctx.saved_tensors  # fmt: skip
+        (x, routing_weights, h, w_up, b_up, w_down, b_down, up_a, up_b, down_a, down_b, u_up, u_down,
+         up_param_a, up_param_b, down_param_a, down_param_b) = ctx.saved_tensors  # fmt: skip
+        up_scale, down_scale = ctx.lora_scales
         num_inputs = len(ctx.needs_input_grad)  # 8 when called without the LoRA arguments
-        needs = tuple(ctx.needs_input_grad) + (False,) * (12 - num_inputs)
+        needs = tuple(ctx.needs_input_grad) + (False,) * (14 - num_inputs)
         need_x, need_rw, need_wu, need_bu, need_wd, need_bd = needs[2:8]
         need_up_a, need_up_b, need_down_a, need_down_b = needs[8:12]
         up_lora, down_lora = up_a is not None, down_a is not None
@@ -292,17 +315,17 @@ class ExpertsTritonFunction(torch.autograd.Function):
                     chunks=chunks,
                 )  # fmt: skip
                 grad_wd = grad_wd if grad_wd is not None else grad_wd_kernel
-            if need_down_b:  # dB_down[e] = Σ dOut[tok]ᵀ (w u_down)   [E, H, R]  (w applied in the kernel's loop)
+            if need_down_b:  # dB_down[e] = s Σ dOut[tok]ᵀ (w u_down)   [E, H, R]  (w applied in the kernel's loop)
                 grad_down_b, _ = weight_grad(
-                    left, u_down, counts, n, num_experts, (hidden, down_b.shape[2]), down_b.dtype, False,
+                    left, u_down, counts, n, num_experts, (hidden, down_b.shape[2]), down_param_b.dtype, False,
                     left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows, scale_right=True,
-                    chunks=chunks, lowrank=True,
+                    chunks=chunks, lowrank=True, out=new_output_like(down_param_b), alpha=down_scale,
                 )  # fmt: skip
             del left
         if need_down_a:  # dA_down[e] = Σ v_downᵀ (w a)   [E, R, I]
             grad_down_a, _ = weight_grad(
-                a, v_down, counts, n, num_experts, (inner, down_a.shape[1]), down_a.dtype, True,
-                chunks=chunks, lowrank=True,
+                a, v_down, counts, n, num_experts, (inner, down_a.shape[1]), down_param_a.dtype, True,
+                chunks=chunks, lowrank=True, out=new_output_like(down_param_a),
             )  # fmt: skip
         del a, v_down
 
@@ -311,10 +334,10 @@ class ExpertsTritonFunction(torch.autograd.Function):
         if up_lora and (need_x or need_up_a):
             v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
         grad_wu = grad_bu = grad_up_a = grad_up_b = None
-        if need_up_b:  # dB_up[e] = Σ dhᵀ u_up   [E, W, R]
+        if need_up_b:  # dB_up[e] = s Σ dhᵀ u_up   [E, W, R]
             grad_up_b, _ = weight_grad(
-                dh, u_up, counts, n, num_experts, (width, up_b.shape[2]), up_b.dtype, False,
-                chunks=chunks, lowrank=True,
+                dh, u_up, counts, n, num_experts, (width, up_b.shape[2]), up_param_b.dtype, False,
+                chunks=chunks, lowrank=True, out=new_output_like(up_param_b), alpha=up_scale,
             )  # fmt: skip
         if need_wu or need_bu or need_up_a:
             if copy_rows and need_wu:
@@ -332,8 +355,8 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 grad_wu = grad_wu if grad_wu is not None else grad_wu_kernel
             if need_up_a:  # dA_up[e] = Σ v_upᵀ x[tok]   [E, R, H]
                 grad_up_a, _ = weight_grad(
-                    right, v_up, counts, n, num_experts, (hidden, up_a.shape[1]), up_a.dtype, True,
-                    left_index=right_index, chunks=chunks, lowrank=True,
+                    right, v_up, counts, n, num_experts, (hidden, up_a.shape[1]), up_param_a.dtype, True,
+                    left_index=right_index, chunks=chunks, lowrank=True, out=new_output_like(up_param_a),
                 )  # fmt: skip
             del right
 
@@ -347,7 +370,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
         return (
             None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,
-            grad_up_a, grad_up_b, grad_down_a, grad_down_b,
+            grad_up_a, grad_up_b, grad_down_a, grad_down_b, None, None,
         )[:num_inputs]  # fmt: skip
 
 
@@ -360,17 +383,19 @@ def experts_triton(
     up_bias: Tensor | None,
     down_weight: Tensor,
     down_bias: Tensor | None,
-    up_lora: tuple[Tensor, Tensor] | None = None,
-    down_lora: tuple[Tensor, Tensor] | None = None,
+    up_lora: tuple | None = None,
+    down_lora: tuple | None = None,
 ) -> Tensor:
-    """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference``. LoRA pairs are
-    (A [E, R, in], B [E, out, R]) with the scaling folded into B (several adapters concatenated along R)."""
+    """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference``. LoRA per projection:
+    ``LoraFactors`` (A [E, R, in], B [E, out, R], scale), or an (A, B) pair with the scaling already in B."""
     if not supported(layout, x, up_lora, down_lora):
         return experts_reference(
             layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_lora, down_lora
         )
-    up_a, up_b = up_lora if up_lora is not None else (None, None)
-    down_a, down_b = down_lora if down_lora is not None else (None, None)
+    no_lora = LoraFactors(None, None)
+    up = as_lora_factors(up_lora) or no_lora
+    down = as_lora_factors(down_lora) or no_lora
     return ExpertsTritonFunction.apply(
-        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_a, up_b, down_a, down_b
-    )
+        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias,
+        up.a, up.b, down.a, down.b, up.scale, down.scale,
+    )  # fmt: skip

@@ -65,6 +65,12 @@ def new_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def new_output_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like (same strides when ``t`` is dense), or NaN-filled under ``POISON_OUTPUTS``."""
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON_OUTPUTS and t.dtype.is_floating_point else out
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -50,7 +50,7 @@ from .tiling import (
 def _weight_grad_kernel(
     l_ptr, l_idx_ptr, rows_ptr, rw_ptr, r_ptr, r_idx_ptr, out_ptr, db_ptr,
     counts_ptr, expert_chunk_ptr, chunk_expert_ptr, chunk_row_ptr, chunk_end_ptr,
-    E, P, Q, M_BUCKET,
+    E, P, Q, M_BUCKET, alpha,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq, stride_dbe,
     GATHER_L: tl.constexpr, SCALE_L: tl.constexpr, GATHER_R: tl.constexpr, SCALE_R: tl.constexpr,
     COMPUTE_W: tl.constexpr, COMPUTE_B: tl.constexpr, PRECISION: tl.constexpr,
@@ -118,7 +118,7 @@ def _weight_grad_kernel(
         if row_start + BLOCK_K >= row_end:  # the expert's last chunk: its tile is complete
             e64 = expert.to(tl.int64)
             if COMPUTE_W:
-                tl.store(out_ptr + e64 * stride_oe + out_offs, to_dtype(acc, out_dtype), mask=out_mask)
+                tl.store(out_ptr + e64 * stride_oe + out_offs, to_dtype(acc * alpha, out_dtype), mask=out_mask)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if COMPUTE_B:  # noqa: SIM102
                 if pid_q == 0:
@@ -214,7 +214,7 @@ def chunk_table_torch(counts: torch.Tensor, n: int, block_k: int):
 def weight_grad(
     left, right, counts, n, num_experts, out_shape_pq, out_dtype, transposed_out,
     left_index=None, right_index=None, routing_weights=None, sorted_rows=None,
-    compute_w=True, bias_dtype=None, chunks=None, lowrank=False, scale_right=False,
+    compute_w=True, bias_dtype=None, chunks=None, lowrank=False, scale_right=False, out=None, alpha=1.0,
 ):  # fmt: skip
     """Per-expert Lᵀ R over plan rows; returns (dW in the stored layout or None, db [E, P] or None).
 
@@ -224,13 +224,17 @@ def weight_grad(
     The weight is returned [E, P, Q], or [E, Q, P] when ``transposed_out`` (written directly, no copy).
     ``chunks``: a ``chunk_table(counts, n, wgrad_block_k(left.dtype))`` to share between calls.
     ``lowrank``: Q is a LoRA rank (small): BLOCK_N fitted to it (weight only, no bias).
+    ``out``: the weight's buffer, in that shape and ``out_dtype``, any non-overlapping strides (a LoRA factor's
+    gradient in its parameter's layout); ``alpha`` multiplies the weight before its one rounding.
     """
     p_dim, q_dim = out_shape_pq
     compute_b = bias_dtype is not None
     device = left.device
     if compute_w:
         shape = (num_experts, q_dim, p_dim) if transposed_out else (num_experts, p_dim, q_dim)
-        dw = new_output(*shape, device=device, dtype=out_dtype)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != out_dtype):
+            raise ValueError(f"out must be a {out_dtype} tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+        dw = out if out is not None else new_output(*shape, device=device, dtype=out_dtype)
         s_e = dw.stride(0)
         s_p, s_q = (dw.stride(2), dw.stride(1)) if transposed_out else (dw.stride(1), dw.stride(2))
     else:
@@ -255,7 +259,7 @@ def weight_grad(
         left, left_index if left_index is not None else counts, sorted_rows if scale else counts,
         routing_weights if scale else dummy, right, right_index if right_index is not None else counts,
         dummy, db if compute_b else dummy, counts, *chunks,
-        num_experts, p_dim, q_dim, rows_bucket(n, num_experts),
+        num_experts, p_dim, q_dim, rows_bucket(n, num_experts), float(alpha),
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), s_e, s_p, s_q,
         db.stride(0) if compute_b else 0,
         GATHER_L=left_index is not None, SCALE_L=scale and compute_b, GATHER_R=right_index is not None,
