@@ -34,6 +34,7 @@ from .activation import act_fn, act_grad, gated_backward
 from .tiling import (
     Autotuned,
     block_e,
+    cdiv,
     dot_precision,
     expert_tile,
     interpreting,
@@ -163,7 +164,7 @@ def act_grad_backward(
     gated = activation.gated
     a = new_output(n if store_a else 0, inner, dtype=h.dtype, device=h.device)
     dh = new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
-    blocks = triton.cdiv(inner, min_block_n("actgrad"))
+    blocks = cdiv(inner, min_block_n("actgrad"))
     part = h.new_zeros(n if store_part else 0, blocks, dtype=torch.float32)
     if n == 0:
         return a, dh, part
@@ -173,7 +174,7 @@ def act_grad_backward(
         col_stride, up_off = 1, inner
 
     def grid(meta):
-        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(inner, meta["BLOCK_N"]),)
+        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(inner, meta["BLOCK_N"]),)
 
     has_lora = lora is not None
     v, la = lora if has_lora else (h, h)
@@ -271,7 +272,7 @@ def act_grad_backward_split(
     ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row, lora=lora)  # [n, I], dtype-rounded
     col_stride, up_off = (2, 1) if gated and not activation.concatenated else (1, inner)
     block_r, block_c, warps = (16, 16, 4) if interpreting() else (16, 256, 4)
-    _act_backward_kernel[(triton.cdiv(n, block_r),)](
+    _act_backward_kernel[(cdiv(n, block_r),)](
         ga, h, sorted_rows, routing_weights, a if store_a else h, dh if store_dh else h, part if store_part else ga,
         n, inner, ga.stride(0), h.stride(0), a.stride(0) if store_a else 0, dh.stride(0) if store_dh else 0,
         up_off, float(activation.alpha), float(activation.limit),

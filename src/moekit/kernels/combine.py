@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import interpreting, new_output, to_dtype
+from .tiling import cdiv, interpreting, new_output, next_power_of_2, to_dtype
 
 
 @triton.jit
@@ -51,8 +51,8 @@ def combine(rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, 
     if interpreting():
         block_t, block_h, warps = 16, 32, 4
     else:
-        block_t, block_h, warps = 4, min(1024, triton.next_power_of_2(hidden)), 4
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+        block_t, block_h, warps = 4, min(1024, next_power_of_2(hidden)), 4
+    grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     _combine_kernel[grid](
         rows, inv, out, num_tokens, top_k, hidden, rows.stride(0), out.stride(0),
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps,

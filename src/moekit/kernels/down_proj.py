@@ -24,6 +24,7 @@ import triton.language as tl
 from .tiling import (
     Autotuned,
     block_e,
+    cdiv,
     dot_precision,
     expert_tile,
     lora_preload,
@@ -131,7 +132,7 @@ def grouped_gemm(
     kernel, extra = (_LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}) if lowrank else (_KERNEL, {})
 
     def grid(meta):
-        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(n_dim, meta["BLOCK_N"]),)
+        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(n_dim, meta["BLOCK_N"]),)
 
     kernel.get(rows.dtype)[grid](
         rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts, u, lw,

@@ -75,18 +75,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Host-side integer helpers. triton.cdiv / next_power_of_2 are constexpr functions in newer triton (~2 µs a call
+# through their wrapper); the launch path calls these a few dozen times per step.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def num_row_tiles(n: int, num_experts: int, block_m: int) -> int:
     """Upper bound on the row tiles of a plan with n routed rows (see the module docstring)."""
-    return triton.cdiv(n, block_m) + min(num_experts, n)
+    return cdiv(n, block_m) + min(num_experts, n)
 
 
 def block_e(num_experts: int) -> int:
-    return max(triton.next_power_of_2(num_experts), 16)
+    return max(next_power_of_2(num_experts), 16)
 
 
 def rows_bucket(n: int, num_experts: int) -> int:
     """Autotune key: rows per expert rounded to a power of two (capped), so tuning does not rerun every step."""
-    return min(triton.next_power_of_2(max(n // max(num_experts, 1), 1)), 4096)
+    return min(next_power_of_2(max(n // max(num_experts, 1), 1)), 4096)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -212,7 +223,7 @@ def configs(family: str, element_size: int = 2) -> list[triton.Config]:
 def rank_block(rank: int, cap: int = 64) -> int:
     """Tile width over a LoRA rank R: the next power of two, at least 16 (tl.dot's minimum), at most ``cap``
     (larger ranks take several steps or tiles)."""
-    return max(16, min(triton.next_power_of_2(max(rank, 1)), cap))
+    return max(16, min(next_power_of_2(max(rank, 1)), cap))
 
 
 def lora_preload(rank: int) -> bool:

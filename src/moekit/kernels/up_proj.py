@@ -26,6 +26,7 @@ from .activation import act_fn, gated_forward
 from .tiling import (
     Autotuned,
     block_e,
+    cdiv,
     dot_precision,
     expert_tile,
     lora_preload,
@@ -164,7 +165,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     kernel = _GATED if gated else _PLAIN
 
     def grid(meta):
-        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * triton.cdiv(inner, meta["BLOCK_N"]),)
+        return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(inner, meta["BLOCK_N"]),)
 
     has_bias, has_lora = bias is not None, lora is not None
     b = bias if has_bias else h

@@ -35,6 +35,7 @@ import triton.language as tl
 from .tiling import (
     Autotuned,
     block_e,
+    cdiv,
     dot_precision,
     mma,
     new_output,
@@ -186,7 +187,7 @@ def chunk_table(counts: torch.Tensor, n: int, block_k: int):
     expert_chunk = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
     chunk_expert, chunk_row, chunk_end = (torch.empty(num_chunks, device=device, dtype=torch.int32) for _ in range(3))
     block_c = 16 if num_experts > 512 else 32
-    _chunk_table_kernel[(triton.cdiv(num_chunks, block_c),)](
+    _chunk_table_kernel[(cdiv(num_chunks, block_c),)](
         counts, expert_chunk, chunk_expert, chunk_row, chunk_end, num_experts, num_chunks, block_k,
         BLOCK_E=block_e(num_experts), BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
@@ -251,7 +252,7 @@ def weight_grad(
     target_programs = 16 * num_sms(device)
 
     def grid(meta):
-        tiles = triton.cdiv(p_dim, meta["BLOCK_M"]) * (triton.cdiv(q_dim, meta["BLOCK_N"]) if compute_w else 1)
+        tiles = cdiv(p_dim, meta["BLOCK_M"]) * (cdiv(q_dim, meta["BLOCK_N"]) if compute_w else 1)
         return (tiles, max(1, min(num_experts, target_programs // tiles)))
 
     kernel, extra = (_LOWRANK, {"BLOCK_N": rank_block(q_dim, 128)}) if lowrank else (_KERNEL, {})
