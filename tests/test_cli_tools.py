@@ -37,16 +37,18 @@ def test_bench_usage_error_from_argparse(capsys):
 
 def test_bench_runs_on_cpu_and_writes_json_and_plot(tmp_path, capsys):
     json_path, png_path = tmp_path / "records.json", tmp_path / "chart.png"
-    argv = ["bench", "--device", "cpu", "--tokens", "32", "--modes", "fwd,full,lora", "--lora-rank", "4",
+    argv = ["bench", "--device", "cpu", "--tokens", "32", "--modes", "fwd,full,lora,frozen", "--lora-rank", "4,8",
             "--impls", "eager,grouped_mm,moekit,liger", "--json", str(json_path), "--plot", str(png_path)]  # fmt: skip
     assert main(argv) == 0
     output = capsys.readouterr().out
     assert "say nothing about GPU speed" in output
     records = json.loads(json_path.read_text())
-    assert len(records) == 3 * 4
+    assert len(records) == 5 * 4  # fwd, full, lora r=4, lora r=8, frozen; four impls
     timed = [r for r in records if "ms" in r]
-    assert {(r["impl"], r["mode"]) for r in timed} == {(i, m) for i in ("eager", "grouped_mm", "moekit")
-                                                        for m in ("fwd", "full", "lora")}  # fmt: skip
+    assert {(r["impl"], r["mode"], r["lora_rank"]) for r in timed} == {
+        (i, m, rank) for i in ("eager", "grouped_mm", "moekit")
+        for m, rank in (("fwd", None), ("full", None), ("lora", 4), ("lora", 8), ("frozen", None))
+    }  # fmt: skip
     for record in timed:
         assert RECORD_KEYS <= record.keys()
         assert record["ms"] > 0 and record["tflops"] > 0 and record["tokens"] == 32

@@ -4,6 +4,10 @@ One record per (shape, impl, mode, tokens): median ms over timed repeats (CUDA e
 to back; ``ms_synced`` with the host waiting for the GPU after every step), TFLOP/s with
 the FLOP counts of ``performance-anchors.md`` (gated fwd 6·T·K·H·I, non-gated 4·T·K·H·I; full = 3× fwd,
 LoRA = 2× fwd) and the peak memory allocated during the timed step.
+
+Modes: "fwd" (no grad), "full" (forward + backward, trainable expert weights), "lora" (PEFT LoRA on both expert
+weights, base frozen; one case per ``--lora-rank``), "frozen" (forward + backward with the base frozen and no
+LoRA: input and routing-weight gradients only; the cost LoRA is measured against, issue #4).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ PRESETS = {
 }
 
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-reference", "moekit-triton")
-MODES = ("fwd", "full", "lora")
+MODES = ("fwd", "full", "lora", "frozen")
 
 
 def make_experts_module(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -235,7 +239,7 @@ def _time_case(
     ms = statistics.median(_timer(device)(step, repeats))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     ms_synced = statistics.median(_timer(device, back_to_back=False)(step, repeats))
-    flops = shape.forward_flops(tokens) * {"fwd": 1, "full": 3, "lora": 2}[mode]
+    flops = shape.forward_flops(tokens) * {"fwd": 1, "full": 3, "lora": 2, "frozen": 2}[mode]
     record = {
         "card": card or (torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
         "shape": shape.name,
@@ -291,6 +295,11 @@ def _custom_shape(args) -> Shape:
     return Shape("custom", args.hidden, args.intermediate, args.experts, args.top_k, gated=args.gated, act=act)
 
 
+def _case_key(record: dict) -> tuple:
+    """What makes two records the same case for every impl: shape, tokens, mode, LoRA rank."""
+    return record["shape"], record["tokens"], record["mode"], record.get("lora_rank")
+
+
 def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noqa: F821
     from rich.table import Table
 
@@ -298,16 +307,15 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
     for column in ("shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB",
                    "× grouped_mm"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right")
-    baselines = {
-        (r["shape"], r["tokens"], r["mode"]): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r
-    }
+    baselines = {_case_key(r): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r}
     for r in records:
+        mode = f"lora r={r['lora_rank']}" if r.get("lora_rank") else r["mode"]
         if "ms" not in r:
-            table.add_row(r["shape"], str(r["tokens"]), r["mode"], r["impl"], f"[yellow]{r['skipped']}[/]")
+            table.add_row(r["shape"], str(r["tokens"]), mode, r["impl"], f"[yellow]{r['skipped']}[/]")
             continue
-        baseline = baselines.get((r["shape"], r["tokens"], r["mode"]))
+        baseline = baselines.get(_case_key(r))
         table.add_row(
-            r["shape"], str(r["tokens"]), r["mode"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
+            r["shape"], str(r["tokens"]), mode, r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
             f"{100 * r['tflops'] / dense:.0f}%" if dense else "-",
             "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}",
             "-" if r["step_gib"] != r["step_gib"] else f"{r['step_gib']:.2f}",
@@ -386,11 +394,18 @@ def run_bench(args) -> int:
     dense = dense_matmul_tflops(device, size=1024 if on_cpu else 8192, dtype=dtype)
     card = torch.cuda.get_device_name() if not on_cpu else "cpu"
     console.print(f"card: {card}; measured dense {str(dtype).removeprefix('torch.')} matmul: {dense:.1f} TFLOP/s")
-    cases = [(s, t, m, i) for s in shapes for t in tokens for m in args.modes for i in args.impls]
+    cases = [
+        (s, t, m, rank, i)
+        for s in shapes
+        for t in tokens
+        for m in args.modes
+        for rank in (args.lora_rank if m == "lora" else [None])
+        for i in args.impls
+    ]
     records = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=len(cases))
-        for shape, count, mode, impl in cases:
+        for shape, count, mode, rank, impl in cases:
             progress.update(task, description=f"{shape.name} T={count} {mode} {impl}")
             skipped = _peer_available(impl)
             if impl == "eager" and not on_cpu and count > 8192:
@@ -398,14 +413,14 @@ def run_bench(args) -> int:
             if skipped is None:
                 try:
                     record = run_case(
-                        shape, impl, mode, count, device=device, dtype=dtype, lora_rank=args.lora_rank,
+                        shape, impl, mode, count, device=device, dtype=dtype, lora_rank=rank or 16,
                         warmup=1 if on_cpu else 3, repeats=3 if on_cpu else 10, card=card,
                     )  # fmt: skip
                 except (RuntimeError, ValueError, NotImplementedError) as error:
                     skipped = f"{type(error).__name__}: {error}"[:120]
             if skipped is not None:
                 record = {"card": card, "shape": shape.name, "impl": impl, "mode": mode, "tokens": count,
-                          "skipped": skipped}  # fmt: skip
+                          "lora_rank": rank, "skipped": skipped}  # fmt: skip
             record["dense_tflops"] = dense
             records.append(record)
             progress.advance(task)
@@ -442,8 +457,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gated", action="store_true", help="gated experts (act(gate)·up); default non-gated")
     parser.add_argument("--act", choices=["relu2", "relu", "silu", "gelu", "gpt_oss"])
     parser.add_argument("--tokens", type=_csv(int), help="comma-separated token counts (default 8192; CPU 256)")
-    parser.add_argument("--modes", type=_csv(str), default=["fwd", "full"], help="fwd,full,lora")
-    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--modes", type=_csv(str), default=["fwd", "full"], help="fwd,full,lora,frozen")
+    parser.add_argument("--lora-rank", type=_csv(int), default=[16], help="comma-separated LoRA ranks (lora mode)")
     parser.add_argument("--impls", type=_csv(str), default=["grouped_mm", "moekit"], help=", ".join(IMPLS + ("liger",)))
     parser.add_argument("--device", choices=["cpu", "cuda"])
     parser.add_argument("--json", help="write the records to this JSON file")
