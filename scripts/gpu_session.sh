@@ -5,6 +5,8 @@
 #   bash scripts/gpu_session.sh OUT_DIR configs 1,2   the randomized and LoRA sweeps with the N-th tile config of
 #                                               every kernel family (the check runs config 0, the default; the
 #                                               tuner may pick any), two configs per call
+#   bash scripts/gpu_session.sh OUT_DIR lora [RANKS] [PRESETS]   issue #4's benchmark: LoRA at each rank (default
+#                                               8,16,64) and the frozen base, grouped_mm + PEFT against moekit-triton
 #   bash scripts/gpu_session.sh OUT_DIR bench   the benchmark BENCHMARKS.md and benchmarks/results/ are made
 #                                               from, the CUDA demo, the loss-curve comparison, the GEMM probe
 set -uo pipefail
@@ -30,6 +32,10 @@ elif [ "$part" = configs ]; then
       grep -E "^-- (sweep|LoRA sweep)" "$out/config${config}_$section.log" | head -2
     done
   done
+elif [ "$part" = lora ]; then
+  python -m moekit bench --preset "${4:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b}" --tokens 8192,32768 \
+    --modes lora,frozen --lora-rank "${3:-8,16,64}" --impls grouped_mm,moekit-triton \
+    --json "$out/lora.json" 2>&1 | tee "$out/lora.log" | tail -70
 else
   python -m moekit bench --preset nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 \
     --modes fwd,full,lora --lora-rank 16 --impls grouped_mm,moekit-reference,moekit-triton \
