@@ -175,25 +175,9 @@ def _out_in(weight: Tensor, transposed: bool) -> Tensor:
 
 
 def _kernel_factors(factor_a: Tensor, factor_b: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The LoRA operands the kernels read: A [E, R', in] in ``dtype`` (any strides) and scale·B [E, out, R'] in
+    """The LoRA operands the kernels read: A [E, R, in] in ``dtype`` (any strides) and scale·B [E, out, R] in
     ``dtype``, contiguous (PEFT's B has its experts at stride 1; the kernels want its rows dense). Made under
-    the Function's forward, so no autograd op is recorded for them.
-
-    R' = R, except where the GEMMs make the low-rank intermediates in their main loop (``lora_in_loop``): there
-    the factors are zero-padded to the rank tile (R' = 16 for R = 8), so those loops never mask the rank
-    dimension; on an H100 (triton 3.6) bf16 tiles masked in it gave wrong dX. The padded columns of u and v are
-    zeros, and the factor gradients read only the first R."""
-    from .kernels.tiling import lora_in_loop, rank_block
-
-    rank = factor_a.shape[1]
-    padded = rank_block(rank) if lora_in_loop(rank) else rank
-    if padded != rank:
-        num_experts, _, d_in = factor_a.shape
-        padded_a = factor_a.new_zeros(num_experts, padded, d_in, dtype=dtype)
-        padded_a[:, :rank] = factor_a
-        padded_b = factor_b.new_zeros(num_experts, factor_b.shape[1], padded, dtype=dtype)
-        padded_b[:, :, :rank] = factor_b if scale == 1.0 else factor_b * scale
-        return padded_a, padded_b
+    the Function's forward, so no autograd op is recorded for them."""
     if factor_a.dtype != dtype:
         factor_a = factor_a.to(dtype)
     if factor_b.dtype != dtype or scale != 1.0 or not factor_b.is_contiguous():
@@ -358,14 +342,14 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 grad_wd = grad_wd if grad_wd is not None else grad_wd_kernel
             if need_down_b:  # dB_down[e] = s Σ dOut[tok]ᵀ (w u_down)   [E, H, R]  (w applied in the kernel's loop)
                 grad_down_b, _ = weight_grad(
-                    left, u_down, counts, n, num_experts, (hidden, down_param_b.shape[2]), down_param_b.dtype, False,
+                    left, u_down, counts, n, num_experts, (hidden, down_b.shape[2]), down_param_b.dtype, False,
                     left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows, scale_right=True,
                     chunks=chunks, lowrank=True, out=new_output_like(down_param_b), alpha=down_scale,
                 )  # fmt: skip
             del left
         if need_down_a:  # dA_down[e] = Σ v_downᵀ (w a)   [E, R, I]
             grad_down_a, _ = weight_grad(
-                a, v_down, counts, n, num_experts, (inner, down_param_a.shape[1]), down_param_a.dtype, True,
+                a, v_down, counts, n, num_experts, (inner, down_a.shape[1]), down_param_a.dtype, True,
                 chunks=chunks, lowrank=True, out=new_output_like(down_param_a),
             )  # fmt: skip
         del a, v_down
@@ -386,7 +370,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         grad_wu = grad_bu = grad_up_a = grad_up_b = None
         if need_up_b:  # dB_up[e] = s Σ dhᵀ u_up   [E, W, R]
             grad_up_b, _ = weight_grad(
-                dh, u_up, counts, n, num_experts, (width, up_param_b.shape[2]), up_param_b.dtype, False,
+                dh, u_up, counts, n, num_experts, (width, up_b.shape[2]), up_param_b.dtype, False,
                 chunks=chunks, lowrank=True, out=new_output_like(up_param_b), alpha=up_scale,
             )  # fmt: skip
         if need_wu or need_bu or need_up_a:
@@ -405,7 +389,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 grad_wu = grad_wu if grad_wu is not None else grad_wu_kernel
             if need_up_a:  # dA_up[e] = Σ v_upᵀ x[tok]   [E, R, H]
                 grad_up_a, _ = weight_grad(
-                    right, v_up, counts, n, num_experts, (hidden, up_param_a.shape[1]), up_param_a.dtype, True,
+                    right, v_up, counts, n, num_experts, (hidden, up_a.shape[1]), up_param_a.dtype, True,
                     left_index=right_index, chunks=chunks, lowrank=True, out=new_output_like(up_param_a),
                 )  # fmt: skip
             del right
