@@ -22,15 +22,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="nemotron3-nano")
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--mode", choices=("fwd", "full", "lora", "frozen"), default="full")
-    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--mode", choices=("fwd", "full", "lora"), default="full")
     parser.add_argument("--impl", default="moekit-triton")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
     args = parser.parse_args()
 
-    step = make_step(PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16, args.lora_rank)
+    step = make_step(PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16)
 
     for _ in range(3):
         step()

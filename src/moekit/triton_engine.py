@@ -17,12 +17,11 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
                    the GEMM's epilogue (ga stays in registers) or split: the GEMM writes ga [S, I] (transient,
                    rounded to the dtype as the reference does) and a memory-bound pass does the rest
                    (``MOEKIT_TRITON_DA``; default per layout)
-      weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused (per output tile, one flat loop over
-                   the row chunks of a group of experts, a store at each expert's end: no atomics)
+      weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused; dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused
+                   (per output tile, one flat loop over the row chunks of a group of experts, a store at each
+                   expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
+                   before (transient [S, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
       grouped_gemm dh @ W_up[e]ᵀ --> dxs [S, H] (transient);  combine --> dX [T, H]
-      weight_grad  dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused. The token rows dOut[tok], x[tok] of the weight
-                   gradients are copied in plan order just before (transient [S, H], one at a time) or gathered
-                   in the loop (MOEKIT_TRITON_WGRAD)
     The GEMMs with neither a gather nor an epilogue (dW_down and dW_up from the row copies, dxs without LoRA)
     go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our kernels at these shapes on an H100); the
     bias sums then run alone in the weight-gradient kernel (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
@@ -31,21 +30,16 @@ LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapte
 typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
 operands itself, outside autograd: A in x's dtype and s·B in x's dtype, contiguous (one small copy each, none
 when they already are), and the backward writes the factor gradients straight into the parameters' dtype and
-strides (dB times s in the kernel's store), so LoRA adds no autograd op of its own to the step. No ΔW and no
-copy of W. Every big GEMM that carries LoRA adds u @ L[e] (u [S, R], L a factor) into its fp32 accumulator
-before its epilogue (``lora=`` of up_proj / grouped_gemm / act_grad). At small ranks (R <= 32,
-``kernels.tiling.lora_in_loop``) the GEMM also computes u itself, in its main loop from the row tiles it loads
-anyway (the input tile is shared between the base and the low-rank product; ``u_factor=``), and writes u out for
-the backward: LoRA adds no launch and no pass over the rows. At larger ranks (or for the fused dA kernel, and
-v_up when x needs no gradient) u comes from a small grouped GEMM before (``grouped_gemm(..., lowrank=True)``,
-BLOCK_N fitted to R), read through a short loop over R:
+strides (dB times s in the kernel's store), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W: the low-rank intermediates are small grouped GEMMs (``grouped_gemm(...,
+lowrank=True)``, BLOCK_N fitted to R) and the big GEMMs take them through a short second reduction loop over R
+into the same fp32 accumulator, before their epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
 
-    forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj)
-               u_down = a A_downᵀ [S, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm)
-    backward   v_down = dOut[tok] B_down [S, R];  ga = dOut[tok] W_downᵀ + v_down A_down (dA's GEMM), so
+    forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
+               u_down = a A_downᵀ [S, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
+    backward   v_down = dOut[tok] B_down [S, R];  ga = dOut[tok] W_downᵀ + v_down A_down (dA kernel, fused), so
                dh and the routing-weight gradient <ga, a> include the LoRA part of y
                dB_down[e] = Σ dOut[tok]ᵀ (w u_down),  dA_down[e] = Σ v_downᵀ (w a)
-               v_up = dh B_up [S, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm)
+               v_up = dh B_up [S, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
                dB_up[e] = Σ dhᵀ u_up,  dA_up[e] = Σ v_upᵀ x[tok]
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
 u_up and u_down [S, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
@@ -54,9 +48,8 @@ Memory plan. Forward saves x, the routing weights, the weights/biases (parameter
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing T·K·H-sized is cached.
 Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
 dW_down is needed), ga [S, I] (split dA only), dh [S, W], partials [S, I/64 or 1] fp32 (only when the routing
-weights need a gradient), the chunk table (~S/64 + E int32), dxs [S, H] (only when x needs a gradient, freed
-after its combine), one plan-ordered row copy [S, H] at a time for the weight gradients (dOut rows before dxs,
-x rows after it; "copy" mode), v_down and v_up [S, R] with LoRA.
+weights need a gradient), the chunk table (~S/64 + E int32), one plan-ordered row copy [S, H] at a time for the
+weight gradients (dOut rows, then x rows; "copy" mode), dxs [S, H] (only when x needs a gradient, after them).
 Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (frozen weights cost no
 weight-gradient kernel).
 
@@ -64,7 +57,7 @@ Numerics: operands in the input dtype, fp32 accumulation; fp32 inputs use the ex
 the K-way sums and routing-weight products are fp32; every reduction has a fixed order (deterministic).
 
 Not handled here (falls back to the reference engine, same results): custom activations (``kernel_id == -1``),
-dtypes other than fp32/fp16/bf16, LoRA factors of another dtype or on another device than x, devices where
+dtypes other than fp32/fp16/bf16, LoRA factors in another dtype or on another device than x, devices where
 ``triton_available`` is False.
 """
 
@@ -185,18 +178,6 @@ def _kernel_factors(factor_a: Tensor, factor_b: Tensor, scale: float, dtype: tor
     return factor_a, factor_b
 
 
-def _low_rank(rows: Tensor, factor: Tensor, plan: DispatchPlan, gather: Tensor | None = None, in_loop: bool = True):
-    """The LoRA intermediate u = rows[gather] @ factor[e] [S, R] for a fused-LoRA GEMM: (u, None) computed now
-    by the low-rank kernel, or, at small ranks where the GEMM can (``in_loop``, ``lora_in_loop``), (an unwritten
-    u, factor) for the GEMM to compute in its main loop (its ``u_factor``) and fill."""
-    from .kernels import grouped_gemm
-    from .kernels.tiling import lora_in_loop, new_output
-
-    if in_loop and lora_in_loop(factor.shape[2]):
-        return new_output(plan.num_rows, factor.shape[2], dtype=rows.dtype, device=rows.device), factor
-    return grouped_gemm(rows, factor, plan.tokens_per_expert, plan.num_rows, gather=gather, lowrank=True), None
-
-
 class ExpertsTritonFunction(torch.autograd.Function):
     """Forward and backward of the expert layer over one dispatch plan, on the Triton kernels.
 
@@ -227,22 +208,20 @@ class ExpertsTritonFunction(torch.autograd.Function):
         n, transposed, act = plan.num_rows, layout.transposed, layout.activation
         counts, tok = plan.tokens_per_expert, plan.token_of_row
         rw_flat = routing_weights.reshape(-1)
-        u_up = u_down = up_lora = down_lora = up_factor = down_factor = None
+        u_up = u_down = up_lora = down_lora = None
         up_a = up_b = down_a = down_b = None  # the kernels' LoRA operands (see _kernel_factors)
         if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [S, R]; h += u_up @ (s B_up[e])ᵀ in up_proj's loop
             up_a, up_b = _kernel_factors(up_lora_a, up_lora_b, up_lora_scale, x.dtype)
-            u_up, up_factor = _low_rank(x, up_a.transpose(1, 2), plan, gather=tok)
+            u_up = grouped_gemm(x, up_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
             up_lora = (u_up, up_b.transpose(1, 2))
-        h, a = up_proj(
-            x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora, u_factor=up_factor
-        )
+        h, a = up_proj(x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora)
         if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [S, R]; y += u_down @ (s B_down[e])ᵀ
             down_a, down_b = _kernel_factors(down_lora_a, down_lora_b, down_lora_scale, x.dtype)
-            u_down, down_factor = _low_rank(a, down_a.transpose(1, 2), plan)
+            u_down = grouped_gemm(a, down_a.transpose(1, 2), counts, n, lowrank=True)
             down_lora = (u_down, down_b.transpose(1, 2))
         yw = grouped_gemm(
-            a, _in_out(down_weight, transposed), counts, n, bias=down_bias, routing_weights=rw_flat,
-            sorted_rows=plan.sorted_rows, lora=down_lora, u_factor=down_factor,
+            a, _in_out(down_weight, transposed), counts, n,
+            bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
         )  # fmt: skip
         del a
         out = combine(yw, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, x.dtype)
@@ -282,22 +261,18 @@ class ExpertsTritonFunction(torch.autograd.Function):
         grad_out = grad_out.to(dtype)
         rw_flat = routing_weights.reshape(-1)
 
-        # v_down = dOut[tok] @ B_down[e] [S, R]: the LoRA part of dL/da is v_down @ A_down[e]. run_da holds
-        # whenever v_down is needed (store_a covers dA_down).
+        # v_down = dOut[tok] @ B_down[e] [S, R]: the LoRA part of dL/da is v_down @ A_down[e]
         run_da = need_dh or need_rw or store_a
-        v_down = v_factor = None
+        v_down = None
+        if down_lora and (run_da or need_down_a):
+            v_down = grouped_gemm(grad_out, down_b, counts, n, gather=tok, lowrank=True)
         a = dh = part = None
         if run_da:
-            split = act_grad_mode(act) == "split"  # the split dA's GEMM can make v_down in its loop
-            if down_lora:
-                v_down, v_factor = _low_rank(grad_out, down_b, plan, gather=tok, in_loop=split)
-            extra = {"u_factor": v_factor} if split else {}
-            dA = act_grad_backward_split if split else act_grad_backward
+            dA = act_grad_backward if act_grad_mode(act) == "fused" else act_grad_backward_split
             a, dh, part = dA(
                 grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act,
                 store_a=store_a, store_dh=need_dh, store_part=need_rw,
-                lora=(v_down, down_a) if down_lora and (need_dh or need_rw or v_factor is not None) else None,
-                **extra,
+                lora=(v_down, down_a) if down_lora and (need_dh or need_rw) else None,
             )  # fmt: skip
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
 
@@ -355,18 +330,9 @@ class ExpertsTritonFunction(torch.autograd.Function):
         del a, v_down
 
         # v_up = dh @ B_up[e] [S, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]
-        v_up = v_factor = None
+        v_up = None
         if up_lora and (need_x or need_up_a):
-            v_up, v_factor = _low_rank(dh, up_b, plan, in_loop=need_x)
-        grad_x = None
-        if need_x:  # before dA_up: with LoRA at a small rank this GEMM also makes v_up
-            w_up_out_in = _out_in(w_up, transposed)
-            dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
-            if dxs is None:
-                lora = (v_up, up_a) if up_lora else None
-                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora, u_factor=v_factor)
-            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
-            del dxs
+            v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
         grad_wu = grad_bu = grad_up_a = grad_up_b = None
         if need_up_b:  # dB_up[e] = s Σ dhᵀ u_up   [E, W, R]
             grad_up_b, _ = weight_grad(
@@ -393,6 +359,15 @@ class ExpertsTritonFunction(torch.autograd.Function):
                     left_index=right_index, chunks=chunks, lowrank=True, out=new_output_like(up_param_a),
                 )  # fmt: skip
             del right
+
+        grad_x = None
+        if need_x:
+            w_up_out_in = _out_in(w_up, transposed)
+            dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
+            if dxs is None:
+                lora = (v_up, up_a) if up_lora else None
+                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
+            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
         return (
             None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,
             grad_up_a, grad_up_b, grad_down_a, grad_down_b, None, None,

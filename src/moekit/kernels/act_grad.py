@@ -256,10 +256,9 @@ _AUTO_MODE = {"gated": "split", "plain": "split"}
 
 def act_grad_backward_split(
     grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
-    store_a=True, store_dh=True, store_part=True, lora=None, u_factor=None,
+    store_a=True, store_dh=True, store_part=True, lora=None,
 ):  # fmt: skip
-    """Same contract as ``act_grad_backward`` (partials have one column): GEMM, then the elementwise pass.
-    ``u_factor``: B_down [E, H, R], v = dOut[tok] @ B_down[e] computed in the GEMM's loop into ``lora``'s v."""
+    """Same contract as ``act_grad_backward`` (partials have one column): GEMM, then the elementwise pass."""
     from .down_proj import grouped_gemm
 
     inner = weight_out_in.shape[2]
@@ -270,8 +269,7 @@ def act_grad_backward_split(
     part = new_output(n if store_part else 0, 1, dtype=torch.float32, device=h.device)
     if n == 0:
         return a, dh, part
-    # ga [n, I], rounded to the dtype as the reference does
-    ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row, lora=lora, u_factor=u_factor)
+    ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row, lora=lora)  # [n, I], dtype-rounded
     col_stride, up_off = (2, 1) if gated and not activation.concatenated else (1, inner)
     block_r, block_c, warps = (16, 16, 4) if interpreting() else (16, 256, 4)
     _act_backward_kernel[(cdiv(n, block_r),)](

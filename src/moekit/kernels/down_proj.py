@@ -10,10 +10,7 @@ work without copies. Accumulation in fp32, one rounding to the output dtype.
 
 LoRA (``lora=(u, L)``): after the main loop a short loop over the rank adds u[r] @ L[e] (u [n, R] plan rows,
 L viewed [E, R, N]) into the same accumulator, before bias and routing weight. Forward: u = a @ A_down[e]ᵀ,
-L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; split dA: u = dOut[tok] @ B_down[e], L = A_down. At small ranks
-(``u_factor``, see ``tiling.lora_in_loop``) u is not read but computed in the main loop, u = rows @ F[e], from
-the row tiles the base product loads anyway (the input tile is shared), rounded to the rows' dtype, added, and
-written out by the programs of the first column tile for the backward.
+L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; split dA: u = dOut[tok] @ B_down[e], L = A_down.
 
 Low-rank mode (``lowrank=True``): the same kernel computes those u = rows @ F[e] [n, R] (F = A[e]ᵀ or B[e],
 the rank is N): its own small autotuning space, BLOCK_N set from R at launch instead of a 128-wide tile.
@@ -43,12 +40,12 @@ from .tiling import (
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, gather_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr, f_ptr,
+    a_ptr, gather_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr,
     n_rows, E, N, K, M_BUCKET, R,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
-    stride_um, stride_ur, stride_le, stride_lr, stride_ln, stride_fe, stride_fk, stride_fr,
+    stride_um, stride_ur, stride_le, stride_lr, stride_ln,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    LORA_PRELOAD: tl.constexpr, LORA_IN_LOOP: tl.constexpr,
+    LORA_PRELOAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -76,12 +73,8 @@ def _grouped_gemm_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         u_ptrs = u_ptr + rows64[:, None] * stride_um + offs_r[None, :] * stride_ur
         l_ptrs = l_ptr + expert.to(tl.int64) * stride_le + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln
-        if LORA_IN_LOOP:  # u = rows @ F[e] [BLOCK_M, R] accumulates in the main loop from the same row tiles
-            f_ptrs = f_ptr + expert.to(tl.int64) * stride_fe + offs_k[:, None] * stride_fk + offs_r[None, :] * stride_fr
-            acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        elif LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
+        if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
             ut = tl.load(u_ptrs, mask=(offs_r < R)[None, :], other=0.0)
-        if LORA_PRELOAD:
             lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
@@ -89,23 +82,11 @@ def _grouped_gemm_kernel(
         at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(at, wt, acc, PRECISION)
-        if HAS_LORA:  # noqa: SIM102 (constexprs)
-            if LORA_IN_LOOP:
-                ft = tl.load(f_ptrs, mask=k_mask[:, None] & (offs_r < R)[None, :], other=0.0)
-                acc_u = mma(at, ft, acc_u, PRECISION)
-                f_ptrs += BLOCK_K * stride_fk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_LORA:  # + u @ L[e] into the same accumulator, before bias and routing weight
-        if LORA_IN_LOOP:  # u rounded to the rows' dtype, as a stored u would be; one program per row tile saves it
-            ut = to_dtype(acc_u, u_ptr.dtype.element_ty)
-            if pid_n == 0:
-                tl.store(u_ptrs, ut, mask=m_mask[:, None] & (offs_r < R)[None, :])
-            if not LORA_PRELOAD:
-                lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
-            acc = mma(ut, lt, acc, PRECISION)
-        elif LORA_PRELOAD:
+        if LORA_PRELOAD:
             acc = mma(ut, lt, acc, PRECISION)
         else:
             for r in range(tl.cdiv(R, BLOCK_R)):
@@ -126,19 +107,17 @@ def _grouped_gemm_kernel(
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD", "LORA_IN_LOOP"]
+_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD"]
 _KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=_KEY)
 _LOWRANK = Autotuned(_grouped_gemm_kernel, "lowrank", key=_KEY)
 
 
 def grouped_gemm(
     rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None, gather=None, lora=None,
-    lowrank=False, u_factor=None,
+    lowrank=False,
 ):  # fmt: skip
     """rows [n, K] (plan-sorted; or any rows taken through ``gather`` [n]) @ weight[e] [K, N] (+ u @ L[e] with
     ``lora=(u [n, R], L [E, R, N])``) (+ bias[e]) (* routing weight per row) -> [n, N].
-    ``u_factor`` F [E, K, R]: u is not read but computed in the main loop, u = rows @ F[e], and written into
-    ``lora``'s u (R <= 64, see ``lora_in_loop``).
     ``lowrank``: N is a LoRA rank (small): BLOCK_N fitted to it."""
     num_experts, k_dim, n_dim = weight_in_out.shape
     out = new_output(n, n_dim, dtype=rows.dtype, device=rows.device)
@@ -150,24 +129,19 @@ def grouped_gemm(
     idx = sorted_rows if scale else counts
     u, lw = lora if has_lora else (out, out)
     rank = u.shape[1] if has_lora else 0
-    in_loop = u_factor is not None
-    if in_loop and not (has_lora and rank <= rank_block(rank)):
-        raise ValueError(f"u_factor needs lora=(u, L) of one rank tile (R <= 64), got R={rank}")
-    factor = u_factor if in_loop else out
     kernel, extra = (_LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}) if lowrank else (_KERNEL, {})
 
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(n_dim, meta["BLOCK_N"]),)
 
     kernel.get(rows.dtype)[grid](
-        rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts, u, lw, factor,
+        rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts, u, lw,
         n, num_experts, n_dim, k_dim, rows_bucket(n, num_experts), rank,
         rows.stride(0), rows.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
         *(u.stride() if has_lora else (0, 0)), *(lw.stride() if has_lora else (0, 0, 0)),
-        *(factor.stride() if in_loop else (0, 0, 0)),
         GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale, HAS_LORA=has_lora, BLOCK_R=rank_block(rank),
-        LORA_PRELOAD=lora_preload(rank), LORA_IN_LOOP=in_loop,
+        LORA_PRELOAD=lora_preload(rank),
         PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8, **extra,
     )  # fmt: skip
     return out

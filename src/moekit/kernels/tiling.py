@@ -233,18 +233,6 @@ def lora_preload(rank: int) -> bool:
     return 0 < rank <= rank_block(rank) and os.environ.get("MOEKIT_TRITON_LORA_PRELOAD", "1") != "0"
 
 
-def lora_in_loop(rank: int) -> bool:
-    """Whether a fused-LoRA GEMM computes its low-rank intermediate u = rows @ F[e] [n, R] itself, in its main
-    loop from the row tiles it already loads (and writes u out for backward), instead of reading a u made
-    before by the low-rank ``grouped_gemm``: one launch and one pass over the rows fewer, for R/BLOCK_N more
-    MMA work in the main loop, which pays at small ranks. ``MOEKIT_TRITON_LORA_IN_LOOP``: "auto" (default,
-    R <= 32), "1" (any R of one rank tile, <= 64), "0" (never)."""
-    mode = os.environ.get("MOEKIT_TRITON_LORA_IN_LOOP", "auto")
-    if mode == "0" or rank <= 0:
-        return False
-    return rank <= (rank_block(rank) if mode == "1" else 32)
-
-
 def wgrad_block_k(dtype_or_size) -> int:
     """Rows per step (and per chunk) of the weight-gradient kernel: fixed per operand width and generation."""
     size = dtype_or_size if isinstance(dtype_or_size, int) else dtype_or_size.itemsize

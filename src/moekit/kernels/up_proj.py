@@ -4,10 +4,8 @@
     a[r] = act(h[r])                                        a [n, I]
 
 With LoRA (``HAS_LORA``) the caller passes the low-rank intermediate u = x[tok] @ A_up[e]ᵀ [n, R] (plan rows,
-computed by the low-rank ``grouped_gemm``), or, at small ranks (``LORA_IN_LOOP``), the kernel computes u itself
-in its main loop from the x tiles it loads anyway and writes it out for the backward (programs of the first
-column tile). After the main loop over H, u[r] @ B_up[e]ᵀ is added into the same fp32 accumulators (gate and up
-columns alike), before bias and activation:
+computed by the low-rank ``grouped_gemm``); after the main loop over H a second, short loop over R adds
+u[r] @ B_up[e]ᵀ into the same fp32 accumulators (gate and up columns alike), before bias and activation:
 
     h[r] = x[tok] @ W_up[e] + u[r] @ B_up[e]ᵀ (+ b_up[e])      no ΔW, no copy of W
 
@@ -44,13 +42,13 @@ from .tiling import (
 
 @triton.jit
 def _up_proj_kernel(
-    x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, a_ptr, counts_ptr, u_ptr, lb_ptr, f_ptr,
+    x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, a_ptr, counts_ptr, u_ptr, lb_ptr,
     n_rows, E, N, K, M_BUCKET, R,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_hm, stride_am,
-    stride_um, stride_ur, stride_lbe, stride_lbr, stride_lbn, stride_fe, stride_fk, stride_fr,
+    stride_um, stride_ur, stride_lbe, stride_lbr, stride_lbn,
     up_off, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, COL_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRELOAD: tl.constexpr, LORA_IN_LOOP: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRELOAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -84,13 +82,9 @@ def _up_proj_kernel(
         lg_ptrs = (lb_ptr + expert.to(tl.int64) * stride_lbe + offs_r[:, None] * stride_lbr
                    + col_w[None, :].to(tl.int64) * stride_lbn)  # fmt: skip
         lu_ptrs = lg_ptrs + up_off * stride_lbn
-        if LORA_IN_LOOP:  # u = x[tok] @ A_up[e]ᵀ [BLOCK_M, R] accumulates in the main loop from the same x tiles
-            f_ptrs = f_ptr + expert.to(tl.int64) * stride_fe + offs_k[:, None] * stride_fk + offs_r[None, :] * stride_fr
-            acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
             r_mask = offs_r < R
-            if not LORA_IN_LOOP:
-                ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             bg = tl.load(lg_ptrs, mask=r_mask[:, None] & w_mask[None, :], other=0.0)
             if GATED and COL_STRIDE == 1:
                 bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -106,28 +100,11 @@ def _up_proj_kernel(
             wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc_u = mma(xt, wu, acc_u, PRECISION)
             wu_ptrs += BLOCK_K * stride_wk
-        if HAS_LORA:  # noqa: SIM102 (constexprs)
-            if LORA_IN_LOOP:
-                ft = tl.load(f_ptrs, mask=k_mask[:, None] & (offs_r < R)[None, :], other=0.0)
-                acc_r = mma(xt, ft, acc_r, PRECISION)
-                f_ptrs += BLOCK_K * stride_fk
         x_ptrs += BLOCK_K * stride_xk
         wg_ptrs += BLOCK_K * stride_wk
 
     if HAS_LORA:  # + u @ B_up[e]ᵀ into the same accumulators, before bias and activation
-        if LORA_IN_LOOP:  # u rounded to x's dtype, as a stored u would be; one program per row tile saves it
-            r_mask = offs_r < R
-            ut = to_dtype(acc_r, u_ptr.dtype.element_ty)
-            if pid_n == 0:
-                tl.store(u_ptrs, ut, mask=m_mask[:, None] & r_mask[None, :])
-            if not LORA_PRELOAD:
-                bg = tl.load(lg_ptrs, mask=r_mask[:, None] & w_mask[None, :], other=0.0)
-                if GATED and COL_STRIDE == 1:
-                    bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_g = mma(ut, bg, acc_g, PRECISION)
-            if GATED and COL_STRIDE == 1:
-                acc_u = mma(ut, bu, acc_u, PRECISION)
-        elif LORA_PRELOAD:
+        if LORA_PRELOAD:
             acc_g = mma(ut, bg, acc_g, PRECISION)
             if GATED and COL_STRIDE == 1:
                 acc_u = mma(ut, bu, acc_u, PRECISION)
@@ -167,16 +144,13 @@ def _up_proj_kernel(
     tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], to_dtype(a, dtype), mask=out_mask)
 
 
-_KEY = ["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD", "LORA_IN_LOOP"]
-_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=_KEY)
-_GATED = Autotuned(_up_proj_kernel, "gated", key=_KEY)
+_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD"])
+_GATED = Autotuned(_up_proj_kernel, "gated", key=["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD"])
 
 
-def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=None, u_factor=None):
+def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=None):
     """h [n, W], a [n, I] for plan rows [0, n). ``weight_in_out`` is W_up viewed [E, H, W] (any strides).
-    ``lora``: (u [n, R] plan rows, B_up viewed [E, R, W]) adds u @ B_up[e]ᵀ to h (scaling folded into B).
-    ``u_factor`` (A_up viewed [E, H, R]): u is computed in the main loop, u = x[tok] @ A_up[e]ᵀ, and written
-    into ``lora``'s u instead of read (R <= 64, see ``lora_in_loop``)."""
+    ``lora``: (u [n, R] plan rows, B_up viewed [E, R, W]) adds u @ B_up[e]ᵀ to h (scaling folded into B)."""
     num_experts, hidden, width = weight_in_out.shape
     gated = activation.gated
     inner = width // 2 if gated else width
@@ -197,23 +171,18 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     b = bias if has_bias else h
     u, lb = lora if has_lora else (h, h)
     rank = u.shape[1] if has_lora else 0
-    in_loop = u_factor is not None
-    if in_loop and not (has_lora and rank <= rank_block(rank)):
-        raise ValueError(f"u_factor needs lora=(u, B_up) of one rank tile (R <= 64), got R={rank}")
-    factor = u_factor if in_loop else h
     # Interleaved layouts never preload the LoRA tiles: beside the wide 2·BLOCK_N accumulator that made some tuned
     # configs fault with an illegal address on an H200 (triton 3.6); the loop after the main loop is correct.
     preload = lora_preload(rank) and col_stride == 1
     kernel.get(x.dtype)[grid](
-        x, token_of_row, weight_in_out, b, h, a, counts, u, lb, factor,
+        x, token_of_row, weight_in_out, b, h, a, counts, u, lb,
         n, num_experts, inner, hidden, rows_bucket(n, num_experts), rank,
         x.stride(0), x.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, h.stride(0), a.stride(0),
         *(u.stride() if has_lora else (0, 0)), *(lb.stride() if has_lora else (0, 0, 0)),
-        *(factor.stride() if in_loop else (0, 0, 0)),
         up_off, float(activation.alpha), float(activation.limit),
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride, HAS_BIAS=has_bias,
-        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=preload, LORA_IN_LOOP=in_loop,
+        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=preload,
         PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return h, a
