@@ -57,7 +57,7 @@ Numerics: operands in the input dtype, fp32 accumulation; fp32 inputs use the ex
 the K-way sums and routing-weight products are fp32; every reduction has a fixed order (deterministic).
 
 Not handled here (falls back to the reference engine, same results): custom activations (``kernel_id == -1``),
-dtypes other than fp32/fp16/bf16, LoRA factors in another dtype or on another device than x, devices where
+dtypes other than fp32/fp16/bf16, LoRA factors of any other dtype or on another device than x, devices where
 ``triton_available`` is False.
 """
 
