@@ -232,6 +232,7 @@ def _time_case(
     for _ in range(warmup):
         step()
     resident = float("nan")
+    gc.collect()  # garbage of the warm-up steps (e.g. kernel tuning) is not part of a step's memory
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
