@@ -1,7 +1,8 @@
 """Fused LoRA on the experts in the Triton engine, against the reference engine (the oracle).
 
 LoRA factors per projection: A [E, R, in], B [E, out, R] with the scaling folded into B (several adapters
-concatenated along R), exactly as ``experts_reference`` takes them. Forward output and every gradient (x, routing
+concatenated along R), a pair both engines take; and, as the backend passes them, PEFT's own fp32 parameters
+viewed per expert with a scale (``LoraFactors``, the PEFT-layout and PEFT-model tests). Forward output and every gradient (x, routing
 weights, A and B of both projections, base weights and biases when trainable) are compared; every buffer the
 kernels must fill is NaN-poisoned (``MOEKIT_TRITON_POISON``), so an unwritten element shows up as NaN.
 
