@@ -15,21 +15,24 @@ import time
 
 import torch
 
-from moekit.bench import PRESETS, _timer, make_step
+from moekit.bench import MODES, PRESETS, _timer, make_step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="nemotron3-nano")
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--mode", choices=("fwd", "full", "lora"), default="full")
+    parser.add_argument("--mode", choices=MODES, default="full")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--impl", default="moekit-triton")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
     args = parser.parse_args()
 
-    step = make_step(PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16)
+    step = make_step(
+        PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16, lora_rank=args.lora_rank
+    )
 
     for _ in range(3):
         step()
@@ -48,7 +51,7 @@ def main() -> None:
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / args.steps / 1e3
     print(
-        f"{args.preset} T={args.tokens} {args.mode} {args.impl}: step {ms:.3f} ms (events), "
+        f"{args.preset} T={args.tokens} {args.mode} r={args.lora_rank} {args.impl}: step {ms:.3f} ms (events), "
         f"kernels {total:.3f} ms/step, gaps {ms - total:.3f} ms, host {host_ms:.3f} ms/step"
     )
     for e in events[: args.rows]:
