@@ -339,3 +339,35 @@ def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
     else:  # no worse than the bf16 reference, both against the same model in fp64
         truth, _ = step("reference", copy.deepcopy(model).double(), lambda t: t.double())
         assert_matches(ours, ref, truth, names, 2e-3, 2.0)
+
+
+@pytest.mark.parametrize("to_peft", [False, True])
+@pytest.mark.parametrize("shape", [(37, 70, 3), (5, 1, 16), (3, 9, 1), (1, 130, 2)])
+def test_scaled_copy_between_peft_and_dense_layouts(to_peft, shape):
+    """``scaled_copy`` moves B between PEFT's layout ([out, R*E] viewed [E, out, R], strides (1, R*E, E)) and a
+    dense one, scaled and cast once: each element equals torch's fp32 product rounded to the destination dtype.
+    Sizes cross the tiles unevenly; destinations are NaN-filled, so an element left unwritten fails."""
+    from moekit.kernels.relayout import _merged_strides, scaled_copy
+
+    E, out, R = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    peft = torch.randn(out, R * E, generator=g).to(DEVICE).view(out, R, E).permute(2, 0, 1)
+    dense = torch.randn(E, out, R, generator=g).to(DEVICE)
+    assert _merged_strides(peft) is not None and _merged_strides(dense) is not None
+    if to_peft:  # a factor gradient: fp32 dense -> fp32 in PEFT's strides
+        src, dst, alpha = dense, torch.full_like(peft, float("nan")), 1.0
+    else:  # the kernels' operand: fp32 in PEFT's strides -> s·B, bf16, dense
+        src, dst, alpha = peft, torch.full(peft.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE), 0.375
+    assert scaled_copy(src, dst, alpha) is dst
+    assert torch.equal(dst, (src * alpha).to(dst.dtype))
+
+
+def test_scaled_copy_falls_back_for_layouts_that_do_not_merge():
+    from moekit.kernels.relayout import _merged_strides, scaled_copy
+
+    src = torch.randn(4, 6, 5, device=DEVICE)[:, :, :3]  # (out, R) do not merge: stride(1) = 5 != 3 * 1
+    assert _merged_strides(src) is None
+    dst = torch.empty(4, 6, 3, device=DEVICE)
+    assert torch.equal(scaled_copy(src, dst, 2.0), src * 2.0)
+    with pytest.raises(ValueError, match="shape"):
+        scaled_copy(src, torch.empty(4, 6, 4, device=DEVICE))
