@@ -30,52 +30,55 @@ except ImportError:  # run from elsewhere
     from scripts.probe_wgrad import time_ms
 
 
+def probe(name: str, hidden: int, experts: int, top_k: int, rank: int, tokens: int) -> None:
+    """Print each LoRA side op's time at one shape and rank (dB and s·B of the down-projection: out = H)."""
+    bf16 = torch.bfloat16
+    index = torch.randn(tokens, experts, device="cuda").topk(top_k, dim=-1).indices
+    plan = build_plan(index, experts)
+    n, counts, tok = plan.num_rows, plan.tokens_per_expert, plan.token_of_row
+    x = torch.randn(tokens, hidden, device="cuda", dtype=bf16)
+    chunks = chunk_table(counts, n, wgrad_block_k(bf16))
+    a_param = torch.randn(experts * rank, hidden, device="cuda") * 0.02  # PEFT lora_A [E*R, in]
+    b_param = torch.randn(hidden, rank * experts, device="cuda") * 0.02  # PEFT lora_B [out, R*E]
+    b_view = b_param.view(hidden, rank, experts).permute(2, 0, 1)  # [E, out, R], strides (1, R*E, E)
+    a_kernel = a_param.view(experts, rank, hidden).to(bf16)
+    u = torch.randn(n, rank, device="cuda", dtype=bf16)
+    dense = torch.empty(experts, hidden, rank, device="cuda")
+    peft_grad = torch.empty_like(b_view)
+    dense_a = torch.empty(experts, rank, hidden, device="cuda")
+
+    def factor_grad(out, transposed):  # Σ x[tok]ᵀ u over each expert's rows: dB [E, H, R] or dA [E, R, H]
+        weight_grad(x, u, counts, n, experts, (hidden, rank), torch.float32, transposed, left_index=tok,
+                    chunks=chunks, lowrank=True, out=out)  # fmt: skip
+
+    def b_operand():
+        return torch.empty(b_view.shape, dtype=bf16, device="cuda")
+
+    cases = {
+        "u = x[tok] A^T (lowrank GEMM)": lambda: grouped_gemm(
+            x, a_kernel.transpose(1, 2), counts, n, gather=tok, lowrank=True
+        ),
+        "dA (dense layout)": lambda: factor_grad(dense_a, True),
+        "dB into PEFT's strides": lambda: factor_grad(peft_grad, False),
+        "dB dense": lambda: factor_grad(dense, False),
+        "dB dense + copy to PEFT's strides": lambda: (factor_grad(dense, False), peft_grad.copy_(dense)),
+        "dB dense + scaled_copy to PEFT's": lambda: (factor_grad(dense, False), scaled_copy(dense, peft_grad)),
+        "s*B torch.mul to dense bf16": lambda: torch.mul(b_view, 2.0, out=b_operand()),
+        "s*B scaled_copy to dense bf16": lambda: scaled_copy(b_view, b_operand(), 2.0),
+    }
+    for label, fn in cases.items():
+        print(f"{name} T={tokens} r={rank}: {label:36s} {time_ms(fn):.3f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
-    bf16 = torch.bfloat16
-    for name, (hidden, inner, experts, top_k) in SHAPES.items():
-        index = torch.randn(args.tokens, experts, device="cuda").topk(top_k, dim=-1).indices
-        plan = build_plan(index, experts)
-        n, counts, tok = plan.num_rows, plan.tokens_per_expert, plan.token_of_row
-        x = torch.randn(args.tokens, hidden, device="cuda", dtype=bf16)
-        chunks = chunk_table(counts, n, wgrad_block_k(bf16))
+    for name, (hidden, _, experts, top_k) in SHAPES.items():
         for rank in (int(r) for r in args.ranks.split(",")):
-            a_param = torch.randn(experts * rank, hidden, device="cuda") * 0.02  # PEFT lora_A [E*R, in]
-            b_param = torch.randn(hidden, rank * experts, device="cuda") * 0.02  # PEFT lora_B [out, R*E]
-            b_view = b_param.view(hidden, rank, experts).permute(2, 0, 1)  # [E, out, R], strides (1, R*E, E)
-            a_kernel = a_param.view(experts, rank, hidden).to(bf16)
-            u = torch.randn(n, rank, device="cuda", dtype=bf16)
-            dense = torch.empty(experts, hidden, rank, device="cuda")
-            peft_grad = torch.empty_like(b_view)
-            dense_a = torch.empty(experts, rank, hidden, device="cuda")
-
-            def db(out):  # dB[e] = Σ x[tok]ᵀ u over the expert's rows, [E, H, R]
-                weight_grad(x, u, counts, n, experts, (hidden, rank), torch.float32, False, left_index=tok,
-                            chunks=chunks, lowrank=True, out=out)  # fmt: skip
-
-            cases = {
-                "u = x[tok] A^T (lowrank GEMM)": lambda: grouped_gemm(
-                    x, a_kernel.transpose(1, 2), counts, n, gather=tok, lowrank=True
-                ),
-                "dA (dense layout)": lambda: weight_grad(
-                    x, u, counts, n, experts, (hidden, rank), torch.float32, True, left_index=tok, chunks=chunks,
-                    lowrank=True, out=dense_a,
-                ),
-                "dB into PEFT's strides": lambda: db(peft_grad),
-                "dB dense": lambda: db(dense),
-                "dB dense + copy to PEFT's strides": lambda: (db(dense), peft_grad.copy_(dense)),
-                "dB dense + scaled_copy to PEFT's": lambda: (db(dense), scaled_copy(dense, peft_grad)),
-                "s*B copy to dense bf16": lambda: torch.mul(b_view, 2.0, out=torch.empty(b_view.shape, dtype=bf16,
-                                                                                           device="cuda")),
-                "s*B scaled_copy to dense bf16": lambda: scaled_copy(b_view, torch.empty(b_view.shape, dtype=bf16,
-                                                                                          device="cuda"), 2.0),
-            }
-            for label, fn in cases.items():
-                print(f"{name} T={args.tokens} r={rank}: {label:36s} {time_ms(fn):.3f} ms")
+            probe(name, hidden, experts, top_k, rank, args.tokens)
 
 
 if __name__ == "__main__":
