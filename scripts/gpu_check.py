@@ -442,16 +442,35 @@ def make_lora_inputs(T, H, I, E, K, spec, transposed, bias, ranks, dtype, device
                                    *make_lora(E, I, H, ranks, dtype, device, seed + 2)], grad_out  # fmt: skip
 
 
-def run_lora_engine(fn, layout, idx, tensors, grad_out, num_experts, trainable_base, dtype=None):
-    """Output and the gradients of x, the routing weights, the LoRA factors (and the base when trainable)."""
+def run_lora_engine(fn, layout, idx, tensors, grad_out, num_experts, trainable_base, dtype=None, peft=False):
+    """Output and the gradients of x, the routing weights, the LoRA factors (and the base when trainable).
+    ``peft``: the factors are leaves in PEFT's layout and dtype (fp32 lora_A [R*E, in], lora_B [out, R*E]; fp64
+    for the truth), passed as per-expert views with a scale of 0.5, as the backend passes them."""
     import torch
 
+    from moekit.lora import LoraFactors
     from moekit.plan import build_plan
 
     wants = (True, True) + (trainable_base,) * 4 + (True,) * 4
+    if peft:  # [E, R, in] -> [R*E, in];  [E, out, R] -> [out, R*E], scale 0.5 undone on B
+        factor_dtype = dtype or torch.float32
+        tensors = tensors[:6] + [
+            t.to(factor_dtype).permute(1, 2, 0).reshape(t.shape[1], -1) * 2.0 if i % 2 else
+            t.to(factor_dtype).reshape(-1, t.shape[2])
+            for i, t in enumerate(tensors[6:])
+        ]  # fmt: skip
     leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(w) for t, w in zip(tensors, wants)]
     x, rw, up, up_b, down, down_b, ua, ub, da, db = leaves
-    out = fn(layout, build_plan(idx, num_experts), x, rw, up, up_b, down, down_b, up_lora=(ua, ub), down_lora=(da, db))
+    if peft:
+        def views(weight_a, weight_b):
+            rank = weight_a.shape[0] // num_experts
+            return LoraFactors(weight_a.view(num_experts, rank, -1),
+                               weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1), 0.5)  # fmt: skip
+
+        up_lora, down_lora = views(ua, ub), views(da, db)
+    else:
+        up_lora, down_lora = (ua, ub), (da, db)
+    out = fn(layout, build_plan(idx, num_experts), x, rw, up, up_b, down, down_b, up_lora=up_lora, down_lora=down_lora)
     named = [(n, t) for n, t in zip(LORA_NAMES, leaves) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, [t for _, t in named], grad_out.to(out.dtype))
     results = {"out": out.detach(), **{n: g for (n, _), g in zip(named, grads)}}
@@ -460,19 +479,22 @@ def run_lora_engine(fn, layout, idx, tensors, grad_out, num_experts, trainable_b
 
 
 def lora_cases(smoke: bool) -> list[dict]:
-    """Nemotron-3-Nano and Qwen3-30B-A3B at r=16, T = 512..8192, frozen base; a trainable base, several adapters
-    (r = 8 + 16 + 64) and the gpt-oss layout at T=512; fp32 at T=512 (dtype None: bf16, plus fp32 when T <= 512)."""
+    """Nemotron-3-Nano and Qwen3-30B-A3B at r=16, T = 512..8192, frozen base; r=64 at T=8192 with the factors in
+    PEFT's layout (fp32, a scale); a trainable base, several adapters (r = 8 + 16 + 64) and the gpt-oss layout at
+    T=512; fp32 at T=512 (dtype None: bf16, plus fp32 when T <= 512)."""
     if smoke:
         small = {"H": 24, "I": 20, "K": 2, "transposed": False}
         return [{"name": "smoke-lora", "T": 9, "E": 4, "spec": "silu_glu", "bias": True, "ranks": (4,),
                  "trainable": True, **small},
                 {"name": "smoke-lora-relu2", "T": 7, "E": 3, "spec": "relu2", "bias": False, "ranks": (2, 3),
-                 "trainable": False, **small}]  # fmt: skip
+                 "trainable": False, "peft": True, **small}]  # fmt: skip
     cases = []
     for name, H, I, E, K, spec, transposed, bias in MODEL_SHAPES[:2]:
         dims = {"H": H, "I": I, "E": E, "K": K, "spec": spec, "transposed": transposed, "bias": bias}
         for T in (512, 2048, 8192):
             cases.append({"name": name, "T": T, "ranks": (16,), "trainable": False, **dims})
+        cases.append({"name": name + " PEFT layout", "T": 8192, "ranks": (64,), "trainable": False, "peft": True,
+                      **dims})  # fmt: skip
         cases.append({"name": name + "+base", "T": 2048, "ranks": (16,), "trainable": True, **dims})
         cases.append({"name": name + " 3 adapters", "T": 512, "ranks": (8, 16, 64), "trainable": False, **dims})
     name, H, I, E, K, spec, transposed, bias = MODEL_SHAPES[2]
@@ -504,9 +526,10 @@ def lora_sweep(args) -> dict:
                     dtype, device, seed=100 + i,
                 )  # fmt: skip
                 common = (layout, idx, tensors, grad_out, c["E"], c["trainable"])
-                ours = run_lora_engine(experts_triton, *common)
-                ref = run_lora_engine(experts_reference, *common)
-                truth = run_lora_engine(experts_reference, *common, torch.float64)
+                peft = c.get("peft", False)
+                ours = run_lora_engine(experts_triton, *common, peft=peft)
+                ref = run_lora_engine(experts_reference, *common, peft=peft)
+                truth = run_lora_engine(experts_reference, *common, torch.float64, peft=peft)
                 errs = {k: rel_err(ours[k], truth[k]) for k in truth}
                 ref_errs = {k: rel_err(ref[k], truth[k]) for k in truth}
                 for key in truth:
