@@ -5,7 +5,7 @@
 PEFT keeps lora_B.weight as [out, R*E] (expert e's B is columns e::E), so B viewed [E, out, R] has strides
 (1, R*E, E): no dimension is dense. The engine copies s·B into a dense bf16 operand every step and the
 factor-gradient kernel writes dB straight into those strides. This probe times, per shape and rank (one GPU,
-CUDA events, median of 20): the low-rank GEMM u = x[tok] Aᵀ, the factor gradients dA (dense layout) and dB
+CUDA events around 20 calls back to back): the low-rank GEMM u = x[tok] Aᵀ, the factor gradients dA (dense layout) and dB
 (PEFT's layout against a dense buffer, and a dense buffer plus one copy into PEFT's layout), and the s·B copy
 (torch's elementwise copy against ``moekit.kernels.relayout.scaled_copy``).
 """
@@ -24,10 +24,20 @@ from moekit.plan import build_plan
 
 SHAPES = {"nemotron3-nano": (2688, 1856, 128, 6), "qwen3-30b-a3b": (2048, 1536, 128, 8)}  # H, I, E, K
 
-try:
-    from probe_wgrad import time_ms
-except ImportError:  # run from elsewhere
-    from scripts.probe_wgrad import time_ms
+
+
+def time_ms(fn, repeats: int = 20) -> float:
+    """GPU ms per call: ``repeats`` calls queued back to back between two events (a single call's events would
+    also count the host's launch time, which is of the order of these kernels' own)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def probe(name: str, hidden: int, experts: int, top_k: int, rank: int, tokens: int) -> None:

@@ -334,3 +334,28 @@ def test_chunk_table_kernel_matches_torch(num_experts):
             spec = wg.chunk_table_torch(counts.to(DEVICE), n, block_k)
             for a, b in zip(ours, spec):
                 assert torch.equal(a, b)
+
+
+def test_backward_frees_the_pre_activation_before_dx(monkeypatch):
+    """The pre-activation h [S, W] is dropped once the dA kernel has read it, so the backward's peak (dh beside
+    dxs [S, H]) does not also hold it: when dX's combine runs, nothing refers to h any more. A second backward
+    over the same graph (retain_graph=True) raises a clear error instead of reading a freed buffer."""
+    import weakref
+
+    case = make_case(T=12, E=3, act=_act("silu", "glu", True))
+    leaves = [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
+    out = experts_triton(case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None)
+    h_ref = weakref.ref(out.grad_fn.pre_activation)
+    h_alive_at_combine = []
+    original_combine = kernels.combine
+
+    def spy(*args, **kwargs):
+        h_alive_at_combine.append(h_ref() is not None)
+        return original_combine(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "combine", spy)
+    out.backward(case["grad_out"], retain_graph=True)
+    assert h_alive_at_combine == [False]  # the one combine of the backward: dX's
+    assert leaves[0].grad is not None and torch.isfinite(leaves[0].grad).all()
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        out.backward(case["grad_out"])

@@ -46,7 +46,8 @@ u_up and u_down [S, R] are saved for backward. A frozen base costs no base weigh
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing T·K·H-sized is cached.
-Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
+The backward drops h right after the dA kernel reads it, so its peak (dh [S, W] beside dxs [S, H]) does not
+also hold h (a second backward over the same graph, retain_graph=True, is refused). Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
 dW_down is needed), ga [S, I] (split dA only), dh [S, W], partials [S, I/64 or 1] fp32 (only when the routing
 weights need a gradient), the chunk table (~S/64 + E int32), one plan-ordered row copy [S, H] at a time for the
 weight gradients (dOut rows, then x rows; "copy" mode), dxs [S, H] (only when x needs a gradient, after them).
@@ -252,8 +253,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
 
         ctx.layout, ctx.plan = layout, plan
         ctx.lora_scales = (up_lora_scale, down_lora_scale)
+        # h is held outside save_for_backward so the backward can free it after its one use (the dA kernel),
+        # before dxs [S, H] is allocated: the backward's peak then holds dh and dxs but not h (memory plan above)
+        ctx.pre_activation = h
         ctx.save_for_backward(
-            x, routing_weights, h, up_weight, up_bias, down_weight, down_bias,
+            x, routing_weights, up_weight, up_bias, down_weight, down_bias,
             up_a, up_b, down_a, down_b, u_up, u_down, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
         )  # fmt: skip
         return out
@@ -266,8 +270,14 @@ class ExpertsTritonFunction(torch.autograd.Function):
         from .kernels.weight_grad import chunk_table
 
         layout, plan = ctx.layout, ctx.plan
-        (x, routing_weights, h, w_up, b_up, w_down, b_down, up_a, up_b, down_a, down_b, u_up, u_down,
+        (x, routing_weights, w_up, b_up, w_down, b_down, up_a, up_b, down_a, down_b, u_up, u_down,
          up_param_a, up_param_b, down_param_a, down_param_b) = ctx.saved_tensors  # fmt: skip
+        h, ctx.pre_activation = ctx.pre_activation, None
+        if h is None:
+            raise RuntimeError(
+                "moekit's Triton expert backward ran twice over one graph (backward with retain_graph=True): its "
+                "first run freed the cached pre-activation. Run the forward again, or use MOEKIT_BACKEND=reference."
+            )
         up_scale, down_scale = ctx.lora_scales
         num_inputs = len(ctx.needs_input_grad)  # 8 when called without the LoRA arguments
         needs = tuple(ctx.needs_input_grad) + (False,) * (14 - num_inputs)
@@ -299,6 +309,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 lora=(v_down, down_a) if down_lora and (need_dh or need_rw) else None,
             )  # fmt: skip
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
+        del h  # its last use: freed before dxs (see forward)
 
         grad_rw = None
         if need_rw:
