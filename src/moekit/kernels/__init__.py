@@ -10,6 +10,7 @@ One idea per module:
   act_grad.py     dA: gathered dOut @ W_down (+ LoRA), activation backward, routing-weight partials
   weight_grad.py  per-expert weight / bias / LoRA-factor gradients, rows gathered through the plan, no atomics;
                   the chunk table in one launch
+  relayout.py     LoRA B copies between PEFT's [out, R*E] layout and a dense one (tiled transpose, scale, cast)
 """
 
 from .act_grad import act_grad_backward
