@@ -9,8 +9,11 @@
 #                                               8,16,64) and the frozen base, grouped_mm + PEFT against moekit-triton
 #   bash scripts/gpu_session.sh OUT_DIR bench   the benchmark BENCHMARKS.md and benchmarks/results/ are made
 #                                               from, the CUDA demo, the loss-curve comparison, the GEMM probe
+# Every section runs under `timeout` (SECTION_TIMEOUT seconds, default 400) and writes its own log under OUT_DIR,
+# so a section that hangs costs only its own time and what ran before it still comes back.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
+limit=${SECTION_TIMEOUT:-400}
 part=${2:-check}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=160
@@ -18,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.
 if [ "$part" = check ]; then
   for section in tests lora sweep; do
     skip=$(echo tests,lora,sweep,bench,lora_bench | tr ',' '\n' | grep -vx "$section" | paste -sd,)
-    python scripts/gpu_check.py --skip "$skip" --sweep-shards 1 --out "$out/check" > "$out/check_$section.log" 2>&1
+    timeout "$limit" python scripts/gpu_check.py --skip "$skip" --sweep-shards 1 --out "$out/check" \
+      > "$out/check_$section.log" 2>&1
     echo "gpu_check $section: exit $?" | tee -a "$out/card.txt"
     tail -25 "$out/check_$section.log"
   done
@@ -26,23 +30,28 @@ elif [ "$part" = configs ]; then
   for config in $(echo "${3:-1,2}" | tr ',' ' '); do
     for section in sweep lora; do
       skip=$(echo tests,lora,sweep,bench,lora_bench | tr ',' '\n' | grep -vx "$section" | paste -sd,)
-      python scripts/gpu_check.py --skip "$skip" --sweep-shards 1 --config "$config" --out "$out/config$config" \
+      timeout "$limit" python scripts/gpu_check.py --skip "$skip" --sweep-shards 1 --config "$config" \
+        --out "$out/config$config" \
         > "$out/config${config}_$section.log" 2>&1
       echo "gpu_check $section, tile config $config: exit $?" | tee -a "$out/card.txt"
       grep -E "^-- (sweep|LoRA sweep)" "$out/config${config}_$section.log" | head -2
     done
   done
 elif [ "$part" = lora ]; then
-  python -m moekit bench --preset "${4:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b}" --tokens 8192,32768 \
+  timeout "$limit" python -m moekit bench --preset "${4:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b}" --tokens 8192,32768 \
     --modes lora,frozen --lora-rank "${3:-8,16,64}" --impls grouped_mm,moekit-triton \
     --json "$out/lora.json" 2>&1 | tee "$out/lora.log" | tail -70
 else
-  python -m moekit bench --preset nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 \
+  timeout "$limit" python -m moekit bench --preset nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b \
+    --tokens 8192,32768 \
     --modes fwd,full,lora --lora-rank 16 --impls grouped_mm,moekit-reference,moekit-triton \
     --json "$out/bench.json" --plot "$out/bench.png" 2>&1 | tee "$out/bench.log" | tail -80
-  python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress --json "$out/demo_cuda.json" \
+  timeout "$limit" python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress --json "$out/demo_cuda.json" \
     2>&1 | tail -18 | tee "$out/demo.log"
-  python scripts/track_curves.py --device cuda --lr 5e-3,2e-3,1e-3 --json "$out/curves.json" 2>&1 | grep lr
-  python scripts/probe_wgrad.py 2>&1 | tee "$out/probe_wgrad.txt"
-  python scripts/probe_sync.py 2>&1 | tee "$out/probe_sync.txt"
+  timeout "$limit" python scripts/track_curves.py --device cuda --lr 5e-3,2e-3,1e-3 --json "$out/curves.json" \
+    > "$out/curves.log" 2>&1
+  grep lr "$out/curves.log"
+  timeout "$limit" python scripts/probe_wgrad.py > "$out/probe_wgrad.txt" 2>&1
+  timeout "$limit" python scripts/probe_sync.py > "$out/probe_sync.txt" 2>&1
+  cat "$out/probe_wgrad.txt" "$out/probe_sync.txt"
 fi
