@@ -45,9 +45,10 @@ Factor gradients use the per-expert weight-gradient kernel (no atomics, exact ze
 u_up and u_down [S, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
-its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing T·K·H-sized is cached.
-The backward drops h right after the dA kernel reads it, so its peak (dh [S, W] beside dxs [S, H]) does not
-also hold h (a second backward over the same graph, retain_graph=True, is refused). Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
+its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
+T·K·H-sized is cached. The backward drops h right after the dA kernel reads it, so its peak (dh [S, W] beside
+dxs [S, H]) does not also hold h (a second backward over the same graph, retain_graph=True, is refused).
+Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
 dW_down is needed), ga [S, I] (split dA only), dh [S, W], partials [S, I/64 or 1] fp32 (only when the routing
 weights need a gradient), the chunk table (~S/64 + E int32), one plan-ordered row copy [S, H] at a time for the
 weight gradients (dOut rows, then x rows; "copy" mode), dxs [S, H] (only when x needs a gradient, after them).
