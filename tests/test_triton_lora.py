@@ -296,25 +296,33 @@ def test_factors_in_peft_layout_fp32_with_a_scale(transposed_layout):
     assert node_names <= {"ExpertsTritonFunctionBackward", "ViewBackward0", "PermuteBackward0"}, node_names
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
-    """``moekit.enable`` on a PEFT model: the backend hands PEFT's factors to the Triton engine (selection forced,
-    since the CPU normally runs the reference) and the result matches the reference path; ΔW is never built.
-    In bf16 PEFT keeps its factors in fp32: the engine takes them as they are."""
+def _peft_block(dtype):
+    """A PEFT model (LoRA r=4 on both expert weights of a tiny nemotron_h experts module) on moekit, and inputs
+    (x [9, 24], top-k index, routing weights)."""
     from experts_factory import Block, make_experts, make_inputs
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora.layer import ParamWrapper
 
     import moekit
-    import moekit.backend
-    import moekit.triton_engine
 
     experts = make_experts("nemotron_h", hidden=24, intermediate=16, num_experts=4, dtype=dtype).to(DEVICE)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
                         target_parameters=["experts.up_proj", "experts.down_proj"])  # fmt: skip
     model = moekit.enable(get_peft_model(Block(experts), config).to(DEVICE))
+    return model, [t.to(DEVICE) for t in make_inputs(9, 24, 4, 2, dtype=dtype)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
+    """``moekit.enable`` on a PEFT model: the backend hands PEFT's factors to the Triton engine (selection forced,
+    since the CPU normally runs the reference) and the result matches the reference path; ΔW is never built.
+    In bf16 PEFT keeps its factors in fp32: the engine takes them as they are."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    import moekit.backend
+    import moekit.triton_engine
+
+    model, (x, index, weights) = _peft_block(dtype)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
-    x, index, weights = (t.to(DEVICE) for t in make_inputs(9, 24, 4, 2, dtype=dtype))
     monkeypatch.setattr(ParamWrapper, "get_delta_weight", lambda *a, **k: pytest.fail("ΔW requested"))
     launched = []
     real = moekit.triton_engine.ExpertsTritonFunction.apply
@@ -371,3 +379,34 @@ def test_scaled_copy_falls_back_for_layouts_that_do_not_merge():
     assert torch.equal(scaled_copy(src, dst, 2.0), src * 2.0)
     with pytest.raises(ValueError, match="shape"):
         scaled_copy(src, torch.empty(4, 6, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing_through_the_triton_engine(monkeypatch, use_reentrant):
+    """torch.utils.checkpoint around a PEFT model on the Triton engine. The recompute builds a fresh graph, so the
+    backward's early release of the pre-activation is safe under it, and every result equals the plain run's
+    bit for bit (the kernels are deterministic)."""
+    import moekit.backend
+    import moekit.triton_engine
+
+    model, (x, index, weights) = _peft_block(torch.float32)
+    monkeypatch.setattr(moekit.backend, "select_engine", lambda *a, **k: "triton")
+    launches = []
+    real = moekit.triton_engine.ExpertsTritonFunction.apply
+    monkeypatch.setattr(moekit.triton_engine.ExpertsTritonFunction, "apply", lambda *a: launches.append(1) or real(*a))
+
+    def step(checkpointed: bool):
+        model.zero_grad(set_to_none=True)
+        xr, wr = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        if checkpointed:
+            out = torch.utils.checkpoint.checkpoint(model, xr, index, wr, use_reentrant=use_reentrant)
+        else:
+            out = model(xr, index, wr)
+        out.backward(torch.ones_like(out))
+        return [out.detach(), xr.grad, wr.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    plain, checkpointed = step(False), step(True)
+    assert len(launches) == 3  # the plain forward; the checkpointed forward and its recompute in the backward
+    assert len(plain) == 7 and all(t is not None for t in plain)  # out, x, weights, 4 LoRA factors
+    for ours, want in zip(checkpointed, plain):
+        assert torch.equal(ours, want)
