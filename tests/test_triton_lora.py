@@ -349,9 +349,9 @@ def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
         assert_matches(ours, ref, truth, names, 2e-3, 2.0)
 
 
-@pytest.mark.parametrize("to_peft", [False, True])
+@pytest.mark.parametrize("direction", ["grad_to_peft", "bf16_operand", "fp16_operand"])
 @pytest.mark.parametrize("shape", [(37, 70, 3), (5, 1, 16), (3, 9, 1), (1, 130, 2)])
-def test_scaled_copy_between_peft_and_dense_layouts(to_peft, shape):
+def test_scaled_copy_between_peft_and_dense_layouts(direction, shape):
     """``scaled_copy`` moves B between PEFT's layout ([out, R*E] viewed [E, out, R], strides (1, R*E, E)) and a
     dense one, scaled and cast once: each element equals torch's fp32 product rounded to the destination dtype.
     Sizes cross the tiles unevenly; destinations are NaN-filled, so an element left unwritten fails."""
@@ -362,10 +362,11 @@ def test_scaled_copy_between_peft_and_dense_layouts(to_peft, shape):
     peft = torch.randn(out, R * E, generator=g).to(DEVICE).view(out, R, E).permute(2, 0, 1)
     dense = torch.randn(E, out, R, generator=g).to(DEVICE)
     assert _merged_strides(peft) is not None and _merged_strides(dense) is not None
-    if to_peft:  # a factor gradient: fp32 dense -> fp32 in PEFT's strides
+    if direction == "grad_to_peft":  # a factor gradient: fp32 dense -> fp32 in PEFT's strides
         src, dst, alpha = dense, torch.full_like(peft, float("nan")), 1.0
-    else:  # the kernels' operand: fp32 in PEFT's strides -> s·B, bf16, dense
-        src, dst, alpha = peft, torch.full(peft.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE), 0.375
+    else:  # the kernels' operand: fp32 in PEFT's strides -> s·B in the model's 16-bit dtype, dense
+        operand_dtype = torch.bfloat16 if direction == "bf16_operand" else torch.float16
+        src, dst, alpha = peft, torch.full(peft.shape, float("nan"), dtype=operand_dtype, device=DEVICE), 0.375
     assert scaled_copy(src, dst, alpha) is dst
     assert torch.equal(dst, (src * alpha).to(dst.dtype))
 
