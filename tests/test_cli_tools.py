@@ -57,6 +57,29 @@ def test_bench_runs_on_cpu_and_writes_json_and_plot(tmp_path, capsys):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_table_puts_lora_over_its_frozen_base():
+    """With frozen-base rows in the run, each LoRA row shows its step over the same impl's frozen step."""
+    from rich.console import Console
+
+    from moekit.bench import _table
+
+    def record(mode, impl, ms, rank=None):
+        return {"shape": "s", "tokens": 8, "mode": mode, "impl": impl, "ms": ms, "tflops": 1.0, "peak_gib": 1.0,
+                "step_gib": 0.5, "lora_rank": rank}  # fmt: skip
+
+    records = [record("lora", "grouped_mm", 8.0, 16), record("lora", "moekit-triton", 2.5, 16),
+               record("frozen", "moekit-triton", 2.0)]  # fmt: skip
+    console = Console(record=True, width=240)
+    console.print(_table(records, None))
+    text = console.export_text()
+    rows = {tuple(cell.strip() for cell in line.split("│")[3:5]): line.rstrip(" │")
+            for line in text.splitlines() if line.count("│") > 10}  # fmt: skip
+    assert "÷ frozen" in text
+    assert rows[("lora r=16", "moekit-triton")].endswith("1.25")  # 2.5 / 2.0
+    assert rows[("lora r=16", "grouped_mm")].endswith("-")  # grouped_mm has no frozen run
+    assert rows[("frozen", "moekit-triton")].endswith("-")
+
+
 def test_bench_custom_shape(tmp_path):
     json_path = tmp_path / "r.json"
     argv = ["bench", "--device", "cpu", "--hidden", "48", "--intermediate", "40", "--experts", "4", "--top-k", "2",

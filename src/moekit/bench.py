@@ -305,8 +305,10 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
     from rich.table import Table
 
     table = Table(title="expert layer benchmark", caption="ms: median step, steps queued back to back (CUDA events)")
-    for column in ("shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB",
-                   "× grouped_mm"):  # fmt: skip
+    # "÷ frozen": a LoRA step over the same impl's frozen-base step (same shape and tokens), when both ran
+    frozen = {(r["shape"], r["tokens"], r["impl"]): r["ms"] for r in records if r["mode"] == "frozen" and "ms" in r}
+    columns = ["shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB", "× grouped_mm"]
+    for column in columns + (["÷ frozen"] if frozen else []):
         table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right")
     baselines = {_case_key(r): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r}
     for r in records:
@@ -315,12 +317,14 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
             table.add_row(r["shape"], str(r["tokens"]), mode, r["impl"], f"[yellow]{r['skipped']}[/]")
             continue
         baseline = baselines.get(_case_key(r))
+        frozen_ms = frozen.get((r["shape"], r["tokens"], r["impl"])) if r["mode"] == "lora" else None
         table.add_row(
             r["shape"], str(r["tokens"]), mode, r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
             f"{100 * r['tflops'] / dense:.0f}%" if dense else "-",
             "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}",
             "-" if r["step_gib"] != r["step_gib"] else f"{r['step_gib']:.2f}",
             f"{baseline / r['ms']:.2f}" if baseline else "-",
+            *([f"{r['ms'] / frozen_ms:.2f}" if frozen_ms else "-"] if frozen else []),
         )  # fmt: skip
     return table
 
