@@ -29,10 +29,12 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
 LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
 typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
 operands itself, outside autograd: A in x's dtype and s·B in x's dtype, contiguous (one small copy each, none
-when they already are), and the backward writes the factor gradients straight into the parameters' dtype and
-strides (dB times s in the kernel's store), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W: the low-rank intermediates are small grouped GEMMs (``grouped_gemm(...,
-lowrank=True)``, BLOCK_N fitted to R) and the big GEMMs take them through a short second reduction loop over R
-into the same fp32 accumulator, before their epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
+when they already are; PEFT's B layout is transposed by ``kernels.relayout``). The backward returns the factor
+gradients in the parameters' dtype and strides (dB times s in the kernel's store; written dense, then moved when
+the parameter is PEFT's strided B), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W:
+the low-rank intermediates are small grouped GEMMs (``grouped_gemm(..., lowrank=True)``, BLOCK_N fitted to R) and
+the big GEMMs take them through a short second reduction loop over R into the same fp32 accumulator, before their
+epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
 
     forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
                u_down = a A_downᵀ [S, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
