@@ -123,8 +123,12 @@ def test_fp32_every_activation(name):
     assert_close(make_case(act=act, transposed=transposed, bias=bias, seed=hash(name) % 1000), 1e-5)
 
 
+@pytest.mark.parametrize("plain", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["relu2", "silu_glu_concat", "silu_glu_interleaved", "clamped_glu"])
-def test_bf16(name):
+def test_bf16(monkeypatch, name, plain):
+    """bf16 with the down-projection on grouped_mm (routing weight and bias in the combine, where grouped_mm runs)
+    and on the Triton kernel (both in its epilogue)."""
+    monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", plain)
     act, transposed, bias = ACTIVATIONS[name]
     if name == "clamped_glu":  # gpt-oss's limit: a low one makes bf16 gradients flip at the clamp edge
         act = Activation("clamped_glu", None, False, alpha=1.702, limit=7.0)
@@ -139,7 +143,8 @@ def test_bf16(name):
 def test_backward_modes(monkeypatch, mode, plain, wgrad, name):
     """Every way of running the backward matches the reference: dA fused in the GEMM epilogue or GEMM + an
     elementwise pass (MOEKIT_TRITON_DA); weight gradients by the Triton kernel from plan-ordered row copies or
-    gathered rows (MOEKIT_TRITON_WGRAD), or, with dX, by torch's grouped_mm (MOEKIT_TRITON_PLAIN_GEMM)."""
+    gathered rows (MOEKIT_TRITON_WGRAD), or, with dX and the forward's down-projection, by torch's grouped_mm
+    (MOEKIT_TRITON_PLAIN_GEMM; then the combine applies the routing weights and the down bias)."""
     import moekit.triton_engine as engine
 
     monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
@@ -150,10 +155,11 @@ def test_backward_modes(monkeypatch, mode, plain, wgrad, name):
     monkeypatch.setattr(engine, "grouped_matmul", lambda *args: calls.append("matmul") or grouped_matmul(*args))
     act, transposed, bias = ACTIVATIONS[name]
     assert_close(make_case(T=17, E=3, K=2, act=act, transposed=transposed, bias=bias, sentinel_fraction=0.2), 1e-5)
-    # where grouped_mm runs (CPU builds of torch >= 2.10 have it), both weight gradients and dX went through it
+    # where grouped_mm runs (CPU builds of torch >= 2.10 have it), the forward's down-projection, both weight
+    # gradients and dX went through it
     probe = torch.ones(8, 8, device=DEVICE)
     torch_runs = plain == "torch" and grouped_outer_runs(probe, probe)
-    assert sorted(calls) == (["matmul", "outer", "outer"] if torch_runs else [])
+    assert sorted(calls) == (["matmul", "matmul", "outer", "outer"] if torch_runs else [])
 
 
 def test_fp16_routing_weights_fp32():
@@ -314,6 +320,41 @@ def test_forward_saves_no_row_sized_output():
     saved = [t for t in out.grad_fn.saved_tensors if t is not None]
     n, hidden = case["plan"].num_rows, 40
     assert not any(t.dim() == 2 and tuple(t.shape) == (n, hidden) for t in saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted, bias", [(False, False), (True, False), (True, True)])
+def test_combine_matches_torch(weighted, bias, dtype):
+    """The combine kernel against a torch loop over slots: rows (+ bias of the row's expert) (* the slot's routing
+    weight) summed in fp32, sentinel slots skipped, every output written (poisoned buffers), sizes off the tile."""
+    g = torch.Generator().manual_seed(3)
+    num_tokens, top_k, hidden, num_experts = 37, 3, 45, 5
+    weights, index = _routing(num_tokens, num_experts, top_k, g, sentinel_fraction=0.25)
+    plan = build_plan(index.to(DEVICE), num_experts)
+    rows = torch.randn(plan.num_rows, hidden, generator=g).to(DEVICE, dtype)
+    rows[plan.num_routed :] = float("nan")  # sentinel rows hold garbage that must never be read
+    slot_weights = weights.to(DEVICE, dtype) if weighted else None
+    expert_bias = torch.randn(num_experts, 2 * hidden, generator=g).to(DEVICE, dtype)[:, ::2] if bias else None
+    ours = kernels.combine(
+        rows, plan.row_of_slot.reshape(-1), num_tokens, top_k, dtype,
+        slot_weights=slot_weights, bias=expert_bias, expert_of_row=plan.expert_of_row,
+    )  # fmt: skip
+    expected = torch.zeros(num_tokens, hidden, dtype=torch.float64, device=DEVICE)
+    for slot in range(top_k):
+        row = plan.row_of_slot[:, slot]
+        routed = row >= 0
+        term = rows[row.clamp(min=0)].double()
+        if bias:
+            term = term + expert_bias[plan.expert_of_row[row.clamp(min=0)].clamp(max=num_experts - 1)].double()
+        if weighted:
+            term = term * slot_weights[:, slot, None].double()
+        expected += torch.where(routed[:, None], term, 0.0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.isfinite(ours).all()
+    assert (ours.double() - expected).abs().max() <= tol * expected.abs().max()
+    if bias:
+        with pytest.raises(ValueError, match="expert_of_row"):
+            kernels.combine(rows, plan.row_of_slot.reshape(-1), num_tokens, top_k, dtype, bias=expert_bias)
 
 
 @pytest.mark.parametrize("num_experts", [1, 5, 128, 600])

@@ -10,6 +10,8 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
       up_proj      x --gather in the operand loads--> GEMM W_up[e] (+b_up) --epilogue--> h [S, W] (kept), a [S, I]
       grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [S, H]          (transient)
       combine      out[t] = sum_k yw[row_of_slot[t, k]] in fp32, slot order, sentinels skipped --> [T, H]
+                   Without LoRA on W_down the GEMM is plain: y = a @ W_down[e] on torch's grouped_mm where it
+                   runs, and the combine adds b_down[e] and multiplies by the routing weight, in fp32
     backward
       act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [S, I]
                    (for dW_down), dL/dh [S, W] = act'(h) * w * ga, and per-row partials of <ga, a> for the
@@ -22,9 +24,10 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
                    expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
                    before (transient [S, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
       grouped_gemm dh @ W_up[e]ᵀ --> dxs [S, H] (transient);  combine --> dX [T, H]
-    The GEMMs with neither a gather nor an epilogue (dW_down and dW_up from the row copies, dxs without LoRA)
-    go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our kernels at these shapes on an H100); the
-    bias sums then run alone in the weight-gradient kernel (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
+    The GEMMs with neither a gather nor an epilogue (the forward's down-projection without LoRA on W_down, dW_down
+    and dW_up from the row copies, dxs without LoRA on W_up) go to torch's grouped_mm where it runs (CUTLASS:
+    1.3-1.5x our kernels at these shapes on an H100); the bias sums then run alone in the weight-gradient kernel
+    (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
 
 LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
 typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
@@ -50,7 +53,7 @@ Memory plan. Forward saves x, the routing weights, the weights/biases (parameter
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
 T·K·H-sized is cached. The backward drops h right after the dA kernel reads it, so its peak (dh [S, W] beside
 dxs [S, H]) does not also hold h (a second backward over the same graph, retain_graph=True, is refused).
-Forward transients: a [S, I] and yw [S, H] (freed on return). Backward transients: w * a [S, I] (only when
+Forward transients: a [S, I] and yw (or y) [S, H] (freed on return). Backward transients: w * a [S, I] (only when
 dW_down is needed), ga [S, I] (split dA only), dh [S, W], partials [S, I/64 or 1] fp32 (only when the routing
 weights need a gradient), the chunk table (~S/64 + E int32), one plan-ordered row copy [S, H] at a time for the
 weight gradients (dOut rows, then x rows; "copy" mode), dxs [S, H] (only when x needs a gradient, after them).
@@ -142,8 +145,9 @@ def wgrad_mode() -> str:
 def plain_gemm_mode() -> str:
     """Who runs the grouped GEMMs that need no gather and no epilogue (``MOEKIT_TRITON_PLAIN_GEMM``): "torch"
     (default; torch's grouped_mm where it runs, measured 1.3-1.5x faster than the Triton kernels on an H100,
-    BENCHMARKS.md) or "triton". They are the base weight gradients (from plan-ordered row copies) and dX's
-    per-row product dh @ W_up[e] when the up-projection has no LoRA."""
+    BENCHMARKS.md) or "triton". They are the forward's a @ W_down[e] when the down-projection has no LoRA (the
+    combine then applies bias and routing weight), the base weight gradients (from plan-ordered row copies) and
+    dX's per-row product dh @ W_up[e] when the up-projection has no LoRA."""
     return "triton" if os.environ.get("MOEKIT_TRITON_PLAIN_GEMM", "torch") == "triton" else "torch"
 
 
@@ -245,12 +249,23 @@ class ExpertsTritonFunction(torch.autograd.Function):
             down_a, down_b = _kernel_factors(down_lora_a, down_lora_b, down_lora_scale, x.dtype)
             u_down = grouped_gemm(a, down_a.transpose(1, 2), counts, n, lowrank=True)
             down_lora = (u_down, down_b.transpose(1, 2))
-        yw = grouped_gemm(
-            a, _in_out(down_weight, transposed), counts, n,
-            bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
-        )  # fmt: skip
-        del a
-        out = combine(yw, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, x.dtype)
+        inv = plan.row_of_slot.reshape(-1)
+        # Without LoRA the down-projection is a plain grouped GEMM: torch's grouped_mm where it runs (CUTLASS,
+        # faster than the Triton kernel, BENCHMARKS.md), its routing weight and bias applied by the combine
+        y = None if down_lora else _torch_matmul(a, _in_out(down_weight, transposed), plan)
+        if y is not None:
+            del a
+            out = combine(
+                y, inv, plan.num_tokens, plan.top_k, x.dtype,
+                slot_weights=routing_weights, bias=down_bias, expert_of_row=plan.expert_of_row,
+            )  # fmt: skip
+        else:
+            yw = grouped_gemm(
+                a, _in_out(down_weight, transposed), counts, n,
+                bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
+            )  # fmt: skip
+            del a
+            out = combine(yw, inv, plan.num_tokens, plan.top_k, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan
         ctx.lora_scales = (up_lora_scale, down_lora_scale)
