@@ -156,10 +156,11 @@ def test_backward_modes(monkeypatch, mode, plain, wgrad, name):
     act, transposed, bias = ACTIVATIONS[name]
     assert_close(make_case(T=17, E=3, K=2, act=act, transposed=transposed, bias=bias, sentinel_fraction=0.2), 1e-5)
     # where grouped_mm runs (CPU builds of torch >= 2.10 have it), the forward's down-projection, both weight
-    # gradients and dX went through it
+    # gradients, dX and (split mode) dA's GEMM went through it
     probe = torch.ones(8, 8, device=DEVICE)
     torch_runs = plain == "torch" and grouped_outer_runs(probe, probe)
-    assert sorted(calls) == (["matmul", "matmul", "outer", "outer"] if torch_runs else [])
+    matmuls = ["matmul"] * (3 if mode == "split" else 2)
+    assert sorted(calls) == (matmuls + ["outer", "outer"] if torch_runs else [])
 
 
 def test_fp16_routing_weights_fp32():
@@ -377,26 +378,60 @@ def test_chunk_table_kernel_matches_torch(num_experts):
                 assert torch.equal(a, b)
 
 
-def test_backward_frees_the_pre_activation_before_dx(monkeypatch):
-    """The pre-activation h [S, W] is dropped once the dA kernel has read it, so the backward's peak (dh beside
-    dxs [S, H]) does not also hold it: when dX's combine runs, nothing refers to h any more. A second backward
-    over the same graph (retain_graph=True) raises a clear error instead of reading a freed buffer."""
-    import weakref
+@pytest.mark.parametrize("name", ["relu2", "silu_glu_concat", "silu_glu_interleaved"])
+def test_act_grad_in_place_and_given_ga_match(name):
+    """dA written over its inputs (dh over h; split: w * a over ga) gives bit-identical results to fresh buffers
+    (poisoned, so every element must be written), and split mode with ga computed by the caller (grouped_mm on
+    the plan-ordered dOut rows) matches the gathered Triton GEMM."""
+    from moekit.kernels.act_grad import act_grad_backward, act_grad_backward_split
 
+    act = ACTIVATIONS[name][0]
+    case = make_case(T=19, H=24, I=20, E=3, K=2, act=act, sentinel_fraction=0.2, seed=5)
+    x, rw, up, _, down, _ = case["tensors"]
+    plan, layout = case["plan"], case["layout"]
+    tok, counts, n = plan.token_of_row, plan.tokens_per_expert, plan.num_rows
+    h, _ = kernels.up_proj(x, tok, up.transpose(1, 2), None, counts, n, act)
+    args = (case["grad_out"], tok, plan.sorted_rows, rw.reshape(-1), down, None, counts, n, layout.activation)
+    with_h = lambda h_in: args[:5] + (h_in,) + args[6:]
+    routed = plan.num_routed
+    for fn in (act_grad_backward, act_grad_backward_split):
+        fresh = fn(*with_h(h.clone()))
+        consumed = h.clone()
+        reused = fn(*with_h(consumed), in_place=True)
+        assert reused[1].data_ptr() == consumed.data_ptr()
+        for got, want in zip(reused, fresh):
+            assert torch.isfinite(want[:routed]).all()
+            assert torch.equal(got[:routed], want[:routed])
+    rows = case["grad_out"].index_select(0, tok)
+    ga = grouped_matmul(rows, down, plan)
+    given = act_grad_backward_split(*with_h(h.clone()), ga=ga.clone())
+    fresh = act_grad_backward_split(*with_h(h.clone()))
+    for got, want in zip(given, fresh):
+        assert (got[:routed].float() - want[:routed].float()).abs().max() <= 1e-5 * want[:routed].abs().max()
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_backward_reuses_the_pre_activation_for_dh(monkeypatch, mode):
+    """The dA kernel writes dL/dh over the cached pre-activation h [S, W] (in place), so the backward's peak (dh
+    beside dxs [S, H]) holds no second [S, W] buffer: dX's GEMM reads dh from h's storage. A second backward over
+    the same graph (retain_graph=True) raises a clear error instead of reading the overwritten h."""
+    import moekit.triton_engine as engine
+
+    monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
     case = make_case(T=12, E=3, act=_act("silu", "glu", True))
     leaves = [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
     out = experts_triton(case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None)
-    h_ref = weakref.ref(out.grad_fn.pre_activation)
-    h_alive_at_combine = []
-    original_combine = kernels.combine
+    h_storage = out.grad_fn.pre_activation.untyped_storage().data_ptr()
+    dx_gemm_rows = []
+    original = engine._torch_matmul
 
-    def spy(*args, **kwargs):
-        h_alive_at_combine.append(h_ref() is not None)
-        return original_combine(*args, **kwargs)
+    def spy(rows, weight, plan):
+        dx_gemm_rows.append(rows.untyped_storage().data_ptr())
+        return original(rows, weight, plan)
 
-    monkeypatch.setattr(kernels, "combine", spy)
+    monkeypatch.setattr(engine, "_torch_matmul", spy)
     out.backward(case["grad_out"], retain_graph=True)
-    assert h_alive_at_combine == [False]  # the one combine of the backward: dX's
+    assert dx_gemm_rows[-1] == h_storage  # dX = dh @ W_up[e]ᵀ, the backward's last GEMM
     assert leaves[0].grad is not None and torch.isfinite(leaves[0].grad).all()
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         out.backward(case["grad_out"])

@@ -14,11 +14,11 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
                    runs, and the combine adds b_down[e] and multiplies by the routing weight, in fp32
     backward
       act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [S, I]
-                   (for dW_down), dL/dh [S, W] = act'(h) * w * ga, and per-row partials of <ga, a> for the
+                   (for dW_down), dL/dh [S, W] = act'(h) * w * ga over h, and per-row partials of <ga, a> for the
                    routing-weight gradient (<dOut, y> without y, + <dOut, b_down> on the host). Either fused in
                    the GEMM's epilogue (ga stays in registers) or split: the GEMM writes ga [S, I] (transient,
-                   rounded to the dtype as the reference does) and a memory-bound pass does the rest
-                   (``MOEKIT_TRITON_DA``; default per layout)
+                   rounded to the dtype as the reference does; by grouped_mm from the dOut row copy when
+                   dW_down makes one) and a memory-bound pass does the rest (``MOEKIT_TRITON_DA``; default split)
       weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused; dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused
                    (per output tile, one flat loop over the row chunks of a group of experts, a store at each
                    expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
@@ -51,12 +51,15 @@ u_up and u_down [S, R] are saved for backward. A frozen base costs no base weigh
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
-T·K·H-sized is cached. The backward drops h right after the dA kernel reads it, so its peak (dh [S, W] beside
-dxs [S, H]) does not also hold h (a second backward over the same graph, retain_graph=True, is refused).
-Forward transients: a [S, I] and yw (or y) [S, H] (freed on return). Backward transients: w * a [S, I] (only when
-dW_down is needed), ga [S, I] (split dA only), dh [S, W], partials [S, I/64 or 1] fp32 (only when the routing
-weights need a gradient), the chunk table (~S/64 + E int32), one plan-ordered row copy [S, H] at a time for the
-weight gradients (dOut rows, then x rows; "copy" mode), dxs [S, H] (only when x needs a gradient, after them).
+T·K·H-sized is cached. The dA kernel writes dh over h (in place: each element of h is read by the program that
+then writes it), so the backward never holds h and dh side by side, and its peak (dh beside dxs [S, H]) holds
+one [S, W] buffer (a second backward over the same graph, retain_graph=True, is refused: h is gone).
+Forward transients: a [S, I] and yw (or y) [S, H] (freed on return). Backward transients: ga [S, I] (split dA;
+the pass writes w * a over it, kept only when dW_down or dA_down needs it; fused dA writes w * a [S, I] instead),
+partials [S, I/64 or 1] fp32 (only when the routing weights need a gradient), the chunk table (~S/64 + E int32),
+one plan-ordered row copy [S, H] at a time for the weight gradients ("copy" mode): dOut rows (made before dA,
+whose GEMM then runs on grouped_mm, and kept until dW_down), then x rows; dxs [S, H] (only when x needs a
+gradient, after them).
 Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (frozen weights cost no
 weight-gradient kernel).
 
@@ -269,8 +272,8 @@ class ExpertsTritonFunction(torch.autograd.Function):
 
         ctx.layout, ctx.plan = layout, plan
         ctx.lora_scales = (up_lora_scale, down_lora_scale)
-        # h is held outside save_for_backward so the backward can free it after its one use (the dA kernel),
-        # before dxs [S, H] is allocated: the backward's peak then holds dh and dxs but not h (memory plan above)
+        # h is held outside save_for_backward so the backward can consume it: the dA kernel writes dh over it, so
+        # the backward's peak (dh beside dxs [S, H]) holds one [S, W] buffer, not two (memory plan above)
         ctx.pre_activation = h
         ctx.save_for_backward(
             x, routing_weights, up_weight, up_bias, down_weight, down_bias,
@@ -311,6 +314,14 @@ class ExpertsTritonFunction(torch.autograd.Function):
         grad_out = grad_out.to(dtype)
         rw_flat = routing_weights.reshape(-1)
 
+        # The weight-gradient kernel reads its token-side operand (dOut rows, x rows) either through the plan
+        # inside its loop ("gather") or from a plan-ordered copy ("copy", default: the in-loop index loads cost
+        # the pipeline more than the copy costs bandwidth). A copy is made only for the (compute-bound) base
+        # weight gradient; the memory-bound LoRA factor gradients reuse it when it exists and gather otherwise.
+        # The dOut copy is made before dA, so that dA's GEMM (split mode, no LoRA term) runs on grouped_mm too.
+        copy_rows = wgrad_mode() == "copy" or plain_gemm_mode() == "torch"
+        rows_out = grad_out.index_select(0, tok) if copy_rows and need_wd else None  # [S, H]
+
         # v_down = dOut[tok] @ B_down[e] [S, R]: the LoRA part of dL/da is v_down @ A_down[e]
         run_da = need_dh or need_rw or store_a
         v_down = None
@@ -318,14 +329,20 @@ class ExpertsTritonFunction(torch.autograd.Function):
             v_down = grouped_gemm(grad_out, down_b, counts, n, gather=tok, lowrank=True)
         a = dh = part = None
         if run_da:
-            dA = act_grad_backward if act_grad_mode(act) == "fused" else act_grad_backward_split
-            a, dh, part = dA(
-                grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act,
-                store_a=store_a, store_dh=need_dh, store_part=need_rw,
-                lora=(v_down, down_a) if down_lora and (need_dh or need_rw) else None,
-            )  # fmt: skip
+            # dh is written over h and (split) w * a over ga, so the pass allocates neither (memory plan above)
+            da_lora = (v_down, down_a) if down_lora and (need_dh or need_rw) else None
+            dA_args = (grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act)
+            dA_flags = {"store_a": store_a, "store_dh": need_dh, "store_part": need_rw, "in_place": True}
+            if act_grad_mode(act) == "fused":
+                a, dh, part = act_grad_backward(*dA_args, lora=da_lora, **dA_flags)
+            else:
+                ga = None
+                if rows_out is not None and da_lora is None:
+                    ga = _torch_matmul(rows_out, _out_in(w_down, transposed), plan)  # [S, I]
+                a, dh, part = act_grad_backward_split(*dA_args, lora=da_lora, ga=ga, **dA_flags)
+                del ga
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
-        del h  # its last use: freed before dxs (see forward)
+        del h  # its last use (dh may now live in its storage): nothing else holds it before dxs (see forward)
 
         grad_rw = None
         if need_rw:
@@ -344,18 +361,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
         if need_wd or need_bd or need_wu or need_bu or need_up_a or need_up_b or need_down_a or need_down_b:
             chunks = chunk_table(counts, n, wgrad_block_k(dtype))  # rows cut in chunks per expert, shared by all
 
-        # The weight-gradient kernel reads its token-side operand (dOut rows, x rows) either through the plan
-        # inside its loop ("gather") or from a plan-ordered copy made just before ("copy", default: the
-        # in-loop index loads cost the pipeline more than the copy costs bandwidth). Copies live one at a time,
-        # never beside dxs, so the backward peak does not grow. A copy is made only for the (compute-bound) base
-        # weight gradient; the memory-bound LoRA factor gradients reuse it when it exists and gather otherwise.
-        copy_rows = wgrad_mode() == "copy" or plain_gemm_mode() == "torch"
+        # Row copies (see above) live one at a time, never beside dxs, so the backward peak does not grow
         grad_wd = grad_bd = grad_down_a = grad_down_b = None
         if need_wd or need_bd or need_down_b:
-            if copy_rows and need_wd:
-                left, left_index = grad_out.index_select(0, tok), None
-            else:
-                left, left_index = grad_out, tok
+            left, left_index = (rows_out, None) if rows_out is not None else (grad_out, tok)
+            del rows_out
             if need_wd:  # a was written scaled by the routing weight (w * a)
                 grad_wd = _torch_outer(left, a, plan, transposed, w_down.dtype)
             if (need_wd and grad_wd is None) or need_bd:

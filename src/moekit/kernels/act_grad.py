@@ -152,18 +152,20 @@ _PLAIN = Autotuned(
 
 def act_grad_backward(
     grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
-    store_a=True, store_dh=True, store_part=True, lora=None,
+    store_a=True, store_dh=True, store_part=True, lora=None, in_place=False,
 ):  # fmt: skip
     """(w * a [n, I], dL/dh [n, W], row partials [n, blocks] fp32) — see the module docstring.
 
     ``weight_out_in`` is W_down viewed [E, H, I]; ``routing_weights`` is flat [T*K]; ``lora``: (v [n, R],
-    A_down [E, R, I]) for LoRA on the down projection.
+    A_down [E, R, I]) for LoRA on the down projection. ``in_place``: dh is written over h (each program reads
+    its h tile before it writes the same elements of dh), so the caller's h is consumed and no [n, W] buffer is
+    allocated.
     """
     num_experts, k_dim, inner = weight_out_in.shape
     width = h.shape[1]
     gated = activation.gated
     a = new_output(n if store_a else 0, inner, dtype=h.dtype, device=h.device)
-    dh = new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
+    dh = h if in_place and store_dh else new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
     blocks = cdiv(inner, min_block_n("actgrad"))
     part = h.new_zeros(n if store_part else 0, blocks, dtype=torch.float32)
     if n == 0:
@@ -256,20 +258,28 @@ _AUTO_MODE = {"gated": "split", "plain": "split"}
 
 def act_grad_backward_split(
     grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h, counts, n, activation,
-    store_a=True, store_dh=True, store_part=True, lora=None,
+    store_a=True, store_dh=True, store_part=True, lora=None, in_place=False, ga=None,
 ):  # fmt: skip
-    """Same contract as ``act_grad_backward`` (partials have one column): GEMM, then the elementwise pass."""
+    """Same contract as ``act_grad_backward`` (partials have one column): GEMM, then the elementwise pass.
+
+    ``ga``: dOut[tok] @ W_down[e]ᵀ [n, I] already computed by the caller (then ``lora`` must be None).
+    ``in_place``: the pass writes dh over h and w * a over ga (each element is read before it is overwritten,
+    by the same program), so it allocates no [n, W] or [n, I] buffer; h is consumed.
+    """
     from .down_proj import grouped_gemm
 
     inner = weight_out_in.shape[2]
     width = h.shape[1]
     gated = activation.gated
-    a = new_output(n if store_a else 0, inner, dtype=h.dtype, device=h.device)
-    dh = new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
+    if n and ga is None:
+        ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row, lora=lora)  # [n, I], rounded
+    elif ga is not None and lora is not None:
+        raise ValueError("act_grad_backward_split: pass either ga or lora, not both (ga must include the LoRA term)")
+    a = ga if in_place and store_a and n else new_output(n if store_a else 0, inner, dtype=h.dtype, device=h.device)
+    dh = h if in_place and store_dh else new_output(n if store_dh else 0, width, dtype=h.dtype, device=h.device)
     part = new_output(n if store_part else 0, 1, dtype=torch.float32, device=h.device)
     if n == 0:
         return a, dh, part
-    ga = grouped_gemm(grad_out, weight_out_in, counts, n, gather=token_of_row, lora=lora)  # [n, I], dtype-rounded
     col_stride, up_off = (2, 1) if gated and not activation.concatenated else (1, inner)
     block_r, block_c, warps = (16, 16, 4) if interpreting() else (16, 256, 4)
     _act_backward_kernel[(cdiv(n, block_r),)](
