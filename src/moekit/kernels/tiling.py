@@ -187,7 +187,7 @@ _SPACES = {
     # LoRA low-rank GEMMs (u = rows @ A[e]ᵀ, v = rows @ B[e]): N = the rank R, so BLOCK_N (0 here) is not
     # tuned but set at launch from R (``rank_block``); memory-bound, so deep pipelines over long K steps.
     "lowrank": {
-        "hopper": [(64, 0, 128, 4, 4), (128, 0, 64, 4, 4), (128, 0, 128, 8, 3)],
+        "hopper": [(64, 0, 128, 4, 4), (128, 0, 64, 4, 4), (128, 0, 128, 8, 3), (32, 0, 128, 4, 4)],
         "ampere": [(64, 0, 64, 4, 4), (128, 0, 64, 4, 3)],
         "interpret": [(16, 0, 16, 4, 1)],
     },
