@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
+    parser.add_argument("--tuning", action="store_true", help="also print the config the autotuner chose per key")
     args = parser.parse_args()
 
     step = make_step(
@@ -57,6 +58,11 @@ def main() -> None:
     for e in events[: args.rows]:
         per_step = e.device_time_total / args.steps / 1e3
         print(f"  {per_step:7.3f} ms  x{e.count // args.steps:<3d} {e.key[:100]}")
+    if args.tuning:
+        from moekit.kernels.tiling import tuning_report
+
+        for line in tuning_report():
+            print("  tuned:", line)
     if args.python:  # host time per step by function (time blocked in a device sync shows up as its own time)
         import cProfile
         import pstats
