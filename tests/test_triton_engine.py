@@ -127,14 +127,20 @@ def test_fp32_every_activation(name):
 @pytest.mark.parametrize("name", ["relu2", "silu_glu_concat", "silu_glu_interleaved", "clamped_glu"])
 def test_bf16(monkeypatch, name, plain):
     """bf16 with the down-projection on grouped_mm (routing weight and bias in the combine, where grouped_mm runs)
-    and on the Triton kernel (both in its epilogue)."""
+    and on the Triton kernel (both in its epilogue). I = 24: bf16 rows of a are 48 bytes, aligned for grouped_mm."""
+    import moekit.triton_engine as engine
+
     monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", plain)
+    matmuls = []
+    monkeypatch.setattr(engine, "grouped_matmul", lambda *args: matmuls.append(1) or grouped_matmul(*args))
     act, transposed, bias = ACTIVATIONS[name]
     if name == "clamped_glu":  # gpt-oss's limit: a low one makes bf16 gradients flip at the clamp edge
         act = Activation("clamped_glu", None, False, alpha=1.702, limit=7.0)
-    case = make_case(T=24, act=act, transposed=transposed, bias=bias, dtype=torch.bfloat16, seed=7)
+    case = make_case(T=24, I=24, act=act, transposed=transposed, bias=bias, dtype=torch.bfloat16, seed=7)
     assert_close(case, 2e-2)  # against the bf16 reference
     assert_close(case, 2e-3, truth_factor=2.0)  # no worse than the reference against fp64
+    probe = torch.ones(8, 8, device=DEVICE, dtype=torch.bfloat16)
+    assert bool(matmuls) == (plain == "torch" and grouped_outer_runs(probe, probe))
 
 
 @pytest.mark.parametrize("plain, wgrad", [("triton", "copy"), ("triton", "gather"), ("torch", "copy")])
