@@ -295,7 +295,8 @@ class ExpertsTritonFunction(torch.autograd.Function):
         if h is None:
             raise RuntimeError(
                 "moekit's Triton expert backward ran twice over one graph (backward with retain_graph=True): its "
-                "first run freed the cached pre-activation. Run the forward again, or use MOEKIT_BACKEND=reference."
+                "first run wrote dL/dh over the cached pre-activation. Run the forward again, or use "
+                "MOEKIT_BACKEND=reference."
             )
         up_scale, down_scale = ctx.lora_scales
         num_inputs = len(ctx.needs_input_grad)  # 8 when called without the LoRA arguments
@@ -342,7 +343,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 a, dh, part = act_grad_backward_split(*dA_args, lora=da_lora, ga=ga, **dA_flags)
                 del ga
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
-        del h  # its last use (dh may now live in its storage): nothing else holds it before dxs (see forward)
+        del h  # its last use; dh, when computed, lives in its storage (see forward)
 
         grad_rw = None
         if need_rw:
