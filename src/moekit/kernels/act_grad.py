@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .activation import act_fn, act_grad, gated_backward
+from .launch import FastKernel
 from .tiling import (
     Autotuned,
     block_e,
@@ -244,6 +245,9 @@ def _act_backward_kernel(
         tl.store(part_ptr + r64, part, mask=r_mask)
 
 
+_ACT_BACKWARD = FastKernel(_act_backward_kernel)
+
+
 def act_grad_mode(activation) -> str:
     """ "fused" or "split" for this layout: ``MOEKIT_TRITON_DA`` when set to one of them, else the default."""
     mode = os.environ.get("MOEKIT_TRITON_DA", "auto")
@@ -282,7 +286,7 @@ def act_grad_backward_split(
         return a, dh, part
     col_stride, up_off = (2, 1) if gated and not activation.concatenated else (1, inner)
     block_r, block_c, warps = (16, 16, 4) if interpreting() else (16, 256, 4)
-    _act_backward_kernel[(cdiv(n, block_r),)](
+    _ACT_BACKWARD[(cdiv(n, block_r),)](
         ga, h, sorted_rows, routing_weights, a if store_a else h, dh if store_dh else h, part if store_part else ga,
         n, inner, ga.stride(0), h.stride(0), a.stride(0) if store_a else 0, dh.stride(0) if store_dh else 0,
         up_off, float(activation.alpha), float(activation.limit),

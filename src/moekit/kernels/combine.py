@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastKernel
 from .tiling import cdiv, interpreting, new_output, next_power_of_2, to_dtype
 
 
@@ -47,6 +48,9 @@ def _combine_kernel(
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
 
 
+_COMBINE = FastKernel(_combine_kernel)
+
+
 def combine(
     rows: torch.Tensor, inv: torch.Tensor, num_tokens: int, top_k: int, out_dtype: torch.dtype,
     slot_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -73,7 +77,7 @@ def combine(
     else:
         block_t, block_h, warps = 4, min(1024, next_power_of_2(hidden)), 4
     grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
-    _combine_kernel[grid](
+    _COMBINE[grid](
         rows, inv, w, b, expert_of_row if has_bias else inv, out, num_tokens, top_k, hidden, rows.stride(0),
         *(b.stride() if has_bias else (0, 0)), out.stride(0),
         WEIGHTED=weighted, HAS_BIAS=has_bias, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps,

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastKernel
 from .tiling import cdiv, to_dtype
 
 
@@ -31,6 +32,9 @@ def _relayout_kernel(
     tile = tl.load(src_ptr + e64 * stride_se + j64 * stride_sj, mask=mask, other=0.0)
     tile = tile.to(tl.float32) * alpha
     tl.store(dst_ptr + e64 * stride_de + j64 * stride_dj, to_dtype(tile, dst_ptr.dtype.element_ty), mask=mask)
+
+
+_RELAYOUT = FastKernel(_relayout_kernel)
 
 
 def _merged_strides(t: torch.Tensor) -> tuple[int, int] | None:
@@ -53,7 +57,7 @@ def scaled_copy(src: torch.Tensor, dst: torch.Tensor, alpha: float = 1.0) -> tor
         return dst
     block_e = 32 if num_experts >= 32 else 16
     block_j = 128
-    _relayout_kernel[(cdiv(num_experts, block_e), cdiv(width, block_j))](
+    _RELAYOUT[(cdiv(num_experts, block_e), cdiv(width, block_j))](
         src, dst, num_experts, width, float(alpha), *src_strides, *dst_strides,
         BLOCK_E=block_e, BLOCK_J=block_j, num_warps=4,
     )  # fmt: skip

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastKernel
+
 
 @triton.jit
 def expert_tile(counts_ptr, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -274,14 +276,16 @@ class Autotuned:
     operand width (the spaces differ). Launch as ``kernel.get(dtype)[grid](...)`` with ``grid`` a function of
     the chosen config's meta-parameters. The first launch of a key (the ``key`` arguments plus the tensor
     dtypes, as triton's autotuner keys) tunes through triton's autotuner; later launches of that key go to the
-    jit function directly with the chosen config: triton's autotuner re-derives its key from every argument on
-    each call, ~75 µs of host time per launch, which at 8k tokens leaves the GPU idle between kernels.
+    compiled kernel directly with the chosen config (``launch.FastKernel``): triton's autotuner re-derives its key
+    from every argument on each call, ~75 µs of host time per launch, which at 8k tokens leaves the GPU idle
+    between kernels.
     """
 
     registry: ClassVar[list[Autotuned]] = []
 
     def __init__(self, jit_fn, family: str, key: list[str]):
         self.jit_fn, self.family, self.key = jit_fn, family, key
+        self.fast = FastKernel(jit_fn)
         self.tuners: dict[int, object] = {}
         self.chosen: dict[tuple, dict] = {}  # launch key -> the chosen config's launch arguments
         self._position = {name: i for i, name in enumerate(jit_fn.arg_names)}
@@ -310,7 +314,7 @@ class Autotuned:
                 # 0.5-2.5 GiB higher before a collection than after it (H100, BENCHMARKS.md). Once per tuned key.
                 gc.collect()
             return
-        self.jit_fn[grid](*args, **kwargs, **chosen)
+        self.fast.launch(grid, args, {**kwargs, **chosen})
 
 
 class _Launch:

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastKernel
 from .tiling import (
     Autotuned,
     block_e,
@@ -172,6 +173,9 @@ def _chunk_table_kernel(
     tl.store(chunk_end_ptr + offs_c, row_end, mask=c_mask)
 
 
+_CHUNK_TABLE = FastKernel(_chunk_table_kernel)
+
+
 def chunk_table(counts: torch.Tensor, n: int, block_k: int):
     """Chunks of ``block_k`` rows, expert by expert, built on the device (no host sync, one launch).
 
@@ -187,7 +191,7 @@ def chunk_table(counts: torch.Tensor, n: int, block_k: int):
     expert_chunk = torch.empty(num_experts + 1, device=device, dtype=torch.int32)
     chunk_expert, chunk_row, chunk_end = (torch.empty(num_chunks, device=device, dtype=torch.int32) for _ in range(3))
     block_c = 16 if num_experts > 512 else 32
-    _chunk_table_kernel[(cdiv(num_chunks, block_c),)](
+    _CHUNK_TABLE[(cdiv(num_chunks, block_c),)](
         counts, expert_chunk, chunk_expert, chunk_row, chunk_end, num_experts, num_chunks, block_k,
         BLOCK_E=block_e(num_experts), BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
