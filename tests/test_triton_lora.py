@@ -307,6 +307,7 @@ def _peft_block(dtype):
     experts = make_experts("nemotron_h", hidden=24, intermediate=16, num_experts=4, dtype=dtype).to(DEVICE)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
                         target_parameters=["experts.up_proj", "experts.down_proj"])  # fmt: skip
+    torch.manual_seed(0)  # PEFT draws the factors (init_lora_weights=False) from the global generator
     model = moekit.enable(get_peft_model(Block(experts), config).to(DEVICE))
     return model, [t.to(DEVICE) for t in make_inputs(9, 24, 4, 2, dtype=dtype)]
 
@@ -347,6 +348,34 @@ def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
     else:  # no worse than the bf16 reference, both against the same model in fp64
         truth, _ = step("reference", copy.deepcopy(model).double(), lambda t: t.double())
         assert_matches(ours, ref, truth, names, 2e-3, 2.0)
+
+
+def test_backward_keeps_no_copy_of_the_lora_factors(monkeypatch):
+    """The kernels' LoRA operands (A in x's dtype, s·B dense) are made again in the backward, not saved from the
+    forward: summed over a model's layers they would hold E·R·(in + out) per projection per layer (GBs at r=64).
+    What the forward saves of the factors is PEFT's parameters themselves (views, no memory of their own)."""
+    import moekit.backend
+
+    model, (x, index, weights) = _peft_block(torch.bfloat16)  # PEFT's factors stay fp32: the operands are copies
+    monkeypatch.setattr(moekit.backend, "select_engine", lambda *a, **k: "triton")
+    factors = [p for n, p in model.named_parameters() if "lora_" in n]
+    num_experts = 4
+    factor_shapes = set()
+    for p in factors:  # lora_A [r*E, in] -> A [E, r, in]; lora_B [out, r*E] -> B [E, out, r]
+        rows, cols = p.shape
+        factor_shapes |= {(num_experts, rows // num_experts, cols), (num_experts, rows, cols // num_experts)}
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x.clone().requires_grad_(True), index, weights.clone().requires_grad_(True))
+    copies = [
+        tuple(t.shape) for t in saved
+        if tuple(t.shape) in factor_shapes and t.untyped_storage().data_ptr() not in parameter_storages
+    ]  # fmt: skip
+    assert not copies, f"the forward saved LoRA operand copies of shapes {copies}"
+    assert any(tuple(t.shape) in factor_shapes for t in saved)  # the parameter views are what it saves
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in factors)
 
 
 @pytest.mark.parametrize("direction", ["grad_to_peft", "bf16_operand", "fp16_operand"])

@@ -47,7 +47,9 @@ epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
                v_up = dh B_up [S, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
                dB_up[e] = Σ dhᵀ u_up,  dA_up[e] = Σ v_upᵀ x[tok]
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
-u_up and u_down [S, R] are saved for backward. A frozen base costs no base weight-gradient kernel.
+u_up and u_down [S, R] are saved for backward; the operand copies of A and s·B are not (E·R·(in + out) per
+projection, which summed over a model's layers is GBs at r=64): the backward makes them again from the saved
+parameter views. A frozen base costs no base weight-gradient kernel.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
@@ -277,7 +279,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         ctx.pre_activation = h
         ctx.save_for_backward(
             x, routing_weights, up_weight, up_bias, down_weight, down_bias,
-            up_a, up_b, down_a, down_b, u_up, u_down, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
+            u_up, u_down, up_lora_a, up_lora_b, down_lora_a, down_lora_b,
         )  # fmt: skip
         return out
 
@@ -289,7 +291,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         from .kernels.weight_grad import chunk_table
 
         layout, plan = ctx.layout, ctx.plan
-        (x, routing_weights, w_up, b_up, w_down, b_down, up_a, up_b, down_a, down_b, u_up, u_down,
+        (x, routing_weights, w_up, b_up, w_down, b_down, u_up, u_down,
          up_param_a, up_param_b, down_param_a, down_param_b) = ctx.saved_tensors  # fmt: skip
         h, ctx.pre_activation = ctx.pre_activation, None
         if h is None:
@@ -303,11 +305,17 @@ class ExpertsTritonFunction(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad) + (False,) * (14 - num_inputs)
         need_x, need_rw, need_wu, need_bu, need_wd, need_bd = needs[2:8]
         need_up_a, need_up_b, need_down_a, need_down_b = needs[8:12]
-        up_lora, down_lora = up_a is not None, down_a is not None
+        up_lora, down_lora = up_param_a is not None, down_param_a is not None
         need_dh = need_x or need_wu or need_bu or need_up_a or need_up_b
         store_a = need_wd or need_down_a  # w * a: right operand of dW_down, left operand of dA_down
         if not (need_dh or need_rw or store_a or need_bd or need_down_b):
             return (None,) * num_inputs
+        # the kernels' LoRA operands, made again rather than kept from the forward (they are W-sized per rank)
+        up_a = up_b = down_a = down_b = None
+        if up_lora:
+            up_a, up_b = _kernel_factors(up_param_a, up_param_b, up_scale, x.dtype)
+        if down_lora:
+            down_a, down_b = _kernel_factors(down_param_a, down_param_b, down_scale, x.dtype)
         n, dtype, transposed, act = plan.num_rows, x.dtype, layout.transposed, layout.activation
         num_experts, counts = plan.num_experts, plan.tokens_per_expert
         tok, sorted_rows = plan.token_of_row, plan.sorted_rows
