@@ -191,6 +191,35 @@ def test_frozen_base_launches_no_base_weight_gradient(monkeypatch):
     assert calls == [(True, True, None)]
 
 
+@pytest.mark.parametrize("requires_grad", [FROZEN_BASE, (True,) * 10], ids=["frozen_base", "trainable_base"])
+def test_dx_comes_before_the_up_projection_gradients(monkeypatch, requires_grad):
+    """Memory plan: dX's per-row partials [S, H] are combined and freed before the up projection's weight and
+    factor gradients are allocated, so the backward never holds them together."""
+    events = []
+    real_combine, real_weight_grad = kernels.combine, kernels.weight_grad
+
+    def combine(*args, **kwargs):
+        events.append("combine")
+        return real_combine(*args, **kwargs)
+
+    def weight_grad(left, right, *args, **kwargs):
+        out = real_weight_grad(left, right, *args, **kwargs)
+        events.append(f"weight_grad {tuple(out[0].shape) if out[0] is not None else None}")
+        return out
+
+    monkeypatch.setattr(kernels, "combine", combine)
+    monkeypatch.setattr(kernels, "weight_grad", weight_grad)
+    monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", "triton")  # every weight gradient through weight_grad
+    case = make_case("silu_glu", ranks=(8,), seed=4)
+    assert_close(case, 1e-5, requires_grad=requires_grad)
+    E, H, I, R = 4, 24, 20, 8
+    up_shapes = {f"weight_grad {s}" for s in [(E, 2 * I, R), (E, R, H), (E, 2 * I, H)]}
+    backward = events[events.index("combine") + 1 :]  # after the forward's combine
+    dx = backward.index("combine")
+    assert not up_shapes & set(backward[:dx]), backward
+    assert up_shapes & set(backward[dx:]) == (up_shapes if requires_grad[2] else up_shapes - {f"weight_grad {(E, 2 * I, H)}"})
+
+
 def test_sentinels_and_experts_without_tokens():
     """Expert-parallel sentinel ids are skipped; experts that get no rows get exact-zero factor gradients."""
     case = make_case("silu_glu", ranks=(8,), T=3, E=16, K=2, seed=4, sentinel_fraction=0.3)

@@ -19,11 +19,12 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
                    the GEMM's epilogue (ga stays in registers) or split: the GEMM writes ga [S, I] (transient,
                    rounded to the dtype as the reference does; by grouped_mm from the dOut row copy when
                    dW_down makes one) and a memory-bound pass does the rest (``MOEKIT_TRITON_DA``; default split)
-      weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused; dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused
-                   (per output tile, one flat loop over the row chunks of a group of experts, a store at each
-                   expert's end: no atomics). The token rows dOut[tok], x[tok] are copied in plan order just
-                   before (transient [S, H], one at a time) or gathered in the loop (MOEKIT_TRITON_WGRAD)
+      weight_grad  dW_down[e] = Σ_r dOut[tok_r]ᵀ (w_r a_r), db_down fused (per output tile, one flat loop over the
+                   row chunks of a group of experts, a store at each expert's end: no atomics). The token rows
+                   dOut[tok], x[tok] are copied in plan order just before (transient [S, H], one at a time) or
+                   gathered in the loop (MOEKIT_TRITON_WGRAD)
       grouped_gemm dh @ W_up[e]ᵀ --> dxs [S, H] (transient);  combine --> dX [T, H]
+      weight_grad  dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused (after dX, so dxs is gone before it is allocated)
     The GEMMs with neither a gather nor an epilogue (the forward's down-projection without LoRA on W_down, dW_down
     and dW_up from the row copies, dxs without LoRA on W_up) go to torch's grouped_mm where it runs (CUTLASS:
     1.3-1.5x our kernels at these shapes on an H100); the bias sums then run alone in the weight-gradient kernel
@@ -54,14 +55,15 @@ parameter views. A frozen base costs no base weight-gradient kernel.
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
 T·K·H-sized is cached. The dA kernel writes dh over h (in place: each element of h is read by the program that
-then writes it), so the backward never holds h and dh side by side, and its peak (dh beside dxs [S, H]) holds
+then writes it), so the backward never holds h and dh side by side, and its peak (dh beside dxs or the x rows) holds
 one [S, W] buffer (a second backward over the same graph, retain_graph=True, is refused: h is gone).
 Forward transients: a [S, I] and yw (or y) [S, H] (freed on return). Backward transients: ga [S, I] (split dA;
 the pass writes w * a over it, kept only when dW_down or dA_down needs it; fused dA writes w * a [S, I] instead),
 partials [S, I/64 or 1] fp32 (only when the routing weights need a gradient), the chunk table (~S/64 + E int32),
 one plan-ordered row copy [S, H] at a time for the weight gradients ("copy" mode): dOut rows (made before dA,
-whose GEMM then runs on grouped_mm, and kept until dW_down), then x rows; dxs [S, H] (only when x needs a
-gradient, after them).
+whose GEMM then runs on grouped_mm, and kept until dW_down); then dxs [S, H] (only when x needs a gradient; freed
+by dX's combine), and only then x rows and the up-projection's weight and LoRA-factor gradients, so those
+gradients are never allocated beside dxs.
 Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (frozen weights cost no
 weight-gradient kernel).
 
@@ -404,6 +406,17 @@ class ExpertsTritonFunction(torch.autograd.Function):
         v_up = None
         if up_lora and (need_x or need_up_a):
             v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
+        # dX before the up-projection's weight and factor gradients: its per-row partials dxs [S, H] are freed
+        # before those gradients are allocated (for a trainable W_up, the x-row copy that follows is dxs's size)
+        grad_x = None
+        if need_x:
+            w_up_out_in = _out_in(w_up, transposed)
+            dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
+            if dxs is None:
+                lora = (v_up, up_a) if up_lora else None
+                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
+            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
+            del dxs
         grad_wu = grad_bu = grad_up_a = grad_up_b = None
         if need_up_b:  # dB_up[e] = s Σ dhᵀ u_up   [E, W, R]
             buffer, _ = weight_grad(
@@ -432,14 +445,6 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 )  # fmt: skip
             del right
 
-        grad_x = None
-        if need_x:
-            w_up_out_in = _out_in(w_up, transposed)
-            dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
-            if dxs is None:
-                lora = (v_up, up_a) if up_lora else None
-                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
-            grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
         return (
             None, None, grad_x, grad_rw, grad_wu, grad_bu, grad_wd, grad_bd,
             grad_up_a, grad_up_b, grad_down_a, grad_down_b, None, None,
