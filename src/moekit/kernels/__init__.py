@@ -11,6 +11,7 @@ One idea per module:
   weight_grad.py  per-expert weight / bias / LoRA-factor gradients, rows gathered through the plan, no atomics;
                   the chunk table in one launch
   relayout.py     LoRA B copies between PEFT's [out, R*E] layout and a dense one (tiled transpose, scale, cast)
+  launch.py       repeat launches straight to the compiled kernel (skips triton's per-call argument binding)
 """
 
 from .act_grad import act_grad_backward
