@@ -220,6 +220,38 @@ def test_dx_comes_before_the_up_projection_gradients(monkeypatch, requires_grad)
     assert up_shapes & set(backward[dx:]) == (up_shapes if requires_grad[2] else up_shapes - {f"weight_grad {(E, 2 * I, H)}"})
 
 
+def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
+    """Memory plan: the kernels' LoRA operands (A in x's dtype, s·B dense; copies when PEFT's factors are fp32) are
+    not kept from the forward, and the backward drops each after its last use. When dX is computed, only A_up is
+    still needed; the down projection's operands and s·B_up are gone."""
+    import weakref
+
+    import moekit.triton_engine as engine
+
+    made = []  # weak references to the (A, s·B) operands, in the order the engine makes them
+    real_factors, real_combine = engine._kernel_factors, kernels.combine
+
+    def kernel_factors(*args):
+        operands = real_factors(*args)
+        made.append(tuple(weakref.ref(t) for t in operands))
+        return operands
+
+    alive = []
+
+    def combine(*args, **kwargs):
+        alive.append([tuple(ref() is not None for ref in pair) for pair in made])
+        return real_combine(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_kernel_factors", kernel_factors)
+    monkeypatch.setattr(kernels, "combine", combine)
+    case = make_case("silu_glu", ranks=(8,), seed=5, dtype=torch.bfloat16)
+    case["tensors"][6:] = [t.float() for t in case["tensors"][6:]]  # PEFT's fp32 factors: the operands are copies
+    run(experts_triton, case)
+    # made: forward up, forward down, backward down, backward up; the second combine is the backward's dX
+    assert len(made) == 4 and len(alive) == 2
+    assert alive[1] == [(False, False), (False, False), (False, False), (True, False)]
+
+
 def test_sentinels_and_experts_without_tokens():
     """Expert-parallel sentinel ids are skipped; experts that get no rows get exact-zero factor gradients."""
     case = make_case("silu_glu", ranks=(8,), T=3, E=16, K=2, seed=4, sentinel_fraction=0.3)

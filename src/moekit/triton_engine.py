@@ -50,7 +50,9 @@ epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
 u_up and u_down [S, R] are saved for backward; the operand copies of A and s·B are not (E·R·(in + out) per
 projection, which summed over a model's layers is GBs at r=64): the backward makes them again from the saved
-parameter views. A frozen base costs no base weight-gradient kernel.
+parameter views, each projection's just before its first use, and drops each after its last (the forward too):
+s·B_down and A_down after the down projection's gradients, s·B_up after v_up, A_up after dX. A frozen base costs
+no base weight-gradient kernel.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
@@ -252,6 +254,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
             u_up = grouped_gemm(x, up_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
             up_lora = (u_up, up_b.transpose(1, 2))
         h, a = up_proj(x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora)
+        up_a = up_b = up_lora = None  # the operand copies are not kept (the backward makes them again)
         if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [S, R]; y += u_down @ (s B_down[e])ᵀ
             down_a, down_b = _kernel_factors(down_lora_a, down_lora_b, down_lora_scale, x.dtype)
             u_down = grouped_gemm(a, down_a.transpose(1, 2), counts, n, lowrank=True)
@@ -272,6 +275,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
             )  # fmt: skip
             del a
+            down_a = down_b = down_lora = None
             out = combine(yw, inv, plan.num_tokens, plan.top_k, x.dtype)
 
         ctx.layout, ctx.plan = layout, plan
@@ -312,10 +316,9 @@ class ExpertsTritonFunction(torch.autograd.Function):
         store_a = need_wd or need_down_a  # w * a: right operand of dW_down, left operand of dA_down
         if not (need_dh or need_rw or store_a or need_bd or need_down_b):
             return (None,) * num_inputs
-        # the kernels' LoRA operands, made again rather than kept from the forward (they are W-sized per rank)
-        up_a = up_b = down_a = down_b = None
-        if up_lora:
-            up_a, up_b = _kernel_factors(up_param_a, up_param_b, up_scale, x.dtype)
+        # The kernels' LoRA operands are made again rather than kept from the forward (E·R·(in + out) per
+        # projection per layer), each projection's just before its first use and dropped after its last
+        down_a = down_b = da_lora = None
         if down_lora:
             down_a, down_b = _kernel_factors(down_param_a, down_param_b, down_scale, x.dtype)
         n, dtype, transposed, act = plan.num_rows, x.dtype, layout.transposed, layout.activation
@@ -389,7 +392,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 grad_wd = grad_wd if grad_wd is not None else grad_wd_kernel
             if need_down_b:  # dB_down[e] = s Σ dOut[tok]ᵀ (w u_down)   [E, H, R]  (w applied in the kernel's loop)
                 buffer, _ = weight_grad(
-                    left, u_down, counts, n, num_experts, (hidden, down_b.shape[2]), down_param_b.dtype, False,
+                    left, u_down, counts, n, num_experts, (hidden, down_param_b.shape[2]), down_param_b.dtype, False,
                     left_index=left_index, routing_weights=rw_flat, sorted_rows=sorted_rows, scale_right=True,
                     chunks=chunks, lowrank=True, out=_factor_grad_buffer(down_param_b), alpha=down_scale,
                 )  # fmt: skip
@@ -397,15 +400,17 @@ class ExpertsTritonFunction(torch.autograd.Function):
             del left
         if need_down_a:  # dA_down[e] = Σ v_downᵀ (w a)   [E, R, I]
             grad_down_a, _ = weight_grad(
-                a, v_down, counts, n, num_experts, (inner, down_a.shape[1]), down_param_a.dtype, True,
+                a, v_down, counts, n, num_experts, (inner, down_param_a.shape[1]), down_param_a.dtype, True,
                 chunks=chunks, lowrank=True, out=new_output_like(down_param_a),
             )  # fmt: skip
-        del a, v_down
+        del a, v_down, down_a, down_b, da_lora
 
-        # v_up = dh @ B_up[e] [S, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]
-        v_up = None
+        # v_up = dh @ B_up[e] [S, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]; s·B_up is not needed after it
+        v_up = up_a = None
         if up_lora and (need_x or need_up_a):
+            up_a, up_b = _kernel_factors(up_param_a, up_param_b, up_scale, x.dtype)
             v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
+            del up_b
         # dX before the up-projection's weight and factor gradients: its per-row partials dxs [S, H] are freed
         # before those gradients are allocated (for a trainable W_up, the x-row copy that follows is dxs's size)
         grad_x = None
@@ -413,14 +418,14 @@ class ExpertsTritonFunction(torch.autograd.Function):
             w_up_out_in = _out_in(w_up, transposed)
             dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
             if dxs is None:
-                lora = (v_up, up_a) if up_lora else None
-                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=lora)
+                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=(v_up, up_a) if up_lora else None)
             grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
             del dxs
+        del up_a  # the factor gradients below need only v_up and u_up
         grad_wu = grad_bu = grad_up_a = grad_up_b = None
         if need_up_b:  # dB_up[e] = s Σ dhᵀ u_up   [E, W, R]
             buffer, _ = weight_grad(
-                dh, u_up, counts, n, num_experts, (width, up_b.shape[2]), up_param_b.dtype, False,
+                dh, u_up, counts, n, num_experts, (width, up_param_b.shape[2]), up_param_b.dtype, False,
                 chunks=chunks, lowrank=True, out=_factor_grad_buffer(up_param_b), alpha=up_scale,
             )  # fmt: skip
             grad_up_b = _factor_grad(buffer, up_param_b)
@@ -440,7 +445,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 grad_wu = grad_wu if grad_wu is not None else grad_wu_kernel
             if need_up_a:  # dA_up[e] = Σ v_upᵀ x[tok]   [E, R, H]
                 grad_up_a, _ = weight_grad(
-                    right, v_up, counts, n, num_experts, (hidden, up_a.shape[1]), up_param_a.dtype, True,
+                    right, v_up, counts, n, num_experts, (hidden, up_param_a.shape[1]), up_param_a.dtype, True,
                     left_index=right_index, chunks=chunks, lowrank=True, out=new_output_like(up_param_a),
                 )  # fmt: skip
             del right
