@@ -21,24 +21,14 @@ import torch
 import triton
 
 from moekit import kernels
-from moekit.bench import MODES, PRESETS, make_step
+from moekit.bench import PRESETS, add_case_arguments, make_step
 from moekit.kernels import tiling
 
 
-def host_ms(step, repeats: int = 20) -> float:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    begin = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    elapsed = time.perf_counter() - begin
-    torch.cuda.synchronize()
-    return elapsed * 1e3 / repeats
-
-
-def per_call_us(fn, repeats: int = 200) -> float:
-    fn()
+def host_us(fn, repeats: int, warmup: int = 1) -> float:
+    """Host µs per call of ``fn``: calls queued back to back, no sync between them (the host's own time)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     begin = time.perf_counter()
     for _ in range(repeats):
@@ -46,6 +36,14 @@ def per_call_us(fn, repeats: int = 200) -> float:
     elapsed = time.perf_counter() - begin
     torch.cuda.synchronize()
     return elapsed * 1e6 / repeats
+
+
+def host_ms(step) -> float:
+    return host_us(step, repeats=20, warmup=3) / 1e3
+
+
+def per_call_us(fn) -> float:
+    return host_us(fn, repeats=200)
 
 
 def replay(kernel, tuner, grid, call_args: tuple, kwargs: dict) -> None:
@@ -73,10 +71,7 @@ def replay(kernel, tuner, grid, call_args: tuple, kwargs: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="qwen3-30b-a3b")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--mode", choices=MODES, default="lora")
-    parser.add_argument("--lora-rank", type=int, default=16)
+    add_case_arguments(parser, preset="qwen3-30b-a3b", mode="lora")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
     step = make_step(PRESETS[args.preset], "moekit-triton", args.mode, args.tokens, "cuda", torch.bfloat16, args.lora_rank)

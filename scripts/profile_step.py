@@ -15,15 +15,12 @@ import time
 
 import torch
 
-from moekit.bench import MODES, PRESETS, _timer, make_step
+from moekit.bench import PRESETS, _timer, add_case_arguments, make_step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="nemotron3-nano")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--mode", choices=MODES, default="full")
-    parser.add_argument("--lora-rank", type=int, default=16)
+    add_case_arguments(parser)
     parser.add_argument("--impl", default="moekit-triton")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=14)

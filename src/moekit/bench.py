@@ -184,6 +184,14 @@ def run_case(shape: Shape, impl: str, mode: str, tokens: int, device: str = "cud
             torch.cuda.empty_cache()
 
 
+def add_case_arguments(parser: argparse.ArgumentParser, preset: str = "nemotron3-nano", mode: str = "full") -> None:
+    """--preset, --tokens, --mode and --lora-rank of one benchmark case (``make_step``), for the GPU scripts."""
+    parser.add_argument("--preset", default=preset, choices=sorted(PRESETS))
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--mode", choices=MODES, default=mode)
+    parser.add_argument("--lora-rank", type=int, default=16)
+
+
 def make_step(
     shape: Shape, impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, lora_rank: int = 16
 ) -> Callable[[], None]:
