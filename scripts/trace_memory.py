@@ -6,8 +6,9 @@ The Triton engine runs with every kernel launch a no-op (TRITON_INTERPRET=1, out
 allocates exactly the buffers it allocates on a GPU, at full size, in seconds. After every torch op the live heap
 bytes are read from glibc (``mallinfo2``: in-use heap plus mmap'd blocks). The peak above the step's start
 predicts ``step_gib`` of ``moekit bench`` (peak minus resident): for Qwen3 at 8k tokens and r = 64 it gave 799 MiB
-where an H200 measured 0.780 GiB (BENCHMARKS.md, runs 14 and 15). A prediction to check on the GPU, not a
-measurement of it. Linux with glibc only.
+where an H200 measured 0.780 GiB, and for Nemotron's full step at 32k 4484 MiB where an H100 measured 4.378 GiB
+(BENCHMARKS.md, runs 10, 14 and 15). torch's grouped_mm is stubbed to allocate only its output. A prediction to
+check on the GPU, not a measurement of it. Linux with glibc only.
 """
 
 from __future__ import annotations
@@ -55,16 +56,28 @@ class HeapTrace(TorchDispatchMode):
         return out
 
 
+def _grouped_mm_output(left, right, offs):
+    """An unwritten tensor of grouped_mm's output shape and dtype: [n, out] for rows @ [E, in, out], [E, p, q] for
+    [p, n] @ [n, q] (weight gradients)."""
+    if right.dim() == 3:
+        return left.new_empty(left.shape[0], right.shape[-1])
+    return left.new_empty(offs.shape[0], left.shape[0], right.shape[-1])
+
+
 def silence_kernels() -> None:
-    """Every Triton launch a no-op, and the Triton engine selected on the CPU."""
+    """Every Triton launch and torch grouped_mm call a no-op that allocates only its output, and the Triton engine
+    selected on the CPU. (grouped_mm's own workspace on a GPU is not traced.)"""
     from triton.runtime.interpreter import InterpretedFunction
 
     import moekit.backend
+    import moekit.grouped
     from moekit.kernels import tiling
 
     InterpretedFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
     tiling.Autotuned.launch = lambda *args, **kwargs: None
     moekit.backend._triton_blocker = lambda *args: None
+    moekit.grouped._GROUPED_MM = lambda left, right, offs: _grouped_mm_output(left, right, offs)
+    moekit.grouped._grouped_mm_works = lambda *args: True
 
 
 def main() -> None:
