@@ -281,7 +281,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         ctx.layout, ctx.plan = layout, plan
         ctx.lora_scales = (up_lora_scale, down_lora_scale)
         # h is held outside save_for_backward so the backward can consume it: the dA kernel writes dh over it, so
-        # the backward's peak (dh beside dxs [S, H]) holds one [S, W] buffer, not two (memory plan above)
+        # the backward's peak holds one [S, W] buffer, not two (memory plan above)
         ctx.pre_activation = h
         ctx.save_for_backward(
             x, routing_weights, up_weight, up_bias, down_weight, down_bias,

@@ -52,9 +52,10 @@ class FastKernel:
     """A jit function whose repeat launches call the compiled kernel directly (module docstring)."""
 
     def __init__(self, jit_fn):
+        from .tiling import interpreting  # here, not at the top: tiling imports this module
+
         self.jit_fn = jit_fn
-        # The interpreter's functions return no compiled kernel (TRITON_INTERPRET is set before triton is imported)
-        self.native = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        self.native = not interpreting()  # the interpreter's functions return no compiled kernel
         self.names = tuple(jit_fn.arg_names)
         # key -> (compiled kernel, the values of the parameters after the positional ones, the grid's meta dict)
         self.compiled: dict[tuple, tuple] = {}
