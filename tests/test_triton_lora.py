@@ -150,6 +150,34 @@ def test_bf16(layout):
     assert_close(case, 2e-3, truth_factor=2.0)  # no worse than the bf16 reference against fp64
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
+    """MOEKIT_TRITON_LORA_GEMM: "split" runs the big GEMMs' base product on grouped_mm and adds the LoRA term
+    in place (forward down-projection, dX, and with a trainable base dA's GEMM); "fused" keeps both in one
+    Triton kernel. Both match the reference, frozen base and trainable base."""
+    adds = []
+    real = kernels.grouped_gemm
+
+    def spy(*args, **kwargs):
+        adds.append(kwargs.get("into") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "grouped_gemm", spy)
+    monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", mode)
+    fp32 = dtype == torch.float32
+    # I = 24: bf16 rows of 48 bytes, which grouped_mm takes (16-byte multiples)
+    case = make_case(layout, ranks=(8,), T=19, I=24, dtype=dtype, seed=12, sentinel_fraction=0.2, limit=7.0)
+    for requires_grad, split_adds in ((FROZEN_BASE, 2), (ALL, 3)):
+        adds.clear()
+        if fp32:
+            assert_close(case, 1e-5, requires_grad=requires_grad)
+        else:  # no worse than the bf16 reference, both against fp64
+            assert_close(case, 2e-3, requires_grad=requires_grad, truth_factor=2.0)
+        assert sum(adds) == (split_adds if mode == "split" else 0)
+
+
 def test_bf16_trainable_base():
     case = make_case("silu_glu", ranks=(16,), T=24, dtype=torch.bfloat16, seed=9)
     assert_close(case, 2e-2, requires_grad=ALL)

@@ -10,8 +10,9 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
       up_proj      x --gather in the operand loads--> GEMM W_up[e] (+b_up) --epilogue--> h [S, W] (kept), a [S, I]
       grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [S, H]          (transient)
       combine      out[t] = sum_k yw[row_of_slot[t, k]] in fp32, slot order, sentinels skipped --> [T, H]
-                   Without LoRA on W_down the GEMM is plain: y = a @ W_down[e] on torch's grouped_mm where it
-                   runs, and the combine adds b_down[e] and multiplies by the routing weight, in fp32
+                   Where torch's grouped_mm runs, the GEMM is plain instead: y = a @ W_down[e] on grouped_mm
+                   (+= u_down @ (s B_down[e])ᵀ in place with LoRA, split mode), and the combine adds b_down[e]
+                   and multiplies by the routing weight, in fp32
     backward
       act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [S, I]
                    (for dW_down), dL/dh [S, W] = act'(h) * w * ga over h, and per-row partials of <ga, a> for the
@@ -25,10 +26,11 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
                    gathered in the loop (MOEKIT_TRITON_WGRAD)
       grouped_gemm dh @ W_up[e]ᵀ --> dxs [S, H] (transient);  combine --> dX [T, H]
       weight_grad  dW_up[e] = Σ_r dhᵀ_r x[tok_r], db_up fused (after dX, so dxs is gone before it is allocated)
-    The GEMMs with neither a gather nor an epilogue (the forward's down-projection without LoRA on W_down, dW_down
-    and dW_up from the row copies, dxs without LoRA on W_up) go to torch's grouped_mm where it runs (CUTLASS:
-    1.3-1.5x our kernels at these shapes on an H100); the bias sums then run alone in the weight-gradient kernel
-    (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton).
+    The GEMMs with neither a gather nor an epilogue (the forward's down-projection, dW_down and dW_up from the row
+    copies, dxs, dA's GEMM from the dOut row copy) go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our
+    kernels at these shapes on an H100); the bias sums then run alone in the weight-gradient kernel
+    (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton). A LoRA term on such a GEMM is added afterwards, in
+    place, by the Triton kernel (``lora_gemm_mode``: split, the default; fused keeps it in the Triton GEMM).
 
 LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
 typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
@@ -38,7 +40,8 @@ gradients in the parameters' dtype and strides (dB times s in the kernel's store
 the parameter is PEFT's strided B), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W:
 the low-rank intermediates are small grouped GEMMs (``grouped_gemm(..., lowrank=True)``, BLOCK_N fitted to R) and
 the big GEMMs take them through a short second reduction loop over R into the same fp32 accumulator, before their
-epilogues (``lora=`` of up_proj / grouped_gemm / act_grad):
+epilogues (``lora=`` of up_proj / grouped_gemm / act_grad), or, for the GEMMs that run on grouped_mm (split mode,
+above), through ``grouped_gemm(u, L, into=product)`` after it (one more read and write of the product):
 
     forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
                u_down = a A_downᵀ [S, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
@@ -179,6 +182,28 @@ def _torch_matmul(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan) -> Te
     return grouped_matmul(rows, weight_in_out, plan)
 
 
+def lora_gemm_mode() -> str:
+    """How a big GEMM with a LoRA term runs (``MOEKIT_TRITON_LORA_GEMM``): "split" (default) puts the base product
+    on torch's grouped_mm, as without LoRA, and the Triton kernel then adds u @ L[e] to it in place (one more
+    pass over the [S, N] output); "fused" runs both in one Triton kernel, one accumulator. Split measured faster
+    on an H200 (BENCHMARKS.md run 16): CUTLASS's rate at the base product outweighs the extra pass."""
+    return "fused" if os.environ.get("MOEKIT_TRITON_LORA_GEMM", "split") == "fused" else "split"
+
+
+def _torch_matmul_lora(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan, lora) -> Tensor | None:
+    """``_torch_matmul`` plus, with ``lora=(u [S, R], L [E, R, N])``, u @ L[e] added in place by the Triton
+    kernel; None where the base product cannot go to grouped_mm or LoRA stays fused (``lora_gemm_mode``)."""
+    from .kernels import grouped_gemm
+
+    if lora is not None and lora_gemm_mode() != "split":
+        return None
+    out = _torch_matmul(rows, weight_in_out, plan)
+    if out is not None and lora is not None:
+        u, factor = lora
+        grouped_gemm(u, factor, plan.tokens_per_expert, plan.num_rows, into=out)
+    return out
+
+
 def _out_in(weight: Tensor, transposed: bool) -> Tensor:
     """Stored expert weight viewed as [E, out, in]."""
     return weight.transpose(1, 2) if transposed else weight
@@ -260,11 +285,13 @@ class ExpertsTritonFunction(torch.autograd.Function):
             u_down = grouped_gemm(a, down_a.transpose(1, 2), counts, n, lowrank=True)
             down_lora = (u_down, down_b.transpose(1, 2))
         inv = plan.row_of_slot.reshape(-1)
-        # Without LoRA the down-projection is a plain grouped GEMM: torch's grouped_mm where it runs (CUTLASS,
-        # faster than the Triton kernel, BENCHMARKS.md), its routing weight and bias applied by the combine
-        y = None if down_lora else _torch_matmul(a, _in_out(down_weight, transposed), plan)
+        # The down-projection's product goes to torch's grouped_mm where it runs (CUTLASS, faster than the Triton
+        # kernel, BENCHMARKS.md), the LoRA term added after it (split mode), and the combine applies the routing
+        # weight and bias
+        y = _torch_matmul_lora(a, _in_out(down_weight, transposed), plan, down_lora)
         if y is not None:
             del a
+            down_a = down_b = down_lora = None
             out = combine(
                 y, inv, plan.num_tokens, plan.top_k, x.dtype,
                 slot_weights=routing_weights, bias=down_bias, expert_of_row=plan.expert_of_row,
@@ -351,9 +378,9 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 a, dh, part = act_grad_backward(*dA_args, lora=da_lora, **dA_flags)
             else:
                 ga = None
-                if rows_out is not None and da_lora is None:
-                    ga = _torch_matmul(rows_out, _out_in(w_down, transposed), plan)  # [S, I]
-                a, dh, part = act_grad_backward_split(*dA_args, lora=da_lora, ga=ga, **dA_flags)
+                if rows_out is not None:
+                    ga = _torch_matmul_lora(rows_out, _out_in(w_down, transposed), plan, da_lora)  # [S, I]
+                a, dh, part = act_grad_backward_split(*dA_args, lora=da_lora if ga is None else None, ga=ga, **dA_flags)
                 del ga
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
         del h  # its last use; dh, when computed, lives in its storage (see forward)
@@ -416,9 +443,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
         grad_x = None
         if need_x:
             w_up_out_in = _out_in(w_up, transposed)
-            dxs = None if up_lora else _torch_matmul(dh, w_up_out_in, plan)
+            dx_lora = (v_up, up_a) if up_lora else None
+            dxs = _torch_matmul_lora(dh, w_up_out_in, plan, dx_lora)
             if dxs is None:
-                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=(v_up, up_a) if up_lora else None)
+                dxs = grouped_gemm(dh, w_up_out_in, counts, n, lora=dx_lora)
+            del dx_lora
             grad_x = combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, dtype)
             del dxs
         del up_a  # the factor gradients below need only v_up and u_up
