@@ -151,12 +151,15 @@ def test_bf16(layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["split", "fused"])
+@pytest.mark.parametrize("mode", ["split", "fused", "auto"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
     """MOEKIT_TRITON_LORA_GEMM: "split" runs the big GEMMs' base product on grouped_mm and adds the LoRA term
     in place (forward down-projection, dX, and with a trainable base dA's GEMM); "fused" keeps both in one
-    Triton kernel. Both match the reference, frozen base and trainable base."""
+    Triton kernel; "auto" splits from a reduction size (here lowered to 25, so only the dX GEMM of gated layouts,
+    K = 2I = 48, splits). All match the reference, frozen base and trainable base."""
+    import moekit.triton_engine as engine
+
     adds = []
     real = kernels.grouped_gemm
 
@@ -166,6 +169,7 @@ def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
 
     monkeypatch.setattr(kernels, "grouped_gemm", spy)
     monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", mode)
+    monkeypatch.setattr(engine, "SPLIT_LORA_MIN_K", 25)
     fp32 = dtype == torch.float32
     # I = 24: bf16 rows of 48 bytes, which grouped_mm takes (16-byte multiples)
     case = make_case(layout, ranks=(8,), T=19, I=24, dtype=dtype, seed=12, sentinel_fraction=0.2, limit=7.0)
@@ -175,7 +179,8 @@ def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
             assert_close(case, 1e-5, requires_grad=requires_grad)
         else:  # no worse than the bf16 reference, both against fp64
             assert_close(case, 2e-3, requires_grad=requires_grad, truth_factor=2.0)
-        assert sum(adds) == (split_adds if mode == "split" else 0)
+        auto_adds = 1 if LAYOUTS[layout][0].gated else 0  # dX only (K = 48; forward down and dA: K = 24)
+        assert sum(adds) == {"split": split_adds, "fused": 0, "auto": auto_adds}[mode]
 
 
 def test_bf16_trainable_base():

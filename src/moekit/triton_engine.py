@@ -11,7 +11,7 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
       grouped_gemm a @ W_down[e] (+b_down) * routing weight (fp32) --> yw [S, H]          (transient)
       combine      out[t] = sum_k yw[row_of_slot[t, k]] in fp32, slot order, sentinels skipped --> [T, H]
                    Where torch's grouped_mm runs, the GEMM is plain instead: y = a @ W_down[e] on grouped_mm
-                   (+= u_down @ (s B_down[e])ᵀ in place with LoRA, split mode), and the combine adds b_down[e]
+                   (+= u_down @ (s B_down[e])ᵀ in place with LoRA, where split), and the combine adds b_down[e]
                    and multiplies by the routing weight, in fp32
     backward
       act_grad     dOut rows gathered in the loads @ W_down[e]ᵀ --> ga; recompute a from h, write w * a [S, I]
@@ -30,7 +30,8 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
     copies, dxs, dA's GEMM from the dOut row copy) go to torch's grouped_mm where it runs (CUTLASS: 1.3-1.5x our
     kernels at these shapes on an H100); the bias sums then run alone in the weight-gradient kernel
     (MOEKIT_TRITON_PLAIN_GEMM=triton keeps all on Triton). A LoRA term on such a GEMM is added afterwards, in
-    place, by the Triton kernel (``lora_gemm_mode``: split, the default; fused keeps it in the Triton GEMM).
+    place, by the Triton kernel where the product's reduction is long (``lora_gemm_split``); otherwise the Triton
+    GEMM computes both.
 
 LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
 typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
@@ -40,7 +41,7 @@ gradients in the parameters' dtype and strides (dB times s in the kernel's store
 the parameter is PEFT's strided B), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W:
 the low-rank intermediates are small grouped GEMMs (``grouped_gemm(..., lowrank=True)``, BLOCK_N fitted to R) and
 the big GEMMs take them through a short second reduction loop over R into the same fp32 accumulator, before their
-epilogues (``lora=`` of up_proj / grouped_gemm / act_grad), or, for the GEMMs that run on grouped_mm (split mode,
+epilogues (``lora=`` of up_proj / grouped_gemm / act_grad), or, for the GEMMs that run on grouped_mm (split,
 above), through ``grouped_gemm(u, L, into=product)`` after it (one more read and write of the product):
 
     forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
@@ -182,20 +183,30 @@ def _torch_matmul(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan) -> Te
     return grouped_matmul(rows, weight_in_out, plan)
 
 
-def lora_gemm_mode() -> str:
-    """How a big GEMM with a LoRA term runs (``MOEKIT_TRITON_LORA_GEMM``): "split" (default) puts the base product
-    on torch's grouped_mm, as without LoRA, and the Triton kernel then adds u @ L[e] to it in place (one more
-    pass over the [S, N] output); "fused" runs both in one Triton kernel, one accumulator. Split measured faster
-    on an H200 (BENCHMARKS.md run 16): CUTLASS's rate at the base product outweighs the extra pass."""
-    return "fused" if os.environ.get("MOEKIT_TRITON_LORA_GEMM", "split") == "fused" else "split"
+# Split pays where the product's reduction is long: the in-place add is one more pass over the [S, N] output
+# whatever K is, while CUTLASS's gain over the Triton GEMM grows with K. On an H200 (BENCHMARKS.md run 16) split
+# was 5-6 % faster at gpt-oss (K = 2880), even at Nemotron (K = 1856, 32k tokens) and 4 % slower at Qwen3 (K = 768
+# and 1536).
+SPLIT_LORA_MIN_K = 2048
+
+
+def lora_gemm_split(k_dim: int) -> bool:
+    """Whether a big GEMM with a LoRA term, of reduction size ``k_dim``, runs split (``MOEKIT_TRITON_LORA_GEMM``):
+    "split" puts the base product on torch's grouped_mm, as without LoRA, and the Triton kernel then adds
+    u @ L[e] to it in place (one more pass over the output); "fused" runs both in one Triton kernel, one
+    accumulator; "auto" (default) splits when ``k_dim >= SPLIT_LORA_MIN_K``."""
+    mode = os.environ.get("MOEKIT_TRITON_LORA_GEMM", "auto")
+    if mode in ("split", "fused"):
+        return mode == "split"
+    return k_dim >= SPLIT_LORA_MIN_K
 
 
 def _torch_matmul_lora(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan, lora) -> Tensor | None:
     """``_torch_matmul`` plus, with ``lora=(u [S, R], L [E, R, N])``, u @ L[e] added in place by the Triton
-    kernel; None where the base product cannot go to grouped_mm or LoRA stays fused (``lora_gemm_mode``)."""
+    kernel; None where the base product cannot go to grouped_mm or LoRA stays fused (``lora_gemm_split``)."""
     from .kernels import grouped_gemm
 
-    if lora is not None and lora_gemm_mode() != "split":
+    if lora is not None and not lora_gemm_split(rows.shape[1]):
         return None
     out = _torch_matmul(rows, weight_in_out, plan)
     if out is not None and lora is not None:

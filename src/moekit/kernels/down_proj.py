@@ -13,7 +13,7 @@ L viewed [E, R, N]) into the same accumulator, before bias and routing weight. F
 L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; split dA: u = dOut[tok] @ B_down[e], L = A_down.
 
 Accumulate mode (``into=out``): out[r] += A[r] @ B[e] in place (fp32 sum, one rounding), no bias, no weight. With A
-= u [n, R] and B = L it adds the LoRA term to a base product that torch's grouped_mm made (``MOEKIT_TRITON_LORA_GEMM``).
+= u [n, R] and B = L it adds the LoRA term to a base product that torch's grouped_mm made (``triton_engine.lora_gemm_split``).
 
 Low-rank mode (``lowrank=True``): the same kernel computes those u = rows @ F[e] [n, R] (F = A[e]ᵀ or B[e],
 the rank is N): its own small autotuning space, BLOCK_N set from R at launch instead of a 128-wide tile.
@@ -79,7 +79,11 @@ def _grouped_gemm_kernel(
         if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
             ut = tl.load(u_ptrs, mask=(offs_r < R)[None, :], other=0.0)
             lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
+    if ACCUMULATE:  # the output tile's load is issued first: it lands while the (short) loop runs
+        acc = tl.load(out_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
@@ -100,9 +104,6 @@ def _grouped_gemm_kernel(
                 u_ptrs += BLOCK_R * stride_ur
                 l_ptrs += BLOCK_R * stride_lr
 
-    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -115,6 +116,7 @@ def _grouped_gemm_kernel(
 _KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD", "ACCUMULATE"]
 _KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=_KEY)
 _LOWRANK = Autotuned(_grouped_gemm_kernel, "lowrank", key=_KEY)
+_ADD = Autotuned(_grouped_gemm_kernel, "lora_add", key=_KEY)
 
 
 def grouped_gemm(
@@ -143,7 +145,12 @@ def grouped_gemm(
     idx = sorted_rows if scale else counts
     u, lw = lora if has_lora else (out, out)
     rank = u.shape[1] if has_lora else 0
-    kernel, extra = (_LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}) if lowrank else (_KERNEL, {})
+    if lowrank:
+        kernel, extra = _LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}
+    elif into is not None:
+        kernel, extra = _ADD, {"BLOCK_K": rank_block(k_dim)}
+    else:
+        kernel, extra = _KERNEL, {}
 
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(n_dim, meta["BLOCK_N"]),)

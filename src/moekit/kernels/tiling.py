@@ -139,8 +139,8 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
-    """A config; ``bn`` == 0 leaves BLOCK_N out (the launch passes it)."""
-    meta = {names[0]: bm, names[1]: bn, names[2]: bk} if bn else {names[0]: bm, names[2]: bk}
+    """A config; a block size of 0 is left out (the launch passes it)."""
+    meta = {name: size for name, size in zip(names, (bm, bn, bk)) if size}
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
@@ -192,6 +192,13 @@ _SPACES = {
         "hopper": [(64, 0, 128, 4, 4), (128, 0, 64, 4, 4), (128, 0, 128, 8, 3), (32, 0, 128, 4, 4)],
         "ampere": [(64, 0, 64, 4, 4), (128, 0, 64, 4, 3)],
         "interpret": [(16, 0, 16, 4, 1)],
+    },
+    # out += u @ L[e] in place (K = the rank R, so BLOCK_K, 0 here, is set at launch from R): memory-bound on the
+    # output tile's read and write, so small tiles and shallow pipelines keep several programs on each SM
+    "lora_add": {
+        "hopper": [(64, 128, 0, 4, 2), (128, 128, 0, 8, 2), (64, 256, 0, 4, 2), (128, 64, 0, 4, 2)],
+        "ampere": [(64, 128, 0, 4, 2), (128, 64, 0, 4, 2)],
+        "interpret": [(16, 16, 0, 4, 1)],
     },
     # LoRA factor gradients (dA, dB: one side is the rank R): BLOCK_N (the R side) set at launch
     "wgrad_lr": {
