@@ -74,7 +74,9 @@ Each gradient is computed only when ``ctx.needs_input_grad`` asks for it (frozen
 weight-gradient kernel).
 
 Numerics: operands in the input dtype, fp32 accumulation; fp32 inputs use the exact (ieee) dot, never tf32;
-the K-way sums and routing-weight products are fp32; every reduction has a fixed order (deterministic).
+the K-way sums and routing-weight products are fp32; every reduction has a fixed order (deterministic). A split
+LoRA GEMM rounds its base product to the dtype before the LoRA term is added (in fp32, rounded again), as the
+reference engine, which adds the two as separate tensors, does too.
 
 Not handled here (falls back to the reference engine, same results): custom activations (``kernel_id == -1``),
 dtypes other than fp32/fp16/bf16, LoRA factors of any other dtype or on another device than x, devices where
@@ -184,9 +186,9 @@ def _torch_matmul(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan) -> Te
 
 
 # Split pays where the product's reduction is long: the in-place add is one more pass over the [S, N] output
-# whatever K is, while CUTLASS's gain over the Triton GEMM grows with K. On an H200 (BENCHMARKS.md run 16) split
-# was 5-6 % faster at gpt-oss (K = 2880), even at Nemotron (K = 1856, 32k tokens) and 4 % slower at Qwen3 (K = 768
-# and 1536).
+# whatever K is, while CUTLASS's gain over the Triton GEMM grows with K. LoRA steps on an H200 (BENCHMARKS.md
+# run 16), split against fused: Mixtral (K = 14336, 28672) 12 % and gpt-oss (K = 2880) 5-6 % faster; Nemotron
+# (K = 1856) even at 32k tokens, 4 % slower at 8k; Qwen3 (K = 768, 1536) 4 % slower at 32k.
 SPLIT_LORA_MIN_K = 2048
 
 
