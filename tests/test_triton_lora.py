@@ -321,11 +321,14 @@ def test_all_sentinels_and_zero_tokens():
 
 def test_backward_modes(monkeypatch):
     """dA fused in the GEMM epilogue and split, weight gradients from copies and from gathered rows, the LoRA
-    tiles loaded before the main loop (one rank step) or in a loop over R after it."""
-    for mode, wgrad, preload in (("fused", "gather", "0"), ("split", "copy", "1"), ("fused", "copy", "1")):
+    tiles loaded before the main loop (one rank step) or in a loop over R after it, the big LoRA GEMMs split onto
+    grouped_mm or fused."""
+    combos = (("fused", "gather", "0", "fused"), ("split", "copy", "1", "split"), ("fused", "copy", "1", "split"))
+    for mode, wgrad, preload, lora_gemm in combos:
         monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
         monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
         monkeypatch.setenv("MOEKIT_TRITON_LORA_PRELOAD", preload)
+        monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", lora_gemm)
         assert_close(make_case("gpt_oss", ranks=(16,), T=17, E=3, seed=8, sentinel_fraction=0.2), 1e-5, ALL)
 
 
