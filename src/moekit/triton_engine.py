@@ -160,9 +160,9 @@ def wgrad_mode() -> str:
 def plain_gemm_mode() -> str:
     """Who runs the grouped GEMMs that need no gather and no epilogue (``MOEKIT_TRITON_PLAIN_GEMM``): "torch"
     (default; torch's grouped_mm where it runs, measured 1.3-1.5x faster than the Triton kernels on an H100,
-    BENCHMARKS.md) or "triton". They are the forward's a @ W_down[e] when the down-projection has no LoRA (the
-    combine then applies bias and routing weight), the base weight gradients (from plan-ordered row copies) and
-    dX's per-row product dh @ W_up[e] when the up-projection has no LoRA."""
+    BENCHMARKS.md) or "triton". They are the forward's a @ W_down[e] (the combine then applies bias and routing
+    weight), the base weight gradients (from plan-ordered row copies), dX's per-row product dh @ W_up[e] and,
+    when dW_down makes the dOut row copy, dA's GEMM; with a LoRA term only where ``lora_gemm_split`` says so."""
     return "triton" if os.environ.get("MOEKIT_TRITON_PLAIN_GEMM", "torch") == "triton" else "torch"
 
 
@@ -299,24 +299,19 @@ class ExpertsTritonFunction(torch.autograd.Function):
             down_lora = (u_down, down_b.transpose(1, 2))
         inv = plan.row_of_slot.reshape(-1)
         # The down-projection's product goes to torch's grouped_mm where it runs (CUTLASS, faster than the Triton
-        # kernel, BENCHMARKS.md), the LoRA term added after it (split mode), and the combine applies the routing
-        # weight and bias
+        # kernel, BENCHMARKS.md), the LoRA term added after it where split, and the combine applies the routing
+        # weight and bias; otherwise the Triton GEMM applies both in its epilogue (yw)
         y = _torch_matmul_lora(a, _in_out(down_weight, transposed), plan, down_lora)
-        if y is not None:
-            del a
-            down_a = down_b = down_lora = None
-            out = combine(
-                y, inv, plan.num_tokens, plan.top_k, x.dtype,
-                slot_weights=routing_weights, bias=down_bias, expert_of_row=plan.expert_of_row,
-            )  # fmt: skip
-        else:
-            yw = grouped_gemm(
+        epilogue = {"slot_weights": routing_weights, "bias": down_bias, "expert_of_row": plan.expert_of_row}
+        if y is None:
+            y = grouped_gemm(
                 a, _in_out(down_weight, transposed), counts, n,
                 bias=down_bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows, lora=down_lora,
             )  # fmt: skip
-            del a
-            down_a = down_b = down_lora = None
-            out = combine(yw, inv, plan.num_tokens, plan.top_k, x.dtype)
+            epilogue = {}
+        del a
+        down_a = down_b = down_lora = None
+        out = combine(y, inv, plan.num_tokens, plan.top_k, x.dtype, **epilogue)
 
         ctx.layout, ctx.plan = layout, plan
         ctx.lora_scales = (up_lora_scale, down_lora_scale)
