@@ -254,35 +254,37 @@ def test_dx_comes_before_the_up_projection_gradients(monkeypatch, requires_grad)
 
 
 def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
-    """Memory plan: the kernels' LoRA operands (A in x's dtype, s·B dense; copies when PEFT's factors are fp32) are
-    not kept from the forward, and the backward drops each after its last use. When dX is computed, only A_up is
-    still needed; the down projection's operands and s·B_up are gone."""
+    """Memory plan: A is read as it is (PEFT's fp32 parameter, no copy: the kernels round its tiles), and the
+    s·B operand copies are not kept from the forward; the backward drops each after its last use, so when dX is
+    computed both are gone (s·B_up after v_up)."""
     import weakref
 
     import moekit.triton_engine as engine
 
-    made = []  # weak references to the (A, s·B) operands, in the order the engine makes them
+    made = []  # weak references to the s·B operands, in the order the engine makes them
     real_factors, real_combine = engine._kernel_factors, kernels.combine
 
-    def kernel_factors(*args):
-        operands = real_factors(*args)
-        made.append(tuple(weakref.ref(t) for t in operands))
-        return operands
+    def kernel_factors(factor_a, factor_b, scale, dtype):
+        operand_a, operand_b = real_factors(factor_a, factor_b, scale, dtype)
+        assert operand_a is factor_a  # no copy of A, whatever its dtype
+        assert operand_b.dtype == dtype and operand_b.is_contiguous()
+        made.append(weakref.ref(operand_b))
+        return operand_a, operand_b
 
     alive = []
 
     def combine(*args, **kwargs):
-        alive.append([tuple(ref() is not None for ref in pair) for pair in made])
+        alive.append([ref() is not None for ref in made])
         return real_combine(*args, **kwargs)
 
     monkeypatch.setattr(engine, "_kernel_factors", kernel_factors)
     monkeypatch.setattr(kernels, "combine", combine)
     case = make_case("silu_glu", ranks=(8,), seed=5, dtype=torch.bfloat16)
-    case["tensors"][6:] = [t.float() for t in case["tensors"][6:]]  # PEFT's fp32 factors: the operands are copies
+    case["tensors"][6:] = [t.float() for t in case["tensors"][6:]]  # PEFT's fp32 factors: s·B is a copy
     run(experts_triton, case)
     # made: forward up, forward down, backward down, backward up; the second combine is the backward's dX
     assert len(made) == 4 and len(alive) == 2
-    assert alive[1] == [(False, False), (False, False), (False, False), (True, False)]
+    assert alive[1] == [False, False, False, False]
 
 
 def test_sentinels_and_experts_without_tokens():
@@ -339,13 +341,18 @@ def test_deterministic():
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("lora_gemm", ["fused", "split"])
 @pytest.mark.parametrize("transposed_layout", [False, True])
-def test_factors_in_peft_layout_fp32_with_a_scale(transposed_layout):
+def test_factors_in_peft_layout_fp32_with_a_scale(transposed_layout, lora_gemm, monkeypatch):
     """bf16 inputs with LoRA factors as PEFT keeps them: fp32 parameters lora_A [R*E, in] and lora_B [out, R*E]
-    (B's experts at stride 1), viewed without a copy, and a scale. The engine casts and scales inside its own
-    Function, so autograd records no op per factor (only the views) and the fp32 gradients land in the
-    parameters' layout; every result matches the reference, which folds the scale in autograd ops."""
+    (B's experts at stride 1), viewed without a copy, and a scale. The engine scales B inside its own Function
+    and the kernels round A's fp32 tiles as they load them (every GEMM that reads A: the low-rank ones, the fused
+    LoRA terms and, split, the in-place add), so autograd records no op per factor (only the views) and the fp32
+    gradients land in the parameters' layout; every result matches the reference, which folds the scale in
+    autograd ops."""
     from moekit.lora import LoraFactors
+
+    monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", lora_gemm)
 
     layout = "gpt_oss" if transposed_layout else "silu_glu"
     case = make_case(layout, ranks=(8,), T=21, dtype=torch.bfloat16, seed=12, limit=7.0 if transposed_layout else None)

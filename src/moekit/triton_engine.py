@@ -35,8 +35,9 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
 
 LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
 typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
-operands itself, outside autograd: A in x's dtype and s·B in x's dtype, contiguous (one small copy each, none
-when they already are; PEFT's B layout is transposed by ``kernels.relayout``). The backward returns the factor
+operand s·B itself, outside autograd: in x's dtype, contiguous (one small copy, none when it already is; PEFT's
+B layout is transposed by ``kernels.relayout``); A is read as it is, each tile rounded to x's dtype in the kernel
+(a per-step copy of A cost as much as a low-rank GEMM at r=64, BENCHMARKS.md run 17). The backward returns the factor
 gradients in the parameters' dtype and strides (dB times s in the kernel's store; written dense, then moved when
 the parameter is PEFT's strided B), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W:
 the low-rank intermediates are small grouped GEMMs (``grouped_gemm(..., lowrank=True)``, BLOCK_N fitted to R) and
@@ -52,10 +53,10 @@ above), through ``grouped_gemm(u, L, into=product)`` after it (one more read and
                v_up = dh B_up [S, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
                dB_up[e] = Σ dhᵀ u_up,  dA_up[e] = Σ v_upᵀ x[tok]
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
-u_up and u_down [S, R] are saved for backward; the operand copies of A and s·B are not (E·R·(in + out) per
-projection, which summed over a model's layers is GBs at r=64): the backward makes them again from the saved
-parameter views, each projection's just before its first use, and drops each after its last (the forward too):
-s·B_down and A_down after the down projection's gradients, s·B_up after v_up, A_up after dX. A frozen base costs
+u_up and u_down [S, R] are saved for backward; the operand copies of s·B are not (E·R·out per projection, which
+summed over a model's layers is GBs at r=64): the backward makes them again from the saved parameter views, each
+projection's just before its first use, and drops each after its last (the forward too): s·B_down after the down
+projection's gradients, s·B_up after v_up. A frozen base costs
 no base weight-gradient kernel.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
@@ -223,13 +224,12 @@ def _out_in(weight: Tensor, transposed: bool) -> Tensor:
 
 
 def _kernel_factors(factor_a: Tensor, factor_b: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The LoRA operands the kernels read: A [E, R, in] in ``dtype`` (any strides) and scale·B [E, out, R] in
-    ``dtype``, contiguous (PEFT's B has its experts at stride 1; the kernels want its rows dense). Made under
-    the Function's forward, so no autograd op is recorded for them."""
+    """The LoRA operands the kernels read: A [E, R, in] itself (any float dtype and strides: the kernels round its
+    tiles to ``dtype`` as they load them, ``kernels.tiling.as_operand``, so no copy; under PEFT that is the fp32
+    parameter) and scale·B [E, out, R] in ``dtype``, contiguous (PEFT's B has its experts at stride 1; the
+    kernels want its rows dense). Made under the Function's forward, so no autograd op is recorded for them."""
     from .kernels.relayout import scaled_copy
 
-    if factor_a.dtype != dtype:
-        factor_a = factor_a.to(dtype)
     if factor_b.dtype != dtype or scale != 1.0 or not factor_b.is_contiguous():
         factor_b = scaled_copy(factor_b, torch.empty(factor_b.shape, dtype=dtype, device=factor_b.device), scale)
     return factor_a, factor_b

@@ -34,6 +34,7 @@ from .activation import act_fn, act_grad, gated_backward
 from .launch import FastKernel
 from .tiling import (
     Autotuned,
+    as_operand,
     block_e,
     cdiv,
     dot_precision,
@@ -89,6 +90,7 @@ def _act_grad_kernel(
         if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
             vt = tl.load(v_ptrs, mask=(offs_r < R)[None, :], other=0.0)
             lt = tl.load(la_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
+            lt = as_operand(lt, vt.dtype)  # held through the main loop: in the operand dtype, not A's own
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K

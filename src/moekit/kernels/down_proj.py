@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .tiling import (
     Autotuned,
+    as_operand,
     block_e,
     cdiv,
     dot_precision,
@@ -79,6 +80,7 @@ def _grouped_gemm_kernel(
         if LORA_PRELOAD:  # one rank step: its loads are issued now and land while the main loop runs
             ut = tl.load(u_ptrs, mask=(offs_r < R)[None, :], other=0.0)
             lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
+            lt = as_operand(lt, ut.dtype)  # held through the main loop: in the operand dtype, not A's own
     out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
     if ACCUMULATE:  # the output tile's load is issued first: it lands while the (short) loop runs
         acc = tl.load(out_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)

@@ -129,8 +129,18 @@ def to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def as_operand(x, dtype: tl.constexpr):
+    """A tile in the GEMM operand dtype ``dtype``, rounded to nearest when it was loaded in another (the LoRA A
+    factor is read straight from its parameter, fp32 under PEFT: the same values a copy in ``dtype`` would hold)."""
+    if x.dtype != dtype:
+        x = to_dtype(x.to(tl.float32), dtype)
+    return x
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (see ``dot_precision``)."""
+    """acc + a @ b with fp32 accumulation (see ``dot_precision``); ``b`` is taken in ``a``'s dtype (``as_operand``)."""
+    b = as_operand(b, a.dtype)
     if PRECISION == "upcast":
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
