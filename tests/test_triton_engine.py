@@ -364,35 +364,37 @@ def test_combine_matches_torch(weighted, bias, dtype):
             kernels.combine(rows, plan.row_of_slot.reshape(-1), num_tokens, top_k, dtype, bias=expert_bias)
 
 
+@pytest.mark.parametrize("rank", [5, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens", [0, 1, 29])
-def test_grouped_gemm_adds_into_a_given_output(num_tokens, dtype):
-    """``grouped_gemm(u, L, ..., into=out)`` adds u[r] @ L[e] to out in place (split LoRA mode): every routed row,
-    the sentinel rows left as they were; experts without rows, rank 5 (not a tile multiple), N off the tile."""
+def test_lora_add_adds_in_place(num_tokens, dtype, rank):
+    """``lora_add(out, u, L, ...)`` adds u[r] @ L[e] to out in place (split LoRA mode): every routed row, the
+    sentinel rows left as they were; experts without rows, N off the tile, a rank under one step (5, not a tile
+    multiple) and over several (80: two 64-wide steps); L in fp32 beside bf16 rows (PEFT's A)."""
     g = torch.Generator().manual_seed(9)
-    num_experts, top_k, rank, width = 6, 2, 5, 37
+    num_experts, top_k, width = 6, 2, 37
     _, index = _routing(num_tokens, num_experts, top_k, g, sentinel_fraction=0.2)
     index[:, 0] = index[:, 0].clamp(max=2)  # experts 3..5 get few or no rows
     plan = build_plan(index.to(DEVICE), num_experts)
     n = plan.num_rows
     u = torch.randn(n, rank, generator=g).to(DEVICE, dtype)
-    factor = torch.randn(num_experts, width, rank, generator=g).to(DEVICE, dtype).transpose(1, 2)  # [E, R, N]
+    factor = torch.randn(num_experts, width, rank, generator=g).to(DEVICE).transpose(1, 2)  # [E, R, N] fp32, strided
     base = torch.randn(n, width, generator=g).to(DEVICE, dtype)
     out = base.clone()
-    result = kernels.grouped_gemm(u, factor, plan.tokens_per_expert, n, into=out)
+    result = kernels.lora_add(out, u, factor, plan.tokens_per_expert, n)
     assert result.data_ptr() == out.data_ptr()
     expert = plan.expert_of_row.clamp(max=num_experts - 1)
     routed = plan.expert_of_row < num_experts
-    expected = base.double() + torch.einsum("nr,nrw->nw", u.double(), factor[expert].double())
+    expected = base.double() + torch.einsum("nr,nrw->nw", u.double(), factor.to(dtype)[expert].double())
     expected = torch.where(routed[:, None], expected, base.double())
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.equal(out[~routed], base[~routed])
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     assert torch.allclose(out.double(), expected, rtol=0, atol=tol * max(1.0, scale))
-    with pytest.raises(ValueError, match="into must be"):
-        kernels.grouped_gemm(u, factor, plan.tokens_per_expert, n, into=base.repeat(1, 2)[:, ::2])
-    with pytest.raises(ValueError, match="plain product"):
-        kernels.grouped_gemm(u, factor, plan.tokens_per_expert, n, into=out, lowrank=True)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.lora_add(base.repeat(1, 2)[:, ::2], u, factor, plan.tokens_per_expert, n)
+    with pytest.raises(ValueError, match="u must be"):
+        kernels.lora_add(out, u[:, :1], factor, plan.tokens_per_expert, n)
 
 
 @pytest.mark.parametrize("num_experts", [1, 5, 128, 600])

@@ -43,7 +43,7 @@ the parameter is PEFT's strided B), so LoRA adds no autograd op of its own to th
 the low-rank intermediates are small grouped GEMMs (``grouped_gemm(..., lowrank=True)``, BLOCK_N fitted to R) and
 the big GEMMs take them through a short second reduction loop over R into the same fp32 accumulator, before their
 epilogues (``lora=`` of up_proj / grouped_gemm / act_grad), or, for the GEMMs that run on grouped_mm (split,
-above), through ``grouped_gemm(u, L, into=product)`` after it (one more read and write of the product):
+above), through ``lora_add(product, u, L)`` after it (one more read and write of the product):
 
     forward    u_up = x[tok] A_upᵀ [S, R];  h = x[tok] W_up + u_up B_upᵀ (+b)          (up_proj, fused)
                u_down = a A_downᵀ [S, R];   yw = w (a W_down + u_down B_downᵀ (+b))     (grouped_gemm, fused)
@@ -207,14 +207,14 @@ def lora_gemm_split(k_dim: int) -> bool:
 def _torch_matmul_lora(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan, lora) -> Tensor | None:
     """``_torch_matmul`` plus, with ``lora=(u [S, R], L [E, R, N])``, u @ L[e] added in place by the Triton
     kernel; None where the base product cannot go to grouped_mm or LoRA stays fused (``lora_gemm_split``)."""
-    from .kernels import grouped_gemm
+    from .kernels import lora_add
 
     if lora is not None and not lora_gemm_split(rows.shape[1]):
         return None
     out = _torch_matmul(rows, weight_in_out, plan)
     if out is not None and lora is not None:
         u, factor = lora
-        grouped_gemm(u, factor, plan.tokens_per_expert, plan.num_rows, into=out)
+        lora_add(out, u, factor, plan.tokens_per_expert, plan.num_rows)
     return out
 
 

@@ -6,6 +6,7 @@ One idea per module:
   up_proj.py      gather + grouped GEMM (+ fused LoRA u @ Bᵀ) + bias + activation epilogue (stores h and a)
   down_proj.py    grouped GEMM (+ fused LoRA) + bias + routing weight epilogue (also dX, and the LoRA low-rank
                   products u = rows @ A[e]ᵀ / rows @ B[e])
+  lora_add.py     out += u @ L[e] in place: the LoRA term of a split LoRA GEMM (a row-tile sweep over the columns)
   combine.py      deterministic fp32 gather-sum over K through the inverse permutation
   act_grad.py     dA: gathered dOut @ W_down (+ LoRA), activation backward, routing-weight partials
   weight_grad.py  per-expert weight / bias / LoRA-factor gradients, rows gathered through the plan, no atomics;
@@ -17,7 +18,8 @@ One idea per module:
 from .act_grad import act_grad_backward
 from .combine import combine
 from .down_proj import grouped_gemm
+from .lora_add import lora_add
 from .up_proj import up_proj
 from .weight_grad import weight_grad
 
-__all__ = ["act_grad_backward", "combine", "grouped_gemm", "up_proj", "weight_grad"]
+__all__ = ["act_grad_backward", "combine", "grouped_gemm", "lora_add", "up_proj", "weight_grad"]

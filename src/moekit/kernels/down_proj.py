@@ -12,9 +12,6 @@ LoRA (``lora=(u, L)``): after the main loop a short loop over the rank adds u[r]
 L viewed [E, R, N]) into the same accumulator, before bias and routing weight. Forward: u = a @ A_down[e]ᵀ,
 L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; split dA: u = dOut[tok] @ B_down[e], L = A_down.
 
-Accumulate mode (``into=out``): out[r] += A[r] @ B[e] in place (fp32 sum, one rounding), no bias, no weight. With A
-= u [n, R] and B = L it adds the LoRA term to a base product that torch's grouped_mm made (``triton_engine.lora_gemm_split``).
-
 Low-rank mode (``lowrank=True``): the same kernel computes those u = rows @ F[e] [n, R] (F = A[e]ᵀ or B[e],
 the rank is N): its own small autotuning space, BLOCK_N set from R at launch instead of a 128-wide tile.
 """
@@ -49,7 +46,7 @@ def _grouped_gemm_kernel(
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
     stride_um, stride_ur, stride_le, stride_lr, stride_ln,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    LORA_PRELOAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+    LORA_PRELOAD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -81,11 +78,7 @@ def _grouped_gemm_kernel(
             ut = tl.load(u_ptrs, mask=(offs_r < R)[None, :], other=0.0)
             lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
             lt = as_operand(lt, ut.dtype)  # held through the main loop: in the operand dtype, not A's own
-    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
-    if ACCUMULATE:  # the output tile's load is issued first: it lands while the (short) loop runs
-        acc = tl.load(out_ptrs, mask=n_mask[None, :], other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
@@ -112,33 +105,24 @@ def _grouped_gemm_kernel(
     if SCALE:
         slot = tl.load(rows_ptr + rows64)
         acc *= tl.load(rw_ptr + slot).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD", "ACCUMULATE"]
+_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD"]
 _KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=_KEY)
 _LOWRANK = Autotuned(_grouped_gemm_kernel, "lowrank", key=_KEY)
-_ADD = Autotuned(_grouped_gemm_kernel, "lora_add", key=_KEY)
 
 
 def grouped_gemm(
     rows, weight_in_out, counts, n, bias=None, routing_weights=None, sorted_rows=None, gather=None, lora=None,
-    lowrank=False, into=None,
+    lowrank=False,
 ):  # fmt: skip
     """rows [n, K] (plan-sorted; or any rows taken through ``gather`` [n]) @ weight[e] [K, N] (+ u @ L[e] with
     ``lora=(u [n, R], L [E, R, N])``) (+ bias[e]) (* routing weight per row) -> [n, N].
-    ``lowrank``: N is a LoRA rank (small): BLOCK_N fitted to it. ``into`` [n, N] (N contiguous): added to, in
-    place, and returned (plain product only)."""
+    ``lowrank``: N is a LoRA rank (small): BLOCK_N fitted to it."""
     num_experts, k_dim, n_dim = weight_in_out.shape
-    if into is not None:
-        if bias is not None or routing_weights is not None or lora is not None or lowrank:
-            raise ValueError("grouped_gemm: into= takes a plain product (no bias, routing weights, lora or lowrank)")
-        if into.shape != (n, n_dim) or into.dtype != rows.dtype or into.stride(1) != 1:
-            raise ValueError(
-                f"grouped_gemm: into must be [{n}, {n_dim}] {rows.dtype} with unit column stride, "
-                f"got {list(into.shape)} {into.dtype} strides {into.stride()}"
-            )
-    out = into if into is not None else new_output(n, n_dim, dtype=rows.dtype, device=rows.device)
+    out = new_output(n, n_dim, dtype=rows.dtype, device=rows.device)
     if n == 0:
         return out
     has_bias, scale, has_lora = bias is not None, routing_weights is not None, lora is not None
@@ -149,8 +133,6 @@ def grouped_gemm(
     rank = u.shape[1] if has_lora else 0
     if lowrank:
         kernel, extra = _LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}
-    elif into is not None:
-        kernel, extra = _ADD, {"BLOCK_K": rank_block(k_dim)}
     else:
         kernel, extra = _KERNEL, {}
 
@@ -164,7 +146,7 @@ def grouped_gemm(
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
         *(u.stride() if has_lora else (0, 0)), *(lw.stride() if has_lora else (0, 0, 0)),
         GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale, HAS_LORA=has_lora, BLOCK_R=rank_block(rank),
-        LORA_PRELOAD=lora_preload(rank), ACCUMULATE=into is not None,
+        LORA_PRELOAD=lora_preload(rank),
         PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8, **extra,
     )  # fmt: skip
     return out

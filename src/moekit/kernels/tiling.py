@@ -203,11 +203,12 @@ _SPACES = {
         "ampere": [(64, 0, 64, 4, 4), (128, 0, 64, 4, 3)],
         "interpret": [(16, 0, 16, 4, 1)],
     },
-    # out += u @ L[e] in place (K = the rank R, so BLOCK_K, 0 here, is set at launch from R): memory-bound on the
-    # output tile's read and write, so small tiles and shallow pipelines keep several programs on each SM
+    # out += u @ L[e] in place (kernels/lora_add.py): one program per row tile sweeps every column tile (BLOCK_K, 0
+    # here, is unused). Memory-bound: short row tiles keep many programs in flight; 3 stages overlap the next
+    # column tile's loads with this one's store. The best four of 36 measured on an H200 (probe_lora_add.py)
     "lora_add": {
-        "hopper": [(64, 128, 0, 4, 2), (128, 128, 0, 8, 2), (64, 256, 0, 4, 2), (128, 64, 0, 4, 2)],
-        "ampere": [(64, 128, 0, 4, 2), (128, 64, 0, 4, 2)],
+        "hopper": [(32, 256, 0, 4, 3), (32, 128, 0, 8, 3), (64, 128, 0, 4, 3), (64, 256, 0, 8, 3)],
+        "ampere": [(32, 128, 0, 4, 3), (64, 128, 0, 4, 2)],
         "interpret": [(16, 16, 0, 4, 1)],
     },
     # LoRA factor gradients (dA, dB: one side is the rank R): BLOCK_N (the R side) set at launch
