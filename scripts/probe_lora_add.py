@@ -71,9 +71,7 @@ def probe_gemm(label: str, plan, rows, weight, u, factor, config_sweep: bool) ->
         module = sys.modules["moekit.kernels.lora_add"]  # the package exports the function under the same name
         for i in range(len(configs("lora_add"))):
             os.environ["MOEKIT_TRITON_AUTOTUNE"] = f"config:{i}"
-            lora_add_module._KERNEL = Autotuned(
-                lora_add_module._lora_add_kernel, "lora_add", key=["N", "R", "M_BUCKET"]
-            )
+            module._KERNEL = Autotuned(module._lora_add_kernel, "lora_add", key=["N", "R", "M_BUCKET"])
             ms = bench_ms(lambda: lora_add(base, u, factor, counts, n))
             print(f"    add config {i} {configs('lora_add')[0]}: {ms:.3f} ms {gbs(out_bytes, ms):.0f} GB/s")
         os.environ.pop("MOEKIT_TRITON_AUTOTUNE")
