@@ -254,9 +254,9 @@ def test_dx_comes_before_the_up_projection_gradients(monkeypatch, requires_grad)
 
 
 def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
-    """Memory plan: A is read as it is (PEFT's fp32 parameter, no copy: the kernels round its tiles), and the
-    s·B operand copies are not kept from the forward; the backward drops each after its last use, so when dX is
-    computed both are gone (s·B_up after v_up)."""
+    """Memory plan: the LoRA operand copies (s·B, and in the forward A in x's dtype) are not kept from the
+    forward; the backward reads A as it is (PEFT's fp32 parameter: the kernels round its tiles) and drops each
+    s·B copy after its last use, so when dX is computed all are gone (s·B_up after v_up)."""
     import weakref
 
     import moekit.triton_engine as engine
@@ -264,9 +264,10 @@ def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
     made = []  # weak references to the s·B operands, in the order the engine makes them
     real_factors, real_combine = engine._kernel_factors, kernels.combine
 
-    def kernel_factors(factor_a, factor_b, scale, dtype):
-        operand_a, operand_b = real_factors(factor_a, factor_b, scale, dtype)
-        assert operand_a is factor_a  # no copy of A, whatever its dtype
+    def kernel_factors(factor_a, factor_b, scale, dtype, copy_a):
+        operand_a, operand_b = real_factors(factor_a, factor_b, scale, dtype, copy_a)
+        # A: a copy in x's dtype for the forward's low-rank GEMMs, read as it is (no copy) in the backward
+        assert operand_a.dtype == dtype if copy_a else operand_a is factor_a
         assert operand_b.dtype == dtype and operand_b.is_contiguous()
         made.append(weakref.ref(operand_b))
         return operand_a, operand_b

@@ -223,13 +223,19 @@ def _out_in(weight: Tensor, transposed: bool) -> Tensor:
     return weight.transpose(1, 2) if transposed else weight
 
 
-def _kernel_factors(factor_a: Tensor, factor_b: Tensor, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The LoRA operands the kernels read: A [E, R, in] itself (any float dtype and strides: the kernels round its
-    tiles to ``dtype`` as they load them, ``kernels.tiling.as_operand``, so no copy; under PEFT that is the fp32
-    parameter) and scale·B [E, out, R] in ``dtype``, contiguous (PEFT's B has its experts at stride 1; the
-    kernels want its rows dense). Made under the Function's forward, so no autograd op is recorded for them."""
+def _kernel_factors(
+    factor_a: Tensor, factor_b: Tensor, scale: float, dtype: torch.dtype, copy_a: bool
+) -> tuple[Tensor, Tensor]:
+    """The LoRA operands the kernels read: A [E, R, in], in ``dtype`` when ``copy_a`` (the forward: A is the
+    low-rank GEMM's main-loop operand, re-read by every row tile of its expert, so a copy in the 2-byte dtype
+    halves those reads) or as it is (the backward: A only enters LoRA terms, one tile per output tile, which the
+    kernels round to ``dtype`` as they load it, ``kernels.tiling.as_operand``; no copy), and scale·B [E, out, R]
+    in ``dtype``, contiguous (PEFT's B has its experts at stride 1; the kernels want its rows dense). Made under
+    the Function's forward, so no autograd op is recorded for them."""
     from .kernels.relayout import scaled_copy
 
+    if copy_a and factor_a.dtype != dtype:
+        factor_a = factor_a.to(dtype)
     if factor_b.dtype != dtype or scale != 1.0 or not factor_b.is_contiguous():
         factor_b = scaled_copy(factor_b, torch.empty(factor_b.shape, dtype=dtype, device=factor_b.device), scale)
     return factor_a, factor_b
@@ -288,13 +294,13 @@ class ExpertsTritonFunction(torch.autograd.Function):
         u_up = u_down = up_lora = down_lora = None
         up_a = up_b = down_a = down_b = None  # the kernels' LoRA operands (see _kernel_factors)
         if up_lora_a is not None:  # u_up = x[tok] @ A_up[e]ᵀ [S, R]; h += u_up @ (s B_up[e])ᵀ in up_proj's loop
-            up_a, up_b = _kernel_factors(up_lora_a, up_lora_b, up_lora_scale, x.dtype)
+            up_a, up_b = _kernel_factors(up_lora_a, up_lora_b, up_lora_scale, x.dtype, copy_a=True)
             u_up = grouped_gemm(x, up_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
             up_lora = (u_up, up_b.transpose(1, 2))
         h, a = up_proj(x, tok, _in_out(up_weight, transposed), up_bias, counts, n, act, lora=up_lora)
         up_a = up_b = up_lora = None  # the operand copies are not kept (the backward makes them again)
         if down_lora_a is not None:  # u_down = a @ A_down[e]ᵀ [S, R]; y += u_down @ (s B_down[e])ᵀ
-            down_a, down_b = _kernel_factors(down_lora_a, down_lora_b, down_lora_scale, x.dtype)
+            down_a, down_b = _kernel_factors(down_lora_a, down_lora_b, down_lora_scale, x.dtype, copy_a=True)
             u_down = grouped_gemm(a, down_a.transpose(1, 2), counts, n, lowrank=True)
             down_lora = (u_down, down_b.transpose(1, 2))
         inv = plan.row_of_slot.reshape(-1)
@@ -355,7 +361,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         # projection per layer), each projection's just before its first use and dropped after its last
         down_a = down_b = da_lora = None
         if down_lora:
-            down_a, down_b = _kernel_factors(down_param_a, down_param_b, down_scale, x.dtype)
+            down_a, down_b = _kernel_factors(down_param_a, down_param_b, down_scale, x.dtype, copy_a=False)
         n, dtype, transposed, act = plan.num_rows, x.dtype, layout.transposed, layout.activation
         num_experts, counts = plan.num_experts, plan.tokens_per_expert
         tok, sorted_rows = plan.token_of_row, plan.sorted_rows
@@ -443,7 +449,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         # v_up = dh @ B_up[e] [S, R]: the LoRA part of dL/dx[tok] is v_up @ A_up[e]; s·B_up is not needed after it
         v_up = up_a = None
         if up_lora and (need_x or need_up_a):
-            up_a, up_b = _kernel_factors(up_param_a, up_param_b, up_scale, x.dtype)
+            up_a, up_b = _kernel_factors(up_param_a, up_param_b, up_scale, x.dtype, copy_a=False)
             v_up = grouped_gemm(dh, up_b, counts, n, lowrank=True)
             del up_b
         # dX before the up-projection's weight and factor gradients: its per-row partials dxs [S, H] are freed
