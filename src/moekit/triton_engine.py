@@ -34,10 +34,12 @@ past ``offsets[-1]``, the routing-weight gradient masks them).
     GEMM computes both.
 
 LoRA (optional per projection; A [E, R, in], B [E, out, R] and a scale s, adapters concatenated along R;
-typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The forward makes the kernels'
-operand s·B itself, outside autograd: in x's dtype, contiguous (one small copy, none when it already is; PEFT's
-B layout is transposed by ``kernels.relayout``); A is read as it is, each tile rounded to x's dtype in the kernel
-(a per-step copy of A cost as much as a low-rank GEMM at r=64, BENCHMARKS.md run 17). The backward returns the factor
+typically views of PEFT's fp32 parameters, see ``moekit.lora.LoraFactors``). The engine makes the kernels'
+operands itself, outside autograd: s·B in x's dtype, contiguous (one small copy, none when it already is; PEFT's
+B layout is transposed by ``kernels.relayout``), and in the forward A in x's dtype (the low-rank GEMMs' main-loop
+operand, read again by every row tile of its expert). The backward reads A as it is: there it only enters LoRA
+terms, and the kernels round each tile to x's dtype as they load it (``kernels.tiling.as_operand``; the values a
+copy would hold; 41 MiB less step memory at Nemotron 8k r=64, BENCHMARKS.md run 17). The backward returns the factor
 gradients in the parameters' dtype and strides (dB times s in the kernel's store; written dense, then moved when
 the parameter is PEFT's strided B), so LoRA adds no autograd op of its own to the step. No ΔW and no copy of W:
 the low-rank intermediates are small grouped GEMMs (``grouped_gemm(..., lowrank=True)``, BLOCK_N fitted to R) and
@@ -53,11 +55,10 @@ above), through ``lora_add(product, u, L)`` after it (one more read and write of
                v_up = dh B_up [S, R];  dxs = dh W_upᵀ + v_up A_up                       (grouped_gemm, fused)
                dB_up[e] = Σ dhᵀ u_up,  dA_up[e] = Σ v_upᵀ x[tok]
 Factor gradients use the per-expert weight-gradient kernel (no atomics, exact zeros for experts without rows);
-u_up and u_down [S, R] are saved for backward; the operand copies of s·B are not (E·R·out per projection, which
-summed over a model's layers is GBs at r=64): the backward makes them again from the saved parameter views, each
+u_up and u_down [S, R] are saved for backward; the operand copies are not (E·R·(in + out) per projection, which
+summed over a model's layers is GBs at r=64): the backward makes s·B again from the saved parameter views, each
 projection's just before its first use, and drops each after its last (the forward too): s·B_down after the down
-projection's gradients, s·B_up after v_up. A frozen base costs
-no base weight-gradient kernel.
+projection's gradients, s·B_up after v_up. A frozen base costs no base weight-gradient kernel.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
