@@ -7,10 +7,11 @@ Forward down-projection: u = a @ A_down[e]ᵀ, L = (s B_down[e])ᵀ; dX: u = dh 
 own dtype, rounded per tile); dA's GEMM from the dOut row copy: u = dOut[tok] @ B_down[e], L = A_down[e].
 
 The pass is memory-bound: one read and one write of out. Each program owns one row tile of one expert (the tile
-map of ``tiling``) and sweeps all N columns in a pipelined loop, so the tile map, u's tile and (with one rank step)
-nothing else is loaded once per row tile rather than once per output tile. On an H200 that reached 3.7-4.0 TB/s
-at Nemotron's and Qwen3's shapes, against 2.7-2.9 TB/s for the same add as a grouped-GEMM tile per program
-(``scripts/probe_lora_add.py``, BENCHMARKS.md run 17). Sentinel rows (past the routed ones) are never touched.
+map of ``tiling``) and sweeps all N columns in a pipelined loop, so the tile map and (with one rank step) u's tile
+are loaded once per row tile rather than once per output tile. On an H200 this kernel's first version (the same
+loop, in ``scripts/probe_lora_add.py``'s first version) reached 3.7-4.0 TB/s at Nemotron's and Qwen3's shapes,
+against 2.7-3.0 TB/s for the same add as a grouped-GEMM tile per program (BENCHMARKS.md run 17). Sentinel rows
+(past the routed ones) are never touched.
 """
 
 from __future__ import annotations
