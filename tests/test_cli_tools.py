@@ -80,6 +80,31 @@ def test_bench_table_puts_lora_over_its_frozen_base():
     assert rows[("frozen", "moekit-triton")].endswith("-")
 
 
+def _ab_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ab_bench.py"
+    spec = importlib.util.spec_from_file_location("ab_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_bench_summary_and_variant_check(tmp_path):
+    """scripts/ab_bench.py: one line per case with each variant's processes in order, and a variant whose path does
+    not hold moekit is refused (here moekit is installed, so PYTHONPATH cannot select it)."""
+    ab = _ab_bench()
+    case = {"shape": "tiny", "tokens": 64, "mode": "lora", "lora_rank": 16, "impl": "moekit-triton", "step_gib": 0.5}
+    records = [{**case, "ms": ms, "variant": v} for v, ms in (("old", 2.0), ("new", 1.5), ("old", 2.25), ("new", 1.25))]
+    records.append({**case, "mode": "frozen", "lora_rank": None, "skipped": "why"})
+    assert ab.summary(records, ["old", "new"]) == [
+        "tiny T=64 lora r=16 moekit-triton: old 2.000 / 2.250 ms, 0.500 GiB | new 1.500 / 1.250 ms, 0.500 GiB"
+    ]
+    with pytest.raises(SystemExit, match="moekit imports from"):
+        ab.check_variant(str(tmp_path))
+
+
 def test_bench_custom_shape(tmp_path):
     json_path = tmp_path / "r.json"
     argv = ["bench", "--device", "cpu", "--hidden", "48", "--intermediate", "40", "--experts", "4", "--top-k", "2",

@@ -1,0 +1,106 @@
+"""Same-call A/B of code variants: `moekit bench` in alternating processes, one table on stdout, one JSON.
+
+    git archive <rev> src | tar -x -C ab_old        # on your machine: the older code, untracked (carried over)
+    python scripts/ab_bench.py --variant old=ab_old/src --variant new=src --rounds 2 --json $OUT/ab.json -- \\
+        --preset nemotron3-nano --tokens 8192,32768 --modes lora --lora-rank 16,64 --impls moekit-triton
+
+Each round runs every variant once, in the order given (old, new, old, new, ...), each in its own process with
+its own ``PYTHONPATH``: two processes of one variant show the spread between processes, which a difference
+between variants must exceed to mean anything. The summary goes to stdout and all records into one JSON file,
+so nothing depends on fetching many files back from the GPU machine (the device tool returns a limited number).
+Arguments after ``--`` go to ``moekit bench`` unchanged; a process that fails or times out is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+
+def check_variant(path: str) -> None:
+    """Fail unless ``PYTHONPATH=path`` makes Python import moekit from ``path``: an editable install's import hook
+    takes precedence over PYTHONPATH, and then every variant would silently run the installed code."""
+    env = {**os.environ, "PYTHONPATH": path}
+    probe = [sys.executable, "-c", "import moekit; print(moekit.__file__)"]
+    found = subprocess.run(probe, check=False, env=env, capture_output=True, text=True).stdout.strip()
+    if not os.path.abspath(found).startswith(os.path.abspath(path) + os.sep):
+        raise SystemExit(
+            f"with PYTHONPATH={path}, moekit imports from {found or 'nowhere'}: run where moekit is not installed "
+            "(the GPU machine), or `pip uninstall moekit` first"
+        )
+
+
+def run_variant(name: str, path: str, bench_args: list[str], timeout: float) -> tuple[list[dict], str]:
+    """The records of one `moekit bench` process run with ``PYTHONPATH=path``, and how it ended."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "records.json")
+        env = {**os.environ, "PYTHONPATH": path}
+        command = [sys.executable, "-m", "moekit", "bench", *bench_args, "--json", out]
+        try:
+            done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return [], f"timed out after {timeout:.0f} s"
+        if done.returncode != 0 or not os.path.exists(out):
+            return [], f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ['no output']}"
+        with open(out) as handle:
+            return json.load(handle), "ok"
+
+
+def summary(records: list[dict], variants: list[str]) -> list[str]:
+    """One line per case: each variant's ms per process, then its step GiB."""
+    cases: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if "ms" in record:
+            key = (record["shape"], record["tokens"], record["mode"], record.get("lora_rank"), record["impl"])
+            cases[key][record["variant"]].append(record)
+    lines = []
+    for (shape, tokens, mode, rank, impl), by_variant in sorted(cases.items(), key=str):
+        label = f"{shape} T={tokens} {mode}{f' r={rank}' if rank else ''} {impl}:"
+        cells = []
+        for name in variants:
+            runs = by_variant.get(name, [])
+            ms = " / ".join(f"{r['ms']:.3f}" for r in runs) or "-"
+            gib = (
+                f", {runs[0]['step_gib']:.3f} GiB"
+                if runs and runs[0].get("step_gib") == runs[0].get("step_gib")
+                else ""
+            )
+            cells.append(f"{name} {ms} ms{gib}")
+        lines.append(f"{label} " + " | ".join(cells))
+    return lines
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", required=True, help="NAME=PYTHONPATH (repeat; run in order)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per process")
+    parser.add_argument("--json", help="write every record (with its variant and process) to this file")
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1 :]
+    variants = [tuple(spec.split("=", 1)) for spec in args.variant]
+    if any(len(v) != 2 or not v[0] for v in variants):
+        parser.error("--variant takes NAME=PYTHONPATH")
+    for _, path in variants:
+        check_variant(path)
+    records = []
+    for round_index in range(args.rounds):
+        for name, path in variants:
+            got, how = run_variant(name, path, bench_args, args.timeout)
+            print(f"round {round_index + 1} {name} ({path}): {how}, {len(got)} records", flush=True)
+            records += [{**r, "variant": name, "process": round_index} for r in got]
+    print("\n".join(summary(records, [name for name, _ in variants])))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(records, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
