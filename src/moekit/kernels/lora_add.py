@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import Autotuned, block_e, dot_precision, expert_tile, mma, num_row_tiles, rank_block, to_dtype
+from .tiling import (
+    Autotuned,
+    block_e,
+    dot_precision,
+    expert_tile,
+    mma,
+    num_row_tiles,
+    rank_block,
+    rows_bucket,
+    to_dtype,
+)
 
 
 @triton.jit
@@ -69,8 +79,6 @@ _KERNEL = Autotuned(_lora_add_kernel, "lora_add", key=["N", "R", "M_BUCKET"])
 def lora_add(out: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
     """out [n, N] += u [n, R] @ factor[e] [R, N] for plan rows [0, n) in place (``factor`` viewed [E, R, N], any
     strides and float dtype); returns ``out``."""
-    from .tiling import rows_bucket
-
     num_experts, rank, n_dim = factor.shape
     if out.shape != (n, n_dim) or out.dtype != u.dtype or out.stride(1) != 1:
         raise ValueError(
