@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,11 +66,8 @@ def summary(records: list[dict], variants: list[str]) -> list[str]:
         for name in variants:
             runs = by_variant.get(name, [])
             ms = " / ".join(f"{r['ms']:.3f}" for r in runs) or "-"
-            gib = (
-                f", {runs[0]['step_gib']:.3f} GiB"
-                if runs and runs[0].get("step_gib") == runs[0].get("step_gib")
-                else ""
-            )
+            step_gib = runs[0].get("step_gib", math.nan) if runs else math.nan  # NaN on the CPU
+            gib = "" if math.isnan(step_gib) else f", {step_gib:.3f} GiB"
             cells.append(f"{name} {ms} ms{gib}")
         lines.append(f"{label} " + " | ".join(cells))
     return lines
