@@ -40,7 +40,6 @@ def main() -> None:
         space = tiling._SPACES["gated"]["hopper"]
         for config in list(space) + [c for c in CANDIDATES if c not in space]:
             tiling._SPACES["gated"]["hopper"] = [config]
-            _GATED.tuners.clear()
             _GATED.chosen.clear()
 
             def call(x=x, plan=plan, w_in_out=w_in_out):

@@ -150,6 +150,9 @@ _PLAIN = Autotuned(
     _act_grad_kernel,
     "actgrad",
     key=["N", "K", "M_BUCKET", "STORE_A", "STORE_DH", "STORE_PART", "HAS_LORA", "R", "LORA_PRELOAD"],
+    # in place, dh is written over h; the partials are zeros the launch fills column tile by column tile (their
+    # number depends on BLOCK_N), so a tuning run with a narrower tile would leave columns the real launch skips
+    restore=(("h_ptr", "dh_ptr"), ("part_ptr", "part_ptr")),
 )
 
 
@@ -186,7 +189,7 @@ def act_grad_backward(
     rank = v.shape[1] if has_lora else 0
     _PLAIN.get(h.dtype)[grid](
         grad_out, token_of_row, sorted_rows, routing_weights, weight_out_in, h,
-        a if store_a else h, dh if store_dh else h, part if store_part else h, counts, v, la,
+        a if store_a else h, dh if store_dh else counts, part if store_part else counts, counts, v, la,
         n, num_experts, inner, k_dim, rows_bucket(n, num_experts), rank,
         grad_out.stride(0), grad_out.stride(1), *weight_out_in.stride(), h.stride(0),
         a.stride(0) if store_a else 0, dh.stride(0) if store_dh else 0, part.stride(0) if store_part else 0,

@@ -73,7 +73,7 @@ def _lora_add_kernel(
         )
 
 
-_KERNEL = Autotuned(_lora_add_kernel, "lora_add", key=["N", "R", "M_BUCKET"])
+_KERNEL = Autotuned(_lora_add_kernel, "lora_add", key=["N", "R", "M_BUCKET"], restore=(("out_ptr", "out_ptr"),))
 
 
 def lora_add(out: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:

@@ -8,16 +8,21 @@ no host sync, no tile-map tensor, and it stays right whatever BLOCK_M the autotu
 bound ceil(n / BLOCK_M) + min(E, n) row tiles (every expert wastes at most one partial tile); programs past the
 real number of tiles return at once.
 
-Autotuning. A handful of configs per GPU generation (Hopper: sm_90; Ampere and later otherwise), keyed on the
-static problem sizes plus a power-of-two bucket of rows per expert, so tuning runs once per layer shape and costs
-seconds. Under ``TRITON_INTERPRET=1`` a single small config is used (no benchmarking).
+Autotuning (``Autotuned``). A handful of configs per GPU generation (Hopper: sm_90; Ampere and later otherwise),
+keyed on the static problem sizes plus a power-of-two bucket of rows per expert, so tuning runs once per layer shape
+and costs seconds; the choices persist on disk (``tuning_cache``), so only the first process on a machine pays
+them. Tuning never changes what a launch computes: arguments a kernel overwrites are restored after every config.
+Under ``TRITON_INTERPRET=1`` a single small config is used (no timing), unless a test sets a larger space.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import hashlib
+import inspect
 import os
+import time
 from typing import ClassVar
 
 import torch
@@ -25,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .launch import FastKernel
+from .tuning_cache import TuningCache
 
 
 @triton.jit
@@ -148,10 +154,10 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
     return out
 
 
-def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
-    """A config; a block size of 0 is left out (the launch passes it)."""
+def _cfg(bm, bn, bk, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")) -> dict:
+    """A config as launch keywords; a block size of 0 is left out (the launch passes it)."""
     meta = {name: size for name, size in zip(names, (bm, bn, bk)) if size}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+    return {**meta, "num_warps": warps, "num_stages": stages}
 
 
 @functools.cache
@@ -220,7 +226,7 @@ _SPACES = {
 }  # fmt: skip
 
 
-def configs(family: str, element_size: int = 2) -> list[triton.Config]:
+def configs(family: str, element_size: int = 2) -> list[dict]:
     """The autotuning space of ``family`` on this GPU generation for operands of ``element_size`` bytes (4-byte
     operands get BLOCK_K 32 and at most 3 stages, so their tiles fit in shared memory).
     ``MOEKIT_TRITON_AUTOTUNE=0`` keeps only the first (default) config: no tuning (test runs that compile many
@@ -279,79 +285,131 @@ def min_block_n(family: str) -> int:
     return min(c[1] for spaces in _SPACES[family].values() for c in spaces)
 
 
-def _bench(kernel_call, quantiles):
-    """Tuning timer: a config that fails to build for this variant (any error) is skipped, not fatal."""
+def _time_config(kernel_call) -> float:
+    """Tuning timer (ms): a config that fails to build for this variant (any error) is skipped, not fatal. Under
+    the interpreter (tests that force several configs) one timed call."""
     try:
-        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+        if interpreting():
+            start = time.perf_counter()
+            kernel_call()
+            return (time.perf_counter() - start) * 1e3
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, return_mode="median")
     except Exception:  # noqa: BLE001
-        return [float("inf")] * len(quantiles)
+        return float("inf")
+
+
+@functools.cache
+def _tuning_cache() -> TuningCache:
+    device = "interpreter" if interpreting() or not torch.cuda.is_available() else torch.cuda.get_device_name()
+    return TuningCache(device, triton.__version__)
 
 
 class Autotuned:
-    """A jit kernel wrapped, on first launch, in triton's autotuner over the small space of ``family``.
+    """A jit kernel that picks its launch config per key from the small space of ``family`` (``configs``).
 
-    Built lazily so importing moekit neither touches CUDA nor reads the environment too early; one tuner per
-    operand width (the spaces differ). Launch as ``kernel.get(dtype)[grid](...)`` with ``grid`` a function of
-    the chosen config's meta-parameters. The first launch of a key (the ``key`` arguments plus the tensor
-    dtypes, as triton's autotuner keys) tunes through triton's autotuner; later launches of that key go to the
-    compiled kernel directly with the chosen config (``launch.FastKernel``): triton's autotuner re-derives its key
-    from every argument on each call, ~75 µs of host time per launch, which at 8k tokens leaves the GPU idle
-    between kernels.
+    Launch as ``kernel.get(dtype)[grid](*args, **constexprs)`` with ``grid`` a function of the config's
+    meta-parameters; runtime arguments positionally. The key is the ``key`` arguments, the operand width and the
+    tensor dtypes. The first launch of a key takes the config stored on disk for it (``tuning_cache``), else times
+    every config and stores the fastest; then the kernel runs once for real. Later launches of the key go straight
+    to the compiled kernel with that config (``launch.FastKernel``: a tuner that re-derives its key from every
+    argument costs ~75 µs of host time per launch, which at 8k tokens leaves the GPU idle between kernels).
+
+    Tuning runs each config many times on the call's own buffers. A kernel that can overwrite what it reads names
+    the pair in ``restore``: (read argument, written argument), e.g. ("out_ptr", "out_ptr") for an in-place add,
+    ("h_ptr", "dh_ptr") for dh written over h. When the two share memory in a call, the read one is copied before
+    tuning and put back after every config (one extra copy of it, on the first launch of a key only), so the real
+    launch sees the inputs the caller passed. Outputs that are only written need nothing: the real launch writes
+    them again.
     """
 
     registry: ClassVar[list[Autotuned]] = []
 
-    def __init__(self, jit_fn, family: str, key: list[str]):
+    def __init__(self, jit_fn, family: str, key: list[str], restore: tuple[tuple[str, str], ...] = ()):
         self.jit_fn, self.family, self.key = jit_fn, family, key
         self.fast = FastKernel(jit_fn)
-        self.tuners: dict[int, object] = {}
-        self.chosen: dict[tuple, dict] = {}  # launch key -> the chosen config's launch arguments
+        self.chosen: dict[tuple, dict] = {}  # launch key -> the chosen config's launch keywords
         self._position = {name: i for i, name in enumerate(jit_fn.arg_names)}
+        unknown = [name for pair in restore for name in pair if name not in self._position]
+        if unknown:
+            raise ValueError(f"{jit_fn.__name__}: restore names unknown arguments {unknown}")
+        self.restore = tuple((self._position[read], self._position[written]) for read, written in restore)
         Autotuned.registry.append(self)
 
-    def get(self, dtype: torch.dtype):
-        size = dtype.itemsize
-        tuner = self.tuners.get(size)
-        if tuner is None:
-            tuner = triton.autotune(configs=configs(self.family, size), key=self.key, do_bench=_bench)(self.jit_fn)
-            self.tuners[size] = tuner
-        return _Launch(self, tuner)
+    @functools.cached_property
+    def name(self) -> str:
+        """Kernel name, family and a hash of its source with its jit dependencies (the tuning cache's kernel id)."""
+        source = getattr(self.jit_fn, "cache_key", None)
+        if source is None:  # the interpreter's functions have no cache key
+            source = hashlib.sha256(inspect.getsource(self.jit_fn.fn).encode()).hexdigest()
+        return f"{self.jit_fn.__name__}[{self.family}]@{source[:16]}"
 
-    def launch(self, tuner, grid, args: tuple, kwargs: dict) -> None:
+    def get(self, dtype: torch.dtype):
+        return _Launch(self, dtype.itemsize)
+
+    def launch(self, size: int, grid, args: tuple, kwargs: dict) -> None:
         key = (
+            size,
             tuple(kwargs[k] if k in kwargs else args[self._position[k]] for k in self.key),
-            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+            tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)),
         )
         chosen = self.chosen.get(key)
         if chosen is None:
-            tuner[grid](*args, **kwargs)
-            self.chosen[key] = tuner.best_config.all_kwargs()
-            if len(tuner.configs) > 1:
-                # Tuning leaves the step's tensors in reference cycles (likely tracebacks of configs that fail to
-                # build) until Python's cycle collector runs: with r=64 LoRA the memory held between steps read
-                # 0.5-2.5 GiB higher before a collection than after it (H100, BENCHMARKS.md). Once per tuned key.
-                gc.collect()
-            return
+            chosen = self.chosen[key] = self._choose(key, size, grid, args, kwargs)
         self.fast.launch(grid, args, {**kwargs, **chosen})
+
+    def _choose(self, key: tuple, size: int, grid, args: tuple, kwargs: dict) -> dict:
+        space = configs(self.family, size)
+        if len(space) == 1:
+            return space[0]
+        entry = f"{self.name}|{key!r}"
+        stored = _tuning_cache().lookup(entry)
+        if stored in space:  # an entry outside today's space is stale: tune again
+            return stored
+        best = self._tune(space, grid, args, kwargs)
+        _tuning_cache().store(entry, best)
+        return best
+
+    def _tune(self, space: list[dict], grid, args: tuple, kwargs: dict) -> dict:
+        """The fastest config of ``space``, the arguments in ``restore`` put back after each one."""
+        overwritten = {read for read, written in self.restore if _shares_memory(args[read], args[written])}
+        saved = {i: args[i].clone() for i in overwritten}
+        timings = []
+        for config in space:
+            timings.append(_time_config(lambda config=config: self.jit_fn[grid](*args, **kwargs, **config)))
+            for i, copy in saved.items():
+                args[i].copy_(copy)
+        del saved
+        # Configs that fail to build leave their tracebacks in reference cycles that hold the step's tensors until
+        # Python's cycle collector runs (0.5-2.5 GiB between steps at r=64 LoRA before a collection): once per key.
+        gc.collect()
+        best = min(range(len(space)), key=timings.__getitem__)
+        if timings[best] == float("inf"):
+            raise RuntimeError(f"{self.jit_fn.__name__}: no config of the '{self.family}' space builds for this call")
+        return space[best]
+
+
+def _shares_memory(a, b) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or not a.numel() or not b.numel():
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _Launch:
     """``Autotuned.get(dtype)[grid](*args, **kwargs)``."""
 
-    __slots__ = ("kernel", "tuner")
+    __slots__ = ("kernel", "size")
 
-    def __init__(self, kernel: Autotuned, tuner):
-        self.kernel, self.tuner = kernel, tuner
+    def __init__(self, kernel: Autotuned, size: int):
+        self.kernel, self.size = kernel, size
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel.launch(self.tuner, grid, args, kwargs)
+        return lambda *args, **kwargs: self.kernel.launch(self.size, grid, args, kwargs)
 
 
 def tuning_report() -> list[str]:
     """One line per tuned key: kernel, key, chosen config (for logs)."""
-    lines = []
-    for kernel in Autotuned.registry:
-        for tuned in kernel.tuners.values():
-            for key, config in tuned.cache.items():
-                lines.append(f"{kernel.jit_fn.__name__}[{kernel.family}] {key}: {config}")
-    return lines
+    return [
+        f"{kernel.jit_fn.__name__}[{kernel.family}] {key}: {config}"
+        for kernel in Autotuned.registry
+        for key, config in kernel.chosen.items()
+    ]
