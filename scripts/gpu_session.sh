@@ -7,6 +7,10 @@
 #                                               tuner may pick any), two configs per call
 #   bash scripts/gpu_session.sh OUT_DIR lora [RANKS] [PRESETS]   issue #4's benchmark: LoRA at each rank (default
 #                                               8,16,64) and the frozen base, grouped_mm + PEFT against moekit-triton
+#   bash scripts/gpu_session.sh OUT_DIR cold [SHAPES]   every visit that touches a kernel: the native Triton tests
+#                                               (pytest -m triton, one pinned config), then the cold-cache section
+#                                               (scripts/cold_cache.py: first calls with an empty tuning cache vs the
+#                                               reference, then a second process on the filled cache: same bits)
 #   bash scripts/gpu_session.sh OUT_DIR bench   the benchmark BENCHMARKS.md and benchmarks/results/ are made
 #                                               from, the CUDA demo, the loss-curve comparison, the GEMM probe
 # Every section runs under `timeout` (SECTION_TIMEOUT seconds, default 400) and writes its own log under OUT_DIR,
@@ -26,6 +30,18 @@ if [ "$part" = check ]; then
     echo "gpu_check $section: exit $?" | tee -a "$out/card.txt"
     tail -25 "$out/check_$section.log"
   done
+elif [ "$part" = cold ]; then
+  shapes=${3:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b,odd-relu2,odd-silu,odd-gpt-oss}
+  timeout "$limit" python -m pytest -m triton -q -x -p no:cacheprovider tests > "$out/native_tests.log" 2>&1
+  echo "native triton tests: exit $? ($(tail -1 "$out/native_tests.log"))" | tee -a "$out/card.txt"
+  cache=$(mktemp -d)
+  MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --json "$out/cold.json" \
+    > "$out/cold.log" 2>&1
+  echo "cold cache: exit $?" | tee -a "$out/card.txt"
+  MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --json "$out/warm.json" \
+    --expect "$out/cold.json" > "$out/warm.log" 2>&1
+  echo "warm cache: exit $?" | tee -a "$out/card.txt"
+  cat "$out/cold.log" "$out/warm.log"
 elif [ "$part" = configs ]; then
   for config in $(echo "${3:-1,2}" | tr ',' ' '); do
     for section in sweep lora; do
