@@ -7,10 +7,12 @@
 #                                               tuner may pick any), two configs per call
 #   bash scripts/gpu_session.sh OUT_DIR lora [RANKS] [PRESETS]   issue #4's benchmark: LoRA at each rank (default
 #                                               8,16,64) and the frozen base, grouped_mm + PEFT against moekit-triton
-#   bash scripts/gpu_session.sh OUT_DIR cold [SHAPES]   every visit that touches a kernel: the native Triton tests
-#                                               (pytest -m triton, one pinned config), then the cold-cache section
-#                                               (scripts/cold_cache.py: first calls with an empty tuning cache vs the
-#                                               reference, then a second process on the filled cache: same bits)
+#   bash scripts/gpu_session.sh OUT_DIR native  every visit that touches a kernel: pytest -m triton natively (one
+#                                               pinned config per kernel family, 8 processes)
+#   bash scripts/gpu_session.sh OUT_DIR cold [SHAPES] [TOKENS]   and the cold-cache section: scripts/cold_cache.py,
+#                                               first calls with an empty tuning cache (MOEKIT_CACHE_DIR, default a
+#                                               new directory) vs the reference, then a second process on the filled
+#                                               cache: same bits, nothing tuned
 #   bash scripts/gpu_session.sh OUT_DIR bench   the benchmark BENCHMARKS.md and benchmarks/results/ are made
 #                                               from, the CUDA demo, the loss-curve comparison, the GEMM probe
 # Every section runs under `timeout` (SECTION_TIMEOUT seconds, default 400) and writes its own log under OUT_DIR,
@@ -30,18 +32,23 @@ if [ "$part" = check ]; then
     echo "gpu_check $section: exit $?" | tee -a "$out/card.txt"
     tail -25 "$out/check_$section.log"
   done
+elif [ "$part" = native ]; then
+  # -n 8: the suite compiles a few hundred kernel variants, and compiling is bound by the host's cores
+  timeout "$limit" python -m pytest -m triton -q -n 8 -p no:cacheprovider tests > "$out/native_tests.log" 2>&1
+  echo "native triton tests: exit $? ($(tail -1 "$out/native_tests.log"))" | tee -a "$out/card.txt"
+  grep -E "FAILED|ERROR" "$out/native_tests.log" | head -20
 elif [ "$part" = cold ]; then
   shapes=${3:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b,odd-relu2,odd-silu,odd-gpt-oss}
-  timeout "$limit" python -m pytest -m triton -q -x -p no:cacheprovider tests > "$out/native_tests.log" 2>&1
-  echo "native triton tests: exit $? ($(tail -1 "$out/native_tests.log"))" | tee -a "$out/card.txt"
-  cache=$(mktemp -d)
-  MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --json "$out/cold.json" \
-    > "$out/cold.log" 2>&1
-  echo "cold cache: exit $?" | tee -a "$out/card.txt"
-  MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --json "$out/warm.json" \
-    --expect "$out/cold.json" > "$out/warm.log" 2>&1
-  echo "warm cache: exit $?" | tee -a "$out/card.txt"
-  cat "$out/cold.log" "$out/warm.log"
+  tokens=${4:-8192,32768}
+  cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}  # must start empty: the first process is the cold one
+  tag=$(echo "$shapes" | cut -c1-12)
+  MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --tokens "$tokens" \
+    --json "$out/cold_$tag.json" > "$out/cold_$tag.log" 2>&1
+  echo "cold cache ($shapes): exit $?" | tee -a "$out/card.txt"
+  MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --tokens "$tokens" \
+    --json "$out/warm_$tag.json" --expect "$out/cold_$tag.json" > "$out/warm_$tag.log" 2>&1
+  echo "warm cache ($shapes): exit $?" | tee -a "$out/card.txt"
+  cat "$out/cold_$tag.log" "$out/warm_$tag.log"
 elif [ "$part" = configs ]; then
   for config in $(echo "${3:-1,2}" | tr ',' ' '); do
     for section in sweep lora; do
