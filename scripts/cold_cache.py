@@ -116,7 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--paths", default=",".join(PATHS))
-    parser.add_argument("--tokens", default="8192,32768", help="two token counts for the model shapes (odd shapes: 37, 301)")
+    parser.add_argument(
+        "--tokens", default="8192,32768", help="two token counts for the model shapes (odd shapes: 37, 301)"
+    )
     parser.add_argument("--json", required=True)
     parser.add_argument("--expect", help="JSON of an earlier (cold) run: same bits required")
     args = parser.parse_args()

@@ -65,18 +65,18 @@ def tuning(monkeypatch, tmp_path):
 
 CASES = {
     # name: (make_case kwargs, env, requires_grad)
-    "relu2-fused-lora": (dict(layout="relu2"), {"MOEKIT_TRITON_LORA_GEMM": "fused"}, FROZEN_BASE),
+    "relu2-fused-lora": ({"layout": "relu2"}, {"MOEKIT_TRITON_LORA_GEMM": "fused"}, FROZEN_BASE),
     "relu2-split-lora-fused-dA": (
-        dict(layout="relu2", sentinel_fraction=0.2),
+        {"layout": "relu2", "sentinel_fraction": 0.2},
         {"MOEKIT_TRITON_LORA_GEMM": "split", "MOEKIT_TRITON_DA": "fused"}, FROZEN_BASE,
     ),
-    "silu-split-lora-trainable": (dict(layout="silu_glu"), {"MOEKIT_TRITON_LORA_GEMM": "split"}, ALL),
+    "silu-split-lora-trainable": ({"layout": "silu_glu"}, {"MOEKIT_TRITON_LORA_GEMM": "split"}, ALL),
     "gpt_oss-fused-dA-triton-gemms": (
-        dict(layout="gpt_oss", ranks=(5, 80)),
+        {"layout": "gpt_oss", "ranks": (5, 80)},
         {"MOEKIT_TRITON_DA": "fused", "MOEKIT_TRITON_PLAIN_GEMM": "triton"}, ALL,
     ),
     "silu-no-lora-fused-dA": (
-        dict(layout="silu_glu", projections=()), {"MOEKIT_TRITON_DA": "fused"}, ALL,
+        {"layout": "silu_glu", "projections": ()}, {"MOEKIT_TRITON_DA": "fused"}, ALL,
     ),
 }  # fmt: skip
 
@@ -135,7 +135,8 @@ def test_stale_and_corrupt_entries_are_retuned(tuning, tmp_path):
     case = make_case(layout="relu2", T=9, E=3, projections=())
     run(experts_triton, case)
     tuned = len(tuning)
-    entries = json.loads(open(cache.path).read())["entries"]
+    with open(cache.path) as handle:
+        entries = json.load(handle)["entries"]
     stale = {entry: {**config, "BLOCK_M": 48} for entry, config in entries.items()}  # outside every space
     cache._write(stale)
     for kernel in tiling.Autotuned.registry:

@@ -9,7 +9,9 @@ An expert's "activation" maps the up-projection output ``h`` to the down-project
   a = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g),  g = clamp(gate, max=limit)
 
 Each entry has a closed-form derivative so backward recomputes ``a`` from the cached pre-activation ``h``
-instead of storing it. Kernels refer to entries by ``Activation.kernel_id``.
+instead of storing it; it gives NaN and Inf where torch's autograd through the module gives them (relu's and the
+clamps' derivatives are selects: exactly 0 where the input is dead or out of bounds, even for a NaN gradient).
+Kernels refer to entries by ``Activation.kernel_id``.
 
 Which entry applies is derived from the experts module (``act_fn`` class, ``_apply_gate``, ``alpha``/``limit``)
 and then *verified* once per module against the module's own code on a random probe: if our formula does not
@@ -36,45 +38,53 @@ def _relu2(x: Tensor) -> Tensor:
     return torch.square(F.relu(x))
 
 
-def _relu2_grad(x: Tensor) -> Tensor:
-    return 2.0 * F.relu(x)
+# Backward rules: (x, g) -> dL/dx = g * f'(x), evaluated as torch's autograd evaluates the eager function, so NaN
+# and Inf come out where eager's do. relu's backward is torch's own select (threshold_backward), not a product:
+# where x <= 0 it gives exactly 0 even for a NaN or Inf g, and it passes g where x is NaN (NaN <= 0 is false).
+def _relu2_backward(x: Tensor, g: Tensor) -> Tensor:
+    return torch.ops.aten.threshold_backward(g * (2.0 * x), x, 0)
 
 
-def _relu_grad(x: Tensor) -> Tensor:
-    return (x > 0).to(x.dtype)
+def _relu_backward(x: Tensor, g: Tensor) -> Tensor:
+    return torch.ops.aten.threshold_backward(g, x, 0)
 
 
-def _silu_grad(x: Tensor) -> Tensor:
+def _silu_backward(x: Tensor, g: Tensor) -> Tensor:
     sig = torch.sigmoid(x)
-    return sig * (1.0 + x * (1.0 - sig))
+    return g * (sig * (1.0 + x * (1.0 - sig)))
 
 
-def _gelu_grad(x: Tensor) -> Tensor:
+def _gelu_backward(x: Tensor, g: Tensor) -> Tensor:
     cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
     pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    return cdf + x * pdf
+    return g * (cdf + x * pdf)
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _gelu_tanh_grad(x: Tensor) -> Tensor:
+def _gelu_tanh_backward(x: Tensor, g: Tensor) -> Tensor:
     inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
     t = torch.tanh(inner)
     d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+    return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner)
 
 
-# fp32 elements one row chunk may hold: bounds the fp32 temporaries of the activation math to ~16 MiB each
-# instead of several [rows, 2I] fp32 copies (Mixtral-size experts: GBs).
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype moekit's sums and activation math run in: fp32, or the input's own when wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# Elements one row chunk may hold: bounds the fp32 temporaries of the activation math to ~16 MiB each (32 MiB in
+# float64) instead of several [rows, 2I] fp32 copies (Mixtral-size experts: GBs).
 _CHUNK_ELEMENTS = 1 << 22
 
 
 def map_rows(fn: Callable[..., Tensor], out_width: int, out_dtype: torch.dtype, *tensors: Tensor) -> Tensor:
     """fn over row chunks of tensors [n, *] (all with n rows) -> [n, out_width] in out_dtype.
 
-    fn may compute in fp32; only one chunk's temporaries are alive at a time.
+    fn may compute in a wider dtype (``accumulation_dtype``); only one chunk's temporaries are alive at a time.
     """
     n = tensors[0].shape[0]
     rows = max(1, _CHUNK_ELEMENTS // max(max(t.shape[-1] for t in tensors), 1))
@@ -88,23 +98,23 @@ def map_rows(fn: Callable[..., Tensor], out_width: int, out_dtype: torch.dtype, 
 
 @dataclass(frozen=True)
 class ElementwiseAct:
-    """A scalar activation f with its derivative f'. Both are evaluated in fp32."""
+    """A scalar activation f and its backward (x, g) -> g * f'(x), both in the accumulation dtype."""
 
     name: str
     kernel_id: int
     fn: Callable[[Tensor], Tensor]
-    grad: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]
 
 
 # name -> activation. The kernel ids are part of the kernels' contract: never renumber.
 ELEMENTWISE: dict[str, ElementwiseAct] = {
     act.name: act
     for act in (
-        ElementwiseAct("relu2", 0, _relu2, _relu2_grad),
-        ElementwiseAct("relu", 1, F.relu, _relu_grad),
-        ElementwiseAct("silu", 2, F.silu, _silu_grad),
-        ElementwiseAct("gelu", 3, F.gelu, _gelu_grad),
-        ElementwiseAct("gelu_tanh", 4, _gelu_tanh, _gelu_tanh_grad),
+        ElementwiseAct("relu2", 0, _relu2, _relu2_backward),
+        ElementwiseAct("relu", 1, F.relu, _relu_backward),
+        ElementwiseAct("silu", 2, F.silu, _silu_backward),
+        ElementwiseAct("gelu", 3, F.gelu, _gelu_backward),
+        ElementwiseAct("gelu_tanh", 4, _gelu_tanh, _gelu_tanh_backward),
     )
 }
 
@@ -164,14 +174,15 @@ class Activation:
         return torch.stack([d_gate, d_up], dim=-1).flatten(-2)
 
     def forward(self, h: Tensor) -> Tensor:
-        """h [S, I or 2I] -> a [S, I], computed in fp32 (row chunk by row chunk) and returned in h's dtype."""
+        """h [S, I or 2I] -> a [S, I], computed in the accumulation dtype (fp32, or float64 for float64 h; row
+        chunk by row chunk) and returned in h's dtype."""
         if self.custom is not None:
             return self.custom(h)
         width = h.shape[-1] // 2 if self.gated else h.shape[-1]
         return map_rows(self._forward, width, h.dtype, h)
 
     def _forward(self, h: Tensor) -> Tensor:
-        hf = h.float()
+        hf = h.to(accumulation_dtype(h.dtype))
         if self.kind == "plain":
             return self.act.fn(hf).to(h.dtype)
         gate, up = self.split(hf)
@@ -182,7 +193,7 @@ class Activation:
         return ((up_c + 1.0) * gate_c * torch.sigmoid(self.alpha * gate_c)).to(h.dtype)
 
     def backward(self, h: Tensor, grad_a: Tensor) -> Tensor:
-        """dL/dh [S, I or 2I] from the pre-activation h and dL/da [S, I]; fp32 math, h's dtype out."""
+        """dL/dh [S, I or 2I] from the pre-activation h and dL/da [S, I]; accumulation-dtype math, h's dtype out."""
         if self.custom is not None:
             with torch.enable_grad():
                 h_ = h.detach().requires_grad_(True)
@@ -191,22 +202,24 @@ class Activation:
         return map_rows(self._backward, h.shape[-1], h.dtype, h, grad_a)
 
     def _backward(self, h: Tensor, grad_a: Tensor) -> Tensor:
-        hf, gf = h.float(), grad_a.float()
+        acc = accumulation_dtype(h.dtype)
+        hf, gf = h.to(acc), grad_a.to(acc)
         if self.kind == "plain":
-            return (gf * self.act.grad(hf)).to(h.dtype)
+            return self.act.backward(hf, gf).to(h.dtype)
         gate, up = self.split(hf)
         if self.kind == "glu":
-            d_gate = gf * up * self.act.grad(gate)
+            d_gate = self.act.backward(gate, gf * up)
             d_up = gf * self.act.fn(gate)
             return self.merge(d_gate, d_up).to(h.dtype)
-        # clamped gate: clamp passes the gradient where the bound is not exceeded (torch.clamp semantics).
+        # clamped gate: clamp passes the gradient where the bound is not exceeded and gives exactly 0 elsewhere
+        # (torch.clamp's backward is a select: 0 for a NaN or out-of-bound input, whatever the gradient holds).
         gate_c = gate.clamp(max=self.limit)
         up_c = up.clamp(-self.limit, self.limit)
         sig = torch.sigmoid(self.alpha * gate_c)
         glu = gate_c * sig
         d_glu = sig * (1.0 + self.alpha * gate_c * (1.0 - sig))
-        d_gate = gf * (up_c + 1.0) * d_glu * (gate <= self.limit)
-        d_up = gf * glu * ((up >= -self.limit) & (up <= self.limit))
+        d_gate = torch.where(gate <= self.limit, gf * (up_c + 1.0) * d_glu, 0.0)
+        d_up = torch.where((up >= -self.limit) & (up <= self.limit), gf * glu, 0.0)
         return self.merge(d_gate, d_up).to(h.dtype)
 
 

@@ -12,6 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .activations import accumulation_dtype
 from .plan import DispatchPlan
 
 Tensor = torch.Tensor
@@ -97,7 +98,9 @@ def grouped_outer(left: Tensor, right: Tensor, plan: DispatchPlan) -> Tensor:
 
 
 def segment_sum(rows: Tensor, plan: DispatchPlan) -> Tensor:
-    """Per-expert sum of plan-sorted rows [n, d] -> [E, d] in fp32, deterministic (bias gradients)."""
+    """Per-expert sum of plan-sorted rows [n, d] -> [E, d] in the accumulation dtype (fp32, float64 for
+    float64), deterministic (bias gradients)."""
+    acc = accumulation_dtype(rows.dtype)
     if plan.num_routed == 0:
-        return rows.new_zeros(plan.num_experts, rows.shape[-1], dtype=torch.float32)
-    return torch.segment_reduce(rows.float(), "sum", lengths=plan.tokens_per_expert, axis=0, unsafe=True)
+        return rows.new_zeros(plan.num_experts, rows.shape[-1], dtype=acc)
+    return torch.segment_reduce(rows.to(acc), "sum", lengths=plan.tokens_per_expert, axis=0, unsafe=True)

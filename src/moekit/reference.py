@@ -14,6 +14,12 @@ allocated. It recomputes the gather xs, the activation a, and never needs y: the
 LoRA: per projection the caller passes ``LoraFactors`` (A [E, R, in], B [E, out, R], scale; several adapters
 concatenated along R); the scale is folded into B in x's dtype, so y = x W_eᵀ + (x A_eᵀ) B_eᵀ and no ΔW is
 ever formed.
+
+Numerics: GEMMs in x's dtype; the combine, the routing-weight products and dot products, the bias sums and the
+activation math in the accumulation dtype (``activations.accumulation_dtype``: fp32, float64 for float64 inputs,
+so float64 passes gradcheck). NaN and Inf reach what they reach in transformers' eager experts
+(tests/test_nonfinite.py; for Inf the NaN-or-Inf class can differ where the products above are ordered
+differently from eager's, e.g. the routing-weight gradient).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import Activation, map_rows
+from .activations import Activation, accumulation_dtype, map_rows
 from .grouped import grouped_matmul, grouped_outer, segment_sum
 from .lora import as_lora_factors
 from .plan import DispatchPlan
@@ -70,31 +76,39 @@ def _weight_grad(grad_out_rows: Tensor, in_rows: Tensor, plan: DispatchPlan, tra
 
 
 def _row_dot(left: Tensor, right: Tensor) -> Tensor:
-    """[rows, d] x 2 -> [rows, 1] fp32 dot products."""
-    return (left.float() * right.float()).sum(-1, keepdim=True)
+    """[rows, d] x 2 -> [rows, 1] dot products in the accumulation dtype (fp32, float64 for float64)."""
+    acc = accumulation_dtype(left.dtype)
+    return (left.to(acc) * right.to(acc)).sum(-1, keepdim=True)
 
 
 def _scale_rows(rows: Tensor, scale: Tensor) -> Tensor:
-    """rows [r, d] * scale [r, 1] in fp32."""
-    return rows.float() * scale
+    """rows [r, d] * scale [r, 1] in the accumulation dtype (scale is already in it)."""
+    return rows.to(scale.dtype) * scale
 
 
 def combine(rows: Tensor, plan: DispatchPlan, slot_weights: Tensor | None = None) -> Tensor:
-    """out[t] = Σ_k w[t, k] · rows[row_of_slot[t, k]] in fp32: plan-sorted rows [n, H] back to tokens [T, H].
+    """out[t] = Σ_k w[t, k] · rows[row_of_slot[t, k]] in the accumulation dtype (fp32, float64 for float64):
+    plan-sorted rows [n, H] back to tokens [T, H].
 
     A gather per slot k, summed in slot order: deterministic (no atomics), and only [T, H]-sized temporaries
-    (never a [T·K, H] buffer). Sentinel slots (row -1) read row 0 and are multiplied by zero.
-    ``slot_weights`` [T, K] are the routing weights (None: 1).
+    (never a [T·K, H] buffer). Sentinel slots (row -1) contribute exactly 0, as in transformers' backends, which
+    skip them: they read row 0 (a real row) and that product is zeroed, not multiplied by 0 (a NaN or Inf in
+    row 0 or in the sentinel's routing weight would survive a product). ``slot_weights`` [T, K] are the routing
+    weights (None: 1).
     """
-    out = rows.new_zeros(plan.num_tokens, rows.shape[-1], dtype=torch.float32)
+    acc = accumulation_dtype(rows.dtype)
+    out = rows.new_zeros(plan.num_tokens, rows.shape[-1], dtype=acc)
     if plan.num_routed == 0:
         return out
+    has_sentinels = plan.num_routed < plan.num_rows  # host value: num_routed is read once per plan anyway
     for slot in range(plan.top_k):
         row = plan.row_of_slot[:, slot]  # [T]
-        scale = (row >= 0).float()
+        part = rows.index_select(0, row.clamp(min=0)).to(acc)
         if slot_weights is not None:
-            scale = scale * slot_weights[:, slot].float()
-        out += rows.index_select(0, row.clamp(min=0)).float() * scale[:, None]
+            part = part * slot_weights[:, slot].to(acc)[:, None]
+        if has_sentinels:
+            part = part.masked_fill_((row < 0)[:, None], 0.0)
+        out += part
     return out
 
 
@@ -153,7 +167,7 @@ class DownProjection(torch.autograd.Function):
         a = layout.activation.forward(h)  # [n, I]
         y = _project(a, down_weight, down_bias, down_lora_a, down_lora_b, plan, layout.transposed)  # [n, H]
         del a
-        out = combine(y, plan, routing_weights)  # [T, H] fp32
+        out = combine(y, plan, routing_weights)  # [T, H] in the accumulation dtype
         ctx.layout, ctx.plan = layout, plan
         ctx.save_for_backward(h, routing_weights, down_weight, down_bias, down_lora_a, down_lora_b)
         return out.to(h.dtype)
@@ -164,10 +178,11 @@ class DownProjection(torch.autograd.Function):
         h, routing_weights, w_down, b_down, a_down, b_down_lora = ctx.saved_tensors
         needs = ctx.needs_input_grad  # (layout, plan, h, routing_weights, weight, bias, lora_a, lora_b)
         n, dtype, transposed = plan.num_routed, h.dtype, layout.transposed
+        acc = accumulation_dtype(dtype)  # fp32, float64 for float64
         expert_of_row = plan.expert_of_row[:n]
         a = layout.activation.forward(h)  # [n, I] recomputed activation
         grad_rows = grad_out[plan.token_of_row[:n]].to(dtype)  # [n, H] dOut of each row's token
-        row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].float()  # [n]
+        row_weights = routing_weights.reshape(-1)[plan.sorted_rows[:n]].to(acc)  # [n]
 
         # dL/da before the routing weight: dOut @ W_down(+LoRA)  [n, I]
         grad_a = grouped_matmul(grad_rows, _in_out(w_down, transposed).transpose(1, 2), plan)
@@ -179,9 +194,9 @@ class DownProjection(torch.autograd.Function):
         grad_routing = None
         if needs[3]:
             # <dOut, y> without y: <dOut @ W_downᵀ..., a> + <dOut, b_down>
-            per_row = map_rows(_row_dot, 1, torch.float32, grad_a, a).squeeze(-1)
+            per_row = map_rows(_row_dot, 1, acc, grad_a, a).squeeze(-1)
             if b_down is not None:  # <dOut[t], b_down[e]> for every (t, e) is only [T, E]
-                bias_dot = grad_out.float() @ b_down.float().t()
+                bias_dot = grad_out.to(acc) @ b_down.to(acc).t()
                 per_row = per_row + bias_dot[plan.token_of_row[:n], expert_of_row]
             grad_routing = per_row.new_zeros(plan.num_tokens * plan.top_k)
             grad_routing.index_copy_(0, plan.sorted_rows[:n], per_row)
@@ -196,15 +211,15 @@ class DownProjection(torch.autograd.Function):
             grad_w_down = _weight_grad(grad_rows, weighted_a, plan, transposed)
             del weighted_a
         if needs[5]:
-            grad_b_down = segment_sum(grad_rows.float() * row_weights[:, None], plan).to(b_down.dtype)
+            grad_b_down = segment_sum(grad_rows.to(acc) * row_weights[:, None], plan).to(b_down.dtype)
         grad_a_down = grad_b_down_lora = None
         if a_down is not None:
             if needs[7]:
                 low = grouped_matmul(a, a_down.transpose(1, 2), plan)  # [n, R]
-                weighted_low = (low.float() * row_weights[:, None]).to(dtype)
+                weighted_low = (low.to(acc) * row_weights[:, None]).to(dtype)
                 grad_b_down_lora = grouped_outer(grad_rows, weighted_low, plan)  # [E, H, R]
             if needs[6]:
-                grad_low = (grad_low_down.float() * row_weights[:, None]).to(dtype)
+                grad_low = (grad_low_down.to(acc) * row_weights[:, None]).to(dtype)
                 grad_a_down = grouped_outer(grad_low, a, plan)  # [E, R, I]
         del grad_rows, a
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import act_fn, act_grad, gated_backward
+from .activation import act_backward, act_fn, gated_backward
 from .launch import FastKernel
 from .tiling import (
     Autotuned,
@@ -136,7 +136,7 @@ def _act_grad_kernel(
         hv = tl.load(h_tile + h_off, mask=mask, other=0.0).to(tl.float32)
         a = act_fn(hv, ACT)
         if STORE_DH:
-            tl.store(dh_tile + dh_off, to_dtype(g * act_grad(hv, ACT), dtype), mask=mask)
+            tl.store(dh_tile + dh_off, to_dtype(act_backward(hv, g, ACT), dtype), mask=mask)
     a_low = to_dtype(a, dtype)
     if STORE_A:  # a scaled by the routing weight: dW_down = sum_r dOut[tok_r]^T (w_r a_r), no scaling in its loop
         a_tile = a_ptr + start64 * stride_am
@@ -239,7 +239,7 @@ def _act_backward_kernel(
             hv = tl.load(h_rows + col[None, :], mask=mask, other=0.0).to(tl.float32)
             a = act_fn(hv, ACT)
             if STORE_DH:
-                tl.store(dh_rows + col[None, :], to_dtype(g * act_grad(hv, ACT), dtype), mask=mask)
+                tl.store(dh_rows + col[None, :], to_dtype(act_backward(hv, g, ACT), dtype), mask=mask)
         if STORE_A:
             tl.store(
                 a_ptr + r64[:, None] * stride_am + offs_c[None, :], to_dtype(a * weight[:, None], dtype), mask=mask

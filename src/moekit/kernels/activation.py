@@ -5,10 +5,16 @@ The ids are the contract of ``moekit.activations`` (never renumber): 0 relu2, 1 
 ``alpha`` / ``limit``. Everything is evaluated in fp32 on fp32 inputs.
 
     plain:        a = f(h)                      dh = g * f'(h)
-    glu:          a = f(gate) * up              dgate = g * up * f'(gate),  dup = g * f(gate)
+    glu:          a = f(gate) * up              dgate = (g * up) * f'(gate),  dup = g * f(gate)
     clamped glu:  gc = min(gate, limit), uc = clamp(up, -limit, limit), s = sigmoid(alpha * gc)
-                  a = (uc + 1) * gc * s         dgate = g * (uc + 1) * s * (1 + alpha * gc * (1 - s)) * [gate <= limit]
-                                                dup = g * gc * s * [-limit <= up <= limit]
+                  a = (uc + 1) * gc * s         dgate = g * (uc + 1) * s * (1 + alpha * gc * (1 - s))  if gate <= limit
+                                                dup = g * gc * s                                if -limit <= up <= limit
+                                                (each 0 otherwise)
+
+NaN and Inf come out as in torch's eager autograd (``moekit.activations``, which the tests hold both engines to):
+min/max propagate NaN (triton's default drops it: relu(NaN) would be 0, a NaN gate clamped to the limit), and
+relu's and the clamps' derivatives are selects, not products: 0 where the input is dead or out of bounds (NaN
+included) even for a NaN or Inf gradient, the gradient itself where relu's input is NaN.
 """
 
 from __future__ import annotations
@@ -41,10 +47,10 @@ def _tanh(x):
 def act_fn(x, ACT: tl.constexpr):
     """f(x) of elementwise activation ``ACT`` (fp32)."""
     if ACT == 0:
-        r = tl.maximum(x, 0.0)
+        r = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         out = r * r
     elif ACT == 1:
-        out = tl.maximum(x, 0.0)
+        out = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         out = x * _sigmoid(x)
     elif ACT == 3:
@@ -56,33 +62,41 @@ def act_fn(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def act_grad(x, ACT: tl.constexpr):
-    """f'(x) of elementwise activation ``ACT`` (fp32)."""
+def act_backward(x, g, ACT: tl.constexpr):
+    """dL/dx = g * f'(x) of elementwise activation ``ACT`` (fp32); relu's as a select (torch's threshold_backward)."""
     if ACT == 0:
-        out = 2.0 * tl.maximum(x, 0.0)
+        out = tl.where(x <= 0, 0.0, g * (2.0 * x))
     elif ACT == 1:
-        out = tl.where(x > 0, 1.0, 0.0)
+        out = tl.where(x <= 0, 0.0, g)
     elif ACT == 2:
         s = _sigmoid(x)
-        out = s * (1.0 + x * (1.0 - s))
+        out = g * (s * (1.0 + x * (1.0 - s)))
     elif ACT == 3:
         cdf = 0.5 * (1.0 + tl.erf(x * _INV_SQRT_2))
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        out = cdf + x * pdf
+        out = g * (cdf + x * pdf)
     else:
         inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
         t = _tanh(inner)
         d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-        out = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+        out = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner)
     return out
+
+
+@triton.jit
+def _clamp_gate_up(gate, up, limit):
+    """(min(gate, limit), clamp(up, -limit, limit)), NaN kept as torch.clamp keeps it."""
+    gc = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+    up_lo = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
+    uc = tl.minimum(up_lo, limit, propagate_nan=tl.PropagateNan.ALL)
+    return gc, uc
 
 
 @triton.jit
 def gated_forward(gate, up, alpha, limit, ACT: tl.constexpr):
     """a from the gate and up halves (fp32)."""
     if ACT == 100:
-        gc = tl.minimum(gate, limit)
-        uc = tl.minimum(tl.maximum(up, -limit), limit)
+        gc, uc = _clamp_gate_up(gate, up, limit)
         out = (uc + 1.0) * gc * _sigmoid(alpha * gc)
     else:
         out = act_fn(gate, ACT) * up
@@ -93,8 +107,7 @@ def gated_forward(gate, up, alpha, limit, ACT: tl.constexpr):
 def gated_backward(gate, up, g, alpha, limit, ACT: tl.constexpr):
     """(a, dgate, dup) from the gate and up halves and dL/da ``g`` (fp32)."""
     if ACT == 100:
-        gc = tl.minimum(gate, limit)
-        uc = tl.minimum(tl.maximum(up, -limit), limit)
+        gc, uc = _clamp_gate_up(gate, up, limit)
         s = _sigmoid(alpha * gc)
         glu = gc * s
         a = (uc + 1.0) * glu
@@ -104,6 +117,6 @@ def gated_backward(gate, up, g, alpha, limit, ACT: tl.constexpr):
     else:
         f = act_fn(gate, ACT)
         a = f * up
-        d_gate = g * up * act_grad(gate, ACT)
+        d_gate = act_backward(gate, g * up, ACT)
         d_up = g * f
     return a, d_gate, d_up

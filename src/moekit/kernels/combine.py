@@ -1,7 +1,8 @@
 """Deterministic K-way combine: out[t] = sum over slots k (in slot order, fp32) of w[t, k] · (rows[inv[t*K + k]] + b[e]).
 
 ``inv`` is the plan's inverse permutation: the sorted position of every (token, slot) row; -1 marks an
-expert-parallel sentinel slot (id == E), which contributes nothing. Each output element is written once by one
+expert-parallel sentinel slot (id == E), which contributes nothing (its row, bias and weight loads are masked,
+so no NaN or Inf elsewhere reaches it). Each output element is written once by one
 program: a gather-sum, no scatter-add, no atomics. Used for the forward output and for dX (rows = per-row input
 gradients, no weight, no bias). In the forward the rows are either already weighted (the Triton down-projection
 applies w and b_down in its epilogue) or plain expert outputs y = a @ W_down[e] from torch's grouped_mm, in which

@@ -103,17 +103,16 @@ class TuningCache:
                     fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write(self, entries: dict[str, dict]) -> None:
-        directory = os.path.dirname(self.path)
-        handle = tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tuning-", suffix=".tmp", delete=False)
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tuning-", suffix=".tmp")
         try:
-            with handle:
+            with os.fdopen(fd, "w") as handle:
                 json.dump({"version": _VERSION, "entries": entries}, handle, indent=0, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(handle.name, self.path)
+            os.replace(temporary, self.path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(handle.name)
+                os.unlink(temporary)
             raise
 
     def _warn(self, why: str) -> None:

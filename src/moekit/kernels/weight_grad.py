@@ -107,15 +107,17 @@ def _weight_grad_kernel(
                 mask=r_mask[:, None] & q_mask[None, :],
                 other=0.0,
             )  # [BLOCK_K, BLOCK_N]
-            if SCALE_R:  # right rows times their routing weight, rounded to the operand dtype
-                w_r = tl.load(rw_ptr + tl.load(rows_ptr + rows_c)).to(tl.float32)
+            if SCALE_R:  # right rows times their routing weight, rounded to the operand dtype; rows past the chunk
+                # (clamped to its first row) load weight 0, so a NaN/Inf weight of that row does not enter twice
+                w_r = tl.load(rw_ptr + tl.load(rows_ptr + rows_c), mask=r_mask, other=0.0).to(tl.float32)
                 rt = to_dtype(rt.to(tl.float32) * w_r[:, None], r_ptr.dtype.element_ty)
             acc = mma(tl.trans(lt), rt, acc, PRECISION)
         if COMPUTE_B:  # noqa: SIM102 (constexpr, then a runtime test)
             if pid_q == 0:
                 lf = lt.to(tl.float32)
                 if SCALE_L:
-                    lf = lf * tl.load(rw_ptr + tl.load(rows_ptr + rows_c)).to(tl.float32)[:, None]
+                    w_l = tl.load(rw_ptr + tl.load(rows_ptr + rows_c), mask=r_mask, other=0.0)  # as w_r above
+                    lf = lf * w_l.to(tl.float32)[:, None]
                 bsum += tl.sum(lf, 0)
         if row_start + BLOCK_K >= row_end:  # the expert's last chunk: its tile is complete
             e64 = expert.to(tl.int64)
