@@ -13,6 +13,9 @@
 #                                               first calls with an empty tuning cache (MOEKIT_CACHE_DIR, default a
 #                                               new directory) vs the reference, then a second process on the filled
 #                                               cache: same bits, nothing tuned
+#   bash scripts/gpu_session.sh OUT_DIR ab OLD_SRC [PRESETS]   the benchmark table (fwd/full/lora/frozen, 8k and
+#                                               32k tokens, grouped_mm and moekit-triton) for older code and this code
+#                                               in alternating processes of one call (scripts/ab_bench.py)
 #   bash scripts/gpu_session.sh OUT_DIR bench   the benchmark BENCHMARKS.md and benchmarks/results/ are made
 #                                               from, the CUDA demo, the loss-curve comparison, the GEMM probe
 # Every section runs under `timeout` (SECTION_TIMEOUT seconds, default 400) and writes its own log under OUT_DIR,
@@ -49,6 +52,14 @@ elif [ "$part" = cold ]; then
     --json "$out/warm_$tag.json" --expect "$out/cold_$tag.json" > "$out/warm_$tag.log" 2>&1
   echo "warm cache ($shapes): exit $?" | tee -a "$out/card.txt"
   cat "$out/cold_$tag.log" "$out/warm_$tag.log"
+elif [ "$part" = ab ]; then
+  # same-call A/B of the benchmark table against older code: OLD_SRC holds its src (git archive REV src | tar -x)
+  old_src=${3:?ab needs OLD_SRC}
+  presets=${4:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b}
+  tag=$(echo "$presets" | cut -c1-12)
+  timeout "$limit" python scripts/ab_bench.py --variant "old=$old_src" --variant new=src --rounds 1 --timeout "$limit" \
+    --json "$out/ab_$tag.json" -- --preset "$presets" --tokens 8192,32768 --modes fwd,full,lora,frozen \
+    --lora-rank 16 --impls grouped_mm,moekit-triton 2>&1 | tee "$out/ab_$tag.log"
 elif [ "$part" = configs ]; then
   for config in $(echo "${3:-1,2}" | tr ',' ' '); do
     for section in sweep lora; do
