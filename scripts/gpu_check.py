@@ -606,7 +606,7 @@ def _frozen_base_case(shape, T, device, rank=None):
             a.requires_grad_(True)
             b.requires_grad_(True)
     real_collect = moekit.backend.collect_lora
-    moekit.backend.collect_lora = lambda module: lora
+    moekit.backend.collect_lora = lambda module, wrappers=None: lora
     try:
 
         def step():

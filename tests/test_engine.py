@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import pytest
@@ -269,6 +270,9 @@ def test_engine_selection(monkeypatch):
     monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
     assert select_engine(x, layout, has_lora=False) == "reference"  # CPU
     monkeypatch.setenv("MOEKIT_BACKEND", "triton")
+    if os.environ.get("TRITON_INTERPRET", "0") != "0":  # forced, the interpreter runs the kernels on the CPU
+        assert select_engine(x, layout, has_lora=False) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="MOEKIT_BACKEND=triton, but the Triton engine cannot run here"):
         select_engine(x, layout, has_lora=False)
     monkeypatch.setenv("MOEKIT_BACKEND", "cuda")

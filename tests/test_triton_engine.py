@@ -308,11 +308,13 @@ def test_deterministic():
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_custom_activation_falls_back_to_reference():
+def test_custom_activation_is_refused_not_run_elsewhere():
+    """experts_triton never falls back silently: the backend sends custom activations to the reference engine."""
     act = Activation("plain", None, custom=lambda h: torch.tanh(h))
     assert act.kernel_id == -1
     case = make_case(act=act)
-    assert_close(case, 1e-6)
+    with pytest.raises(RuntimeError, match="not in moekit's activation table"):
+        run(experts_triton, case)
 
 
 def test_forward_saves_no_row_sized_output():

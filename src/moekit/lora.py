@@ -2,8 +2,11 @@
 
 PEFT wraps the experts module in one ``ParamWrapper`` per targeted parameter (nested). Its stock forward
 re-parametrises the parameter to W + ΔW for all E experts before every call. For experts running on moekit
-the wrapper instead passes straight through and announces itself in a context variable; the moekit backend
-then reads the small factors of every active adapter and applies ``y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ`` per expert.
+the wrapper instead passes straight through and hands itself down the call in the keyword argument
+``moekit_lora_wrappers`` (a ``LoraWrappers``; nested wrappers append themselves, outermost first); the moekit
+backend receives it, reads the small factors of every active adapter and applies ``y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ``
+per expert. An argument, not shared state: it is exact per call and per thread, and torch.compile traces it
+without a graph break (it cannot trace a ``contextvars.ContextVar``, which this used to be).
 
 PEFT layout for a parameter of E experts and rank r (in/out are the true input/output features; PEFT swaps
 them for transposed parameters so this holds for gpt-oss too):
@@ -13,7 +16,6 @@ them for transposed parameters so this holds for gpt-oss too):
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any, NamedTuple
 
 import torch
@@ -24,8 +26,26 @@ BACKEND_NAME = "moekit"
 UP_PARAMS = ("gate_up_proj", "up_proj")
 DOWN_PARAMS = ("down_proj",)
 
-# Wrappers whose forward is on the call stack, outermost first.
-_ACTIVE_WRAPPERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("moekit_lora_wrappers", default=())
+# The keyword argument that carries the wrappers on the call path down to the experts module.
+WRAPPERS_KWARG = "moekit_lora_wrappers"
+
+
+class LoraWrappers:
+    """The PEFT wrappers on one experts call's path, outermost first.
+
+    A plain holder, not a tuple: hooks that move or cast a call's arguments recurse into tuples and lists
+    (accelerate's ``send_to_device`` would call ``.to()`` on the wrapper modules themselves) and leave other objects
+    alone.
+    """
+
+    def __init__(self, wrappers: tuple = ()):
+        self.wrappers = wrappers
+
+    def plus(self, wrapper: torch.nn.Module) -> LoraWrappers:
+        return LoraWrappers(self.wrappers + (wrapper,))
+
+
+NO_WRAPPERS = LoraWrappers()
 
 
 def runs_on_moekit(module: torch.nn.Module) -> bool:
@@ -39,13 +59,11 @@ def _passthrough_forward(original_forward):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         base = self.get_base_layer()
         if not runs_on_moekit(base) or self.disable_adapters or self.merged or "adapter_names" in kwargs:
+            # An outer wrapper's argument, if any, travels on inside kwargs through PEFT's forward to the experts.
             return original_forward(self, x, *args, **kwargs)
+        outer = kwargs.pop(WRAPPERS_KWARG, NO_WRAPPERS)
         self._check_forward_args(x, *args, **kwargs)
-        token = _ACTIVE_WRAPPERS.set(_ACTIVE_WRAPPERS.get() + (self,))
-        try:
-            return self.base_layer(x, *args, **kwargs)
-        finally:
-            _ACTIVE_WRAPPERS.reset(token)
+        return self.base_layer(x, *args, **kwargs, **{WRAPPERS_KWARG: outer.plus(self)})
 
     forward._moekit_original = original_forward
     return forward
@@ -110,15 +128,16 @@ def _concatenated(adapters: list[LoraFactors]) -> LoraFactors:
     )
 
 
-def collect_lora(module: torch.nn.Module) -> dict[str, LoraFactors]:
-    """LoRA factors of the active adapters on ``module``'s expert weights, keyed by "up"/"down".
+def collect_lora(module: torch.nn.Module, wrappers: LoraWrappers | None = None) -> dict[str, LoraFactors]:
+    """LoRA factors of the active adapters on ``module``'s expert weights, keyed by "up"/"down", from the PEFT
+    ``wrappers`` of this call (the ``moekit_lora_wrappers`` argument; None: no LoRA).
 
     One adapter: views of its parameters and its scaling. Several: concatenated along the rank (their sum is
     one LoRA of the summed rank). Raises for LoRA that moekit cannot apply exactly, rather than dropping it.
     """
     per_projection: dict[str, list[LoraFactors]] = {}
     num_experts = _up_weight(module).shape[0]
-    for wrapper in _ACTIVE_WRAPPERS.get():
+    for wrapper in wrappers.wrappers if wrappers is not None else ():
         if wrapper.get_base_layer() is not module:
             continue
         name = wrapper.parameter_name

@@ -80,8 +80,9 @@ the K-way sums and routing-weight products are fp32; every reduction has a fixed
 LoRA GEMM rounds its base product to the dtype before the LoRA term is added (in fp32, rounded again), as the
 reference engine, which adds the two as separate tensors, does too.
 
-Not handled here (falls back to the reference engine, same results): custom activations (``kernel_id == -1``),
-dtypes other than fp32/fp16/bf16, LoRA factors of any other dtype or on another device than x, devices where
+Not handled here (``experts_triton`` raises, naming why; ``moekit.backend.select_engine`` sends such calls to the
+reference engine unless MOEKIT_BACKEND=triton forces this one): custom activations (``kernel_id == -1``), dtypes
+other than fp32/fp16/bf16, LoRA factors of any other dtype or on another device than x, devices where
 ``triton_available`` is False.
 """
 
@@ -95,7 +96,7 @@ import torch
 from .grouped import grouped_matmul, grouped_matmul_runs, grouped_outer, grouped_outer_runs
 from .lora import LoraFactors, as_lora_factors
 from .plan import DispatchPlan
-from .reference import ExpertsLayout, _in_out, experts_reference
+from .reference import ExpertsLayout, _in_out, experts_reference  # noqa: F401  (scripts/gpu_check.py spies on it)
 
 Tensor = torch.Tensor
 
@@ -127,29 +128,11 @@ def triton_available(device: torch.device | str) -> bool:
     return False
 
 
-def _lora_ok(factors: LoraFactors | None, x: Tensor) -> bool:
-    """LoRA factors the kernels take: A [E, R, in], B [E, out, R] of a supported dtype, on x's device."""
-    if factors is None:
-        return True
-    factor_a, factor_b = factors.a, factors.b
-    return (
-        factor_a.dim() == 3
-        and factor_b.dim() == 3
-        and factor_a.shape[1] == factor_b.shape[2]
-        and all(t.dtype in _DTYPES and t.device == x.device for t in (factor_a, factor_b))
-    )
-
-
 def supported(layout: ExpertsLayout, x: Tensor, up_lora=None, down_lora=None) -> bool:
-    """Whether this call can run on the Triton kernels (else ``experts_triton`` uses the reference)."""
-    up_lora, down_lora = as_lora_factors(up_lora), as_lora_factors(down_lora)
-    return (
-        layout.activation.kernel_id >= 0
-        and x.dtype in _DTYPES
-        and _lora_ok(up_lora, x)
-        and _lora_ok(down_lora, x)
-        and triton_available(x.device)
-    )
+    """Whether this call can run on the Triton kernels (``moekit.backend._triton_blocker`` says why not)."""
+    from .backend import _triton_blocker
+
+    return _triton_blocker(x, layout, as_lora_factors(up_lora), as_lora_factors(down_lora)) is None
 
 
 def wgrad_mode() -> str:
@@ -514,13 +497,15 @@ def experts_triton(
 ) -> Tensor:
     """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference``. LoRA per projection:
     ``LoraFactors`` (A [E, R, in], B [E, out, R], scale), or an (A, B) pair with the scaling already in B."""
-    if not supported(layout, x, up_lora, down_lora):
-        return experts_reference(
-            layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_lora, down_lora
-        )
+    from .backend import _triton_blocker
+
+    up_lora, down_lora = as_lora_factors(up_lora), as_lora_factors(down_lora)
+    blocker = _triton_blocker(x, layout, up_lora, down_lora)
+    if blocker is not None:  # never a silent fallback: backend.select_engine picks the reference engine instead
+        raise RuntimeError(f"the Triton engine cannot run this call: {blocker}")
     no_lora = LoraFactors(None, None)
-    up = as_lora_factors(up_lora) or no_lora
-    down = as_lora_factors(down_lora) or no_lora
+    up = up_lora or no_lora
+    down = down_lora or no_lora
     return ExpertsTritonFunction.apply(
         layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias,
         up.a, up.b, down.a, down.b, up.scale, down.scale,

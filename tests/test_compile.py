@@ -1,0 +1,319 @@
+"""torch.compile: moekit's experts call is one opaque custom op (``moekit.ops``), so tiny models compile on their
+first call, fp32 and bf16, forward and backward, with ``fullgraph=True`` (no graph break anywhere, so none inside
+moekit's experts call), and give eager's results.
+
+Every comparison runs the same code compiled and eagerly on random inputs: outputs and the gradient of every
+trainable parameter, fp32 within 1e-5 and bf16 within 1e-2 (relative to the tensor's largest value). Whole models
+compile with backend="eager" (fp32 and bf16) and, for one fp32 model, with inductor; inductor in bf16 compiles a
+tiny model's MoE block (its own router, moekit's experts), which costs seconds instead of most of a minute of C++
+compiling on two cores.
+
+Graph breaks before this change (2-layer Qwen3-MoE, after a warm-up call): 16, all inside moekit's experts call;
+transformers' grouped_mm: 0. Now: 0 (``fullgraph=True`` raises on any break).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import tiny_models as tm
+import torch
+import torch._dynamo.testing
+from experts_factory import make_experts, make_inputs, rel_err
+
+import moekit
+import moekit.grouped
+import moekit.triton_engine
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+MOEKIT_SOURCE = os.path.dirname(moekit.__file__)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiler(monkeypatch):
+    """A clean dynamo cache per test (each builds new models), and the default engine choice."""
+    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _forward(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    return out.loss, out.logits
+
+
+def _step(model, fn, ids):
+    """(logits, {trainable parameter: grad}) of one forward and backward of the causal-LM loss through ``fn``."""
+    model.zero_grad(set_to_none=True)
+    loss, logits = fn(model, ids)
+    loss.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def _assert_matches(compiled, eager, out_tol, grad_tol):
+    assert rel_err(compiled[0], eager[0]) <= out_tol, "logits"
+    assert compiled[1].keys() == eager[1].keys()
+    assert sum(g is not None for g in eager[1].values()) > 0
+    for name, grad in eager[1].items():
+        if grad is None:
+            assert compiled[1][name] is None, name
+        else:
+            assert rel_err(compiled[1][name], grad) <= grad_tol, name
+
+
+def _op_calls(graphs, packet) -> int:
+    """Calls of a custom op in FX graphs (dynamo's graphs name the packet, AOT's the overload)."""
+    return sum(node.target is packet or node.target is packet.default for gm in graphs for node in gm.graph.nodes)
+
+
+def _moekit_breaks(explanation) -> list[str]:
+    """Graph-break reasons raised from moekit's own source."""
+    return [b.reason for b in explanation.break_reasons if any(f.filename.startswith(MOEKIT_SOURCE) for f in b.user_stack)]
+
+
+# ------------------------------------------------------------------------------------------------ whole models
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
+def test_fullgraph_first_call_matches_eager(model_type, dtype):
+    """backend="eager", fullgraph=True, compiled before any eager call (the layout is resolved and grouped_mm probed
+    for the first time under the trace: a compile-first fp32 model used to crash in that probe)."""
+    moekit.grouped._grouped_mm_works.cache_clear()
+    model = tm.build(model_type, dtype=dtype, experts_implementation="moekit")
+    ids = tm.sample_batch()
+    backend = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = _step(model, torch.compile(_forward, backend=backend, fullgraph=True), ids)
+    assert backend.frame_count == 1  # one graph: no break anywhere
+    assert _op_calls(backend.graphs, torch.ops.moekit.experts) == len(moekit.experts_modules(model))
+    _assert_matches(compiled, _step(model, _forward, ids), TOL[dtype], TOL[dtype])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
+def test_grouped_mm_baseline_compiles_fullgraph(model_type):
+    """transformers' own grouped_mm compiles with fullgraph on the same tiny models (the baseline moekit matches)."""
+    model = tm.build(model_type, experts_implementation="grouped_mm")
+    backend = torch._dynamo.testing.CompileCounter()
+    torch.compile(_forward, backend=backend, fullgraph=True)(model, tm.sample_batch())
+    assert backend.frame_count == 1
+
+
+@pytest.mark.slow
+def test_inductor_model_matches_eager():
+    """Inductor (C++ on the CPU, about 45 s of compiling on two cores: one layer), fullgraph, forward and backward."""
+    model = tm.build("qwen3_moe", experts_implementation="moekit", num_hidden_layers=1)
+    ids = tm.sample_batch()
+    backend = torch._dynamo.testing.InductorAndRecordGraphs()
+    compiled = _step(model, torch.compile(_forward, backend=backend, fullgraph=True), ids)
+    assert _op_calls(backend.graphs, torch.ops.moekit.experts) == 1
+    _assert_matches(compiled, _step(model, _forward, ids), TOL[torch.float32], TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
+def test_inductor_moe_block_matches_eager(model_type, dtype):
+    """Inductor on a tiny model's MoE block (the model's own router, moekit's experts), fullgraph, forward and
+    backward: the op's inputs come from inductor's kernels (bf16 included), its outputs feed them."""
+    model = tm.build(model_type, dtype=dtype, experts_implementation="moekit")
+    block = moekit.experts_modules(model)[0]
+    block = next(m for m in model.modules() if any(c is block for c in m.children()))  # the experts' parent
+    x = torch.randn(2, 12, tm.HIDDEN, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def step(fn):
+        leaf = x.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        out = fn(leaf)
+        out = out[0] if isinstance(out, tuple) else out
+        (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+        return out.detach(), dict(grads, x=leaf.grad)
+
+    backend = torch._dynamo.testing.InductorAndRecordGraphs()
+    compiled = step(torch.compile(block, backend=backend, fullgraph=True))
+    assert _op_calls(backend.graphs, torch.ops.moekit.experts) == 1
+    _assert_matches(compiled, step(block), TOL[dtype], TOL[dtype])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
+def test_lora_compiles_with_exact_factor_gradients(model_type):
+    """PEFT LoRA (target_parameters) on the experts: no graph break from moekit (PEFT's own wrapper code traces too,
+    today), the LoRA factors reach the op, and their gradients equal eager's."""
+    model = moekit.enable(tm.add_lora(tm.build(model_type)))
+    ids = tm.sample_batch()
+    explanation = torch._dynamo.explain(_forward)(model, ids)
+    assert _moekit_breaks(explanation) == []
+    torch._dynamo.reset()
+    backend = torch._dynamo.testing.AotEagerAndRecordGraphs()
+    compiled = _step(model, torch.compile(_forward, backend=backend), ids)
+    num_experts_modules = len(moekit.experts_modules(model))
+    assert _op_calls(backend.fw_graphs, torch.ops.moekit.experts) == num_experts_modules
+    assert _op_calls(backend.bw_graphs, torch.ops.moekit.experts_backward) == num_experts_modules
+    eager = _step(model, _forward, ids)
+    lora_grads = [name for name in eager[1] if "lora_" in name]
+    assert len(lora_grads) == 4 * num_experts_modules and all(eager[1][n].abs().max() > 0 for n in lora_grads)
+    _assert_matches(compiled, eager, TOL[torch.float32], TOL[torch.float32])
+
+
+def test_lora_wrappers_argument_survives_device_hooks(monkeypatch):
+    """The PEFT wrappers reach the experts as a keyword argument (dynamo cannot trace the context variable this used
+    to be). Hooks that move a call's arguments to its device (accelerate's, under device_map) must pass it through
+    untouched: they recurse into tuples and would call .to() on the wrapper modules themselves."""
+    from accelerate.utils import send_to_device
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model = moekit.enable(tm.add_lora(tm.build("nemotron_h")))
+    ids = tm.sample_batch()
+    eager = _step(model, _forward, ids)
+    for module in moekit.experts_modules(model):
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs: (send_to_device(args, "cpu"), send_to_device(kwargs, "cpu")), with_kwargs=True
+        )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a device hook moved a LoRA wrapper module")
+
+    monkeypatch.setattr(ParamWrapper, "to", refuse)
+    _assert_matches(_step(model, _forward, ids), eager, 0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ one experts module
+def _experts_call(module):
+    def call(x, index, weights):
+        return module(x, index, weights)
+
+    return call
+
+
+def _module_step(module, fn, inputs, seed=5):
+    x, index, weights = inputs
+    x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = fn(x, index, weights)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out.float() * upstream).sum().backward()
+    grads = {"x": x.grad, "routing_weights": weights.grad}
+    grads.update({n: p.grad.clone() for n, p in module.named_parameters()})
+    return out.detach(), grads
+
+
+def _assert_module_matches(compiled, eager, tol):
+    assert compiled[0].dtype == eager[0].dtype
+    assert rel_err(compiled[0], eager[0]) <= tol, "out"
+    assert compiled[1].keys() == eager[1].keys()
+    for name, grad in eager[1].items():
+        assert compiled[1][name].dtype == grad.dtype, name
+        assert rel_err(compiled[1][name], grad) <= tol, name
+
+
+def _moekit_experts(family, **kwargs):
+    module = make_experts(family, **kwargs)
+    module.config._experts_implementation = "moekit"
+    return module
+
+
+def test_one_graph_per_layout():
+    """Once the layouts are resolved (moekit.enable, or an eager call), one compiled function serves every experts
+    module of a layout without recompiling (the layout reaches the graph as guarded values, not the module's
+    identity), and a module of another layout recompiles instead of reusing a wrong graph."""
+    from transformers.activations import ACT2FN
+
+    model = tm.build("qwen3_moe", experts_implementation="moekit", num_hidden_layers=3)
+    model.model.layers[2].mlp.experts.act_fn = ACT2FN["gelu"]  # layers 0 and 1 keep SiLU
+    moekit.enable(model)
+    backend = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda block, x: block(x), backend=backend, fullgraph=True)
+    x = torch.randn(2, 12, tm.HIDDEN, generator=torch.Generator().manual_seed(2))
+    frames = []
+    for layer in model.model.layers:
+        compiled, eager = fn(layer.mlp, x), layer.mlp(x)
+        assert rel_err(compiled, eager) <= 1e-6
+        frames.append(backend.frame_count)
+    assert frames == [1, 1, 2]
+
+
+def test_opcheck():
+    """torch.library.opcheck on both ops (schema, fake implementations against the real ones, autograd registration,
+    AOT dispatch with dynamic shapes): gpt-oss layout (biases, transposed, clamped gate) with LoRA on the up
+    projection, its factors strided as PEFT's views are."""
+    from moekit import ops
+    from moekit.backend import experts_layout
+
+    module = make_experts("gpt_oss")
+    x, index, weights = make_inputs(12, 32, 6, 2)
+    generator = torch.Generator().manual_seed(0)
+    lora_a = torch.randn(6, 2, 32, generator=generator)  # [E, R, in]
+    lora_b = torch.randn(48, 2, 6, generator=generator).permute(2, 0, 1)  # [E, out, R] with PEFT's strides
+    tensors = [x, index, weights, module.gate_up_proj, module.gate_up_proj_bias, module.down_proj,
+               module.down_proj_bias, lora_a, lora_b, None, None]  # fmt: skip
+    scalars = (0.5, 1.0, *ops.layout_args(experts_layout(module)))
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+    torch.library.opcheck(torch.ops.moekit.experts.default, (*leaves, *scalars))
+    needs = [t is not None for i, t in enumerate(tensors) if i in ops.DIFFERENTIABLE]
+    grad_out = torch.randn(12, 32, generator=generator)
+    detached = [t.detach() if t is not None else None for t in tensors]  # the backward op has no autograd itself
+    torch.library.opcheck(torch.ops.moekit.experts_backward.default, (grad_out, *detached, *scalars, needs))
+
+
+def test_bad_expert_id_raises_under_compile():
+    """The range check runs inside the op: on the CPU a bad id is a ValueError at once, compiled or not, first call
+    or later; a second token count recompiles and still matches eager (shapes symbolic in the fake implementation)."""
+    module = _moekit_experts("qwen3_moe")
+    fn = torch.compile(_experts_call(module), backend="aot_eager", fullgraph=True)
+    x, index, weights = make_inputs(12, 32, 6, 2)
+    with pytest.raises(ValueError, match="top_k_index holds expert id 9, outside \\[0, 6\\]"):
+        fn(x, torch.full_like(index, 9), weights)  # compile-first with a bad id
+    _assert_module_matches(_module_step(module, fn, (x, index, weights)), _module_step(module, module, (x, index, weights)), 1e-5)
+    with pytest.raises(ValueError, match="top_k_index holds expert id -1"):
+        fn(x, index.masked_fill(index == index[3, 1], -1), weights)
+    other = make_inputs(21, 32, 6, 2, seed=4)
+    _assert_module_matches(_module_step(module, fn, other), _module_step(module, module, other), 1e-5)
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "gpt_oss"])
+def test_autocast_under_compile(family):
+    """bf16 hidden states, fp32 weights, CPU autocast: compiled like eager (bf16 out, the GEMMs in fp32)."""
+    module = _moekit_experts(family)
+    fn = torch.compile(_experts_call(module), backend="aot_eager", fullgraph=True)
+    inputs = make_inputs(12, 32, 6, 2, dtype=torch.bfloat16, weights_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled, eager = _module_step(module, fn, inputs), _module_step(module, module, inputs)
+    assert compiled[0].dtype == torch.bfloat16
+    _assert_module_matches(compiled, eager, 1e-2)
+
+
+def test_custom_activation_runs_outside_the_graph():
+    """A custom activation (a Python callable) cannot be an op argument: under compile its experts call runs eagerly
+    outside the graph (a graph break), compile-first in fp32 included (no grouped_mm probe under the trace), and
+    gives eager's results."""
+    moekit.grouped._grouped_mm_works.cache_clear()
+    module = _moekit_experts("qwen3_moe")
+    module.act_fn = torch.nn.Softplus()
+    module.__dict__.pop("_moekit_layout", None)
+    backend = torch._dynamo.testing.EagerAndRecordGraphs()
+    fn = torch.compile(_experts_call(module), backend=backend)
+    inputs = make_inputs(12, 32, 6, 2)
+    _assert_module_matches(_module_step(module, fn, inputs), _module_step(module, module, inputs), 1e-5)
+    assert _op_calls(backend.graphs, torch.ops.moekit.experts) == 0
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(
+    torch.cuda.is_available() or not moekit.triton_engine.triton_available("cpu"),
+    reason="the Triton interpreter on the CPU (TRITON_INTERPRET=1)",
+)
+@pytest.mark.parametrize("family", ["nemotron_h", "gpt_oss"])
+def test_forced_triton_engine_under_compile(monkeypatch, family):
+    """MOEKIT_BACKEND=triton: the op runs the Triton engine (interpreted), forward and backward recompute."""
+    monkeypatch.setenv("MOEKIT_BACKEND", "triton")
+    calls = []
+    original = moekit.triton_engine.experts_triton
+    monkeypatch.setattr(moekit.triton_engine, "experts_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    module = _moekit_experts(family, hidden=16, intermediate=8, num_experts=4)
+    fn = torch.compile(_experts_call(module), backend="aot_eager", fullgraph=True)
+    inputs = make_inputs(7, 16, 4, 2)
+    compiled = _module_step(module, fn, inputs)
+    assert len(calls) == 2  # the op's forward and its backward's recompute
+    _assert_module_matches(compiled, _module_step(module, module, inputs), 1e-5)
