@@ -12,7 +12,7 @@
 #   bash scripts/gpu_session.sh OUT_DIR cold [SHAPES] [TOKENS]   and the cold-cache section: scripts/cold_cache.py,
 #                                               first calls with an empty tuning cache (MOEKIT_CACHE_DIR, default a
 #                                               new directory) vs the reference, then a second process on the filled
-#                                               cache: same bits, nothing tuned
+#                                               cache (paths WARM_PATHS, default full,lora-split): same bits, no tuning
 #   bash scripts/gpu_session.sh OUT_DIR ab OLD_SRC [PRESETS]   the benchmark table (fwd/full/lora/frozen, 8k and
 #                                               32k tokens, grouped_mm and moekit-triton) for older code and this code
 #                                               in alternating processes of one call (scripts/ab_bench.py)
@@ -49,7 +49,8 @@ elif [ "$part" = cold ]; then
     --json "$out/cold_$tag.json" > "$out/cold_$tag.log" 2>&1
   echo "cold cache ($shapes): exit $?" | tee -a "$out/card.txt"
   MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --tokens "$tokens" \
-    --json "$out/warm_$tag.json" --expect "$out/cold_$tag.json" > "$out/warm_$tag.log" 2>&1
+    --paths "${WARM_PATHS:-full,lora-split}" --json "$out/warm_$tag.json" --expect "$out/cold_$tag.json" \
+    > "$out/warm_$tag.log" 2>&1
   echo "warm cache ($shapes): exit $?" | tee -a "$out/card.txt"
   cat "$out/cold_$tag.log" "$out/warm_$tag.log"
 elif [ "$part" = ab ]; then
@@ -59,7 +60,7 @@ elif [ "$part" = ab ]; then
   tag=$(echo "$presets" | cut -c1-12)
   timeout "$limit" python scripts/ab_bench.py --variant "old=$old_src" --variant new=src --rounds 1 --timeout "$limit" \
     --json "$out/ab_$tag.json" -- --preset "$presets" --tokens 8192,32768 --modes fwd,full,lora,frozen \
-    --lora-rank 16 --impls grouped_mm,moekit-triton 2>&1 | tee "$out/ab_$tag.log"
+    --lora-rank 16 --impls "${AB_IMPLS:-grouped_mm,moekit-triton}" 2>&1 | tee "$out/ab_$tag.log"
 elif [ "$part" = configs ]; then
   for config in $(echo "${3:-1,2}" | tr ',' ' '); do
     for section in sweep lora; do
