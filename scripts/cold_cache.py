@@ -63,6 +63,7 @@ def build(shape: Shape, path: str, dtype: torch.dtype) -> torch.nn.Module:
     import moekit
 
     moekit.enable(module)
+    torch.manual_seed(0)  # PEFT initialises its factors from the global generator: same factors in every process
     model = _wrap_lora(module, 16) if lora else module
     module.requires_grad_(trainable)  # after PEFT, which freezes the base
     return model

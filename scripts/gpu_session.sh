@@ -44,7 +44,7 @@ elif [ "$part" = cold ]; then
   shapes=${3:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b,odd-relu2,odd-silu,odd-gpt-oss}
   tokens=${4:-8192,32768}
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}  # must start empty: the first process is the cold one
-  tag=$(echo "$shapes" | cut -c1-12)
+  tag=$(echo "$shapes" | cut -c1-12 | tr -c 'A-Za-z0-9_\n-' _)
   MOEKIT_CACHE_DIR=$cache timeout "$limit" python scripts/cold_cache.py --shapes "$shapes" --tokens "$tokens" \
     --json "$out/cold_$tag.json" > "$out/cold_$tag.log" 2>&1
   echo "cold cache ($shapes): exit $?" | tee -a "$out/card.txt"
@@ -57,7 +57,7 @@ elif [ "$part" = ab ]; then
   # same-call A/B of the benchmark table against older code: OLD_SRC holds its src (git archive REV src | tar -x)
   old_src=${3:?ab needs OLD_SRC}
   presets=${4:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b}
-  tag=$(echo "$presets" | cut -c1-12)
+  tag=$(echo "$presets" | cut -c1-12 | tr -c 'A-Za-z0-9_\n-' _)
   timeout "$limit" python scripts/ab_bench.py --variant "old=$old_src" --variant new=src --rounds 1 --timeout "$limit" \
     --json "$out/ab_$tag.json" -- --preset "$presets" --tokens 8192,32768 --modes fwd,full,lora,frozen \
     --lora-rank 16 --impls "${AB_IMPLS:-grouped_mm,moekit-triton}" 2>&1 | tee "$out/ab_$tag.log"
