@@ -394,13 +394,15 @@ _GRADS = [NAN, 0.0, -0.0, 1.0, -1.0, 0.5, -3.0, 100.0]
 _RULE_LAYOUTS = [n for n in LAYOUTS if not n.endswith("interleaved")]  # with I = 1 the two gated layouts agree
 
 
-def _rules_case(name):
-    """(activation with gpt-oss's limit, h [n, 1 or 2] on every special combination, dL/da [n, 1], eager's a, dh)."""
+def _rules_case(name, device="cpu"):
+    """(activation with gpt-oss's limit, h [n, 1 or 2] on every special combination, dL/da [n, 1], eager's a, dh)
+    on ``device``: eager's own special values differ by device and torch version (torch 2.11's CPU gelu gives NaN
+    at +Inf, 2.13's gives Inf), so the kernels are held to eager on the device they run on."""
     act = LAYOUTS[name][0]
     if act.kind == "clamped_glu":
         act = Activation("clamped_glu", None, True, alpha=1.702, limit=7.0)
-    values = torch.tensor(_SPECIALS)
-    combos = torch.cartesian_prod(values, values, torch.tensor(_GRADS))  # (gate or h, up, dL/da)
+    values = torch.tensor(_SPECIALS, device=device)
+    combos = torch.cartesian_prod(values, values, torch.tensor(_GRADS, device=device))  # (gate or h, up, dL/da)
     h = combos[:, :2] if act.gated else combos[:, :1]
     grad_a = combos[:, 2:].contiguous()
     h_ = h.clone().requires_grad_(True)
@@ -457,9 +459,9 @@ def test_triton_activation_rules_like_autograd(name):
     """The kernels' activation helpers (``moekit.kernels.activation``: forward, and backward as the dA kernels
     call it) against autograd, on the same combinations: NaN kept through max/min and the clamps, relu's and
     the clamps' derivatives 0 (not 0 · NaN) where the input is dead or out of bounds."""
-    act, h, grad_a, a, dh = _rules_case(name)
+    act, h, grad_a, a, dh = _rules_case(name, DEVICE)
+    a, dh = a.cpu(), dh.cpu()
     n = h.shape[0]
-    h, grad_a = h.to(DEVICE), grad_a.to(DEVICE)
     a_out = torch.empty(n, 2 if act.gated else 1, device=DEVICE)
     dh_out = torch.empty_like(h)
     block = 256

@@ -53,9 +53,8 @@ def act_fn(x, ACT: tl.constexpr):
         out = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         out = x * _sigmoid(x)
-    elif ACT == 3:  # erf(-inf) rounds above -1 on the GPU; exactly -1 gives eager's NaN at -inf (-inf * 0)
-        cdf = tl.where(x == float("-inf"), 0.0, 0.5 * (1.0 + tl.erf(x * _INV_SQRT_2)))
-        out = x * cdf
+    elif ACT == 3:
+        out = 0.5 * x * (1.0 + tl.erf(x * _INV_SQRT_2))
     else:
         inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
         out = 0.5 * x * (1.0 + _tanh(inner))
