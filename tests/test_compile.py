@@ -33,6 +33,18 @@ MOEKIT_SOURCE = os.path.dirname(moekit.__file__)
 
 
 @pytest.fixture(autouse=True)
+def _enable_first_before_torch_2_13(monkeypatch):
+    """Before torch 2.13 a module first called under compile resolves its layout outside the graph (one break per
+    call, ``backend.RESOLVES_WHILE_TRACING``): there the models are ``moekit.enable``d before compiling, as the README
+    says; ``test_compile_first_resolves_outside_the_graph_before_torch_2_13`` covers that path on any torch."""
+    if moekit.backend.RESOLVES_WHILE_TRACING:
+        return
+    build, make = tm.build, make_experts
+    monkeypatch.setattr(tm, "build", lambda *args, **kwargs: moekit.enable(build(*args, **kwargs)))
+    monkeypatch.setitem(globals(), "make_experts", lambda *args, **kwargs: moekit.enable(make(*args, **kwargs)))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_compiler(monkeypatch):
     """A clean dynamo cache per test (each builds new models), and the default engine choice."""
     monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
@@ -317,3 +329,16 @@ def test_forced_triton_engine_under_compile(monkeypatch, family):
     compiled = _module_step(module, fn, inputs)
     assert len(calls) == 2  # the op's forward and its backward's recompute
     _assert_module_matches(compiled, _module_step(module, module, inputs), 1e-5)
+
+
+def test_compile_first_resolves_outside_the_graph_before_torch_2_13(monkeypatch):
+    """Where dynamo cannot bake a module's layout into the graph (torch < 2.13), the first compiled call resolves it
+    in a ``torch.compiler.disable``d call (a graph break there; torch 2.13 runs it without one) and gives eager's
+    results."""
+    monkeypatch.setattr(moekit.backend, "RESOLVES_WHILE_TRACING", False)
+    module = _moekit_experts("qwen3_moe")
+    x, index, weights = make_inputs(24, 32, 6, 2, seed=4)
+    assert "_moekit_layout" not in module.__dict__
+    compiled = torch.compile(_experts_call(module), backend="aot_eager")(x, index, weights)
+    assert "_moekit_layout" in module.__dict__
+    assert rel_err(compiled, module(x, index, weights)) <= TOL[torch.float32]

@@ -61,6 +61,18 @@ def _layout_facts(layout: ExpertsLayout) -> tuple[bool, bool, tuple | None]:
     return layout.activation.gated, layout.transposed, op_layout
 
 
+# dynamo takes a module argument of an assume_constant_result function from torch 2.13 on (2.11's refuses it:
+# AsPythonConstantNotImplementedError, seen on the GPU machine); before, a module first called under compile resolves
+# its layout outside the graph: one graph break per call, none once ``moekit.enable(model)`` ran before compiling.
+RESOLVES_WHILE_TRACING = torch.__version__ >= (2, 13)
+
+
+@torch.compiler.disable
+def _resolve_outside_graph(module: torch.nn.Module) -> tuple[bool, bool, tuple | None]:
+    """``_layout_facts`` of a module first called under torch.compile, where dynamo cannot bake them in."""
+    return _layout_facts(experts_layout(module))
+
+
 @torch.compiler.assume_constant_result
 def _resolve_while_tracing(module: torch.nn.Module) -> tuple[bool, bool, tuple | None]:
     """``_layout_facts`` of a module whose first call is under torch.compile. Dynamo runs this function as it is at
@@ -230,7 +242,8 @@ def moekit_experts_forward(
     compiling = torch.compiler.is_compiling()
     layout = self.__dict__.get("_moekit_layout")
     if layout is None and compiling:
-        gated, transposed, op_layout = _resolve_while_tracing(self)
+        resolve = _resolve_while_tracing if RESOLVES_WHILE_TRACING else _resolve_outside_graph
+        gated, transposed, op_layout = resolve(self)
     else:
         gated, transposed, op_layout = _layout_facts(layout if layout is not None else experts_layout(self))
     up_weight, up_bias, down_weight, down_bias = _projection_params(self)
