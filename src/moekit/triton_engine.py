@@ -112,6 +112,12 @@ def _triton_importable() -> bool:
     return True
 
 
+@functools.cache
+def _capable(index: int) -> bool:
+    """Compute capability >= 8.0 (asked once per GPU: every call checks, and the step's host time is short)."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton engine can run on ``device``: a CUDA GPU of compute capability >= 8.0 with triton,
     or the CPU when ``TRITON_INTERPRET=1`` (slow; tests only)."""
@@ -121,8 +127,7 @@ def triton_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         if not torch.cuda.is_available() or torch.version.cuda is None:
             return False
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.get_device_capability(index) >= (8, 0)
+        return _capable(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cpu":
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return False
