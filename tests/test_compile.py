@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import experts_factory
 import pytest
 import tiny_models as tm
 import torch
@@ -39,9 +40,19 @@ def _enable_first_before_torch_2_13(monkeypatch):
     says; ``test_compile_first_resolves_outside_the_graph_before_torch_2_13`` covers that path on any torch."""
     if moekit.backend.RESOLVES_WHILE_TRACING:
         return
-    build, make = tm.build, make_experts
-    monkeypatch.setattr(tm, "build", lambda *args, **kwargs: moekit.enable(build(*args, **kwargs)))
-    monkeypatch.setitem(globals(), "make_experts", lambda *args, **kwargs: moekit.enable(make(*args, **kwargs)))
+    built, build, make, compile_ = [], tm.build, make_experts, torch.compile
+
+    def record(factory):
+        return lambda *args, **kwargs: built.append(factory(*args, **kwargs)) or built[-1]
+
+    def enable_then_compile(*args, **kwargs):  # at compile time: after a test's own changes to its modules
+        for model in built:
+            moekit.enable(model)
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "build", record(build))
+    monkeypatch.setitem(globals(), "make_experts", record(make))
+    monkeypatch.setattr(torch, "compile", enable_then_compile)
 
 
 @pytest.fixture(autouse=True)
@@ -336,7 +347,8 @@ def test_compile_first_resolves_outside_the_graph_before_torch_2_13(monkeypatch)
     in a ``torch.compiler.disable``d call (a graph break there; torch 2.13 runs it without one) and gives eager's
     results."""
     monkeypatch.setattr(moekit.backend, "RESOLVES_WHILE_TRACING", False)
-    module = _moekit_experts("qwen3_moe")
+    module = experts_factory.make_experts("qwen3_moe")  # not through the fixture's enable-first builders
+    module.config._experts_implementation = "moekit"
     x, index, weights = make_inputs(24, 32, 6, 2, seed=4)
     assert "_moekit_layout" not in module.__dict__
     compiled = torch.compile(_experts_call(module), backend="aot_eager")(x, index, weights)
