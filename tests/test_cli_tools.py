@@ -122,7 +122,29 @@ def test_check_tiny_model_passes(capsys):
 
 def test_check_needs_a_model(capsys):
     assert main(["check"]) == 2
-    assert "give MODEL_DIR or --tiny" in capsys.readouterr().out
+    assert "give exactly one of MODEL_DIR or --tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["/nonexistent"], "MODEL_DIR '/nonexistent' is not a directory"),
+        (["--tiny", "foo"], "--tiny 'foo' is not a tiny model type; choose from nemotron_h"),
+        (["/tmp", "--tiny", "qwen3_moe"], "give exactly one of MODEL_DIR or --tiny MODEL_TYPE (got MODEL_DIR '/tmp'"),
+        (["--tiny", "qwen3_moe", "--lora", "--adapter", "/tmp"], "--adapter loads a saved adapter and --lora"),
+        (["--tiny", "qwen3_moe", "--adapter", "/nonexistent"], "--adapter '/nonexistent' is not a directory"),
+    ],
+)
+def test_check_argument_errors_name_the_argument(capsys, argv, message):
+    """Each bad argument gets one line naming it and what was expected, before anything is loaded."""
+    assert main(["check", *argv]) == 2
+    out = capsys.readouterr().out
+    assert message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_check_says_adapters_only_when_there_are_some(capsys):
+    assert main(["check", "--tiny", "qwen3_moe", "--tokens", "16"]) == 0
+    assert "adapter" not in capsys.readouterr().out.splitlines()[-1]
 
 
 def _save(tmp_path, model_type, lora_config=None, break_adapter=None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -253,14 +254,33 @@ def _load(args) -> torch.nn.Module:
     return model
 
 
+def _argument_problem(args) -> str | None:
+    """One line naming the argument that is wrong and what was expected, or None."""
+    if bool(args.tiny) == bool(args.model_dir):
+        got = f" (got MODEL_DIR {args.model_dir!r} and --tiny {args.tiny!r})" if args.tiny else ""
+        return f"give exactly one of MODEL_DIR or --tiny MODEL_TYPE{got}"
+    if args.tiny:
+        from .tiny import MODEL_TYPES
+
+        if args.tiny not in MODEL_TYPES:
+            return f"--tiny {args.tiny!r} is not a tiny model type; choose from {', '.join(MODEL_TYPES)}"
+    if args.adapter and args.lora:
+        return "--adapter loads a saved adapter and --lora adds a fresh one: give one of them"
+    for name, path, what in (("MODEL_DIR", args.model_dir, "model"), ("--adapter", args.adapter, "PEFT adapter")):
+        if path and not os.path.isdir(path):
+            return f"{name} {path!r} is not a directory (expected a saved {what})"
+    return None
+
+
 def command(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/PEFT deprecation chatter
-    if not args.tiny and not args.model_dir:
-        console.print("[red]moekit check: give MODEL_DIR or --tiny MODEL_TYPE[/]")
+    problem = _argument_problem(args)
+    if problem:
+        console.print(f"[red]moekit check: {problem}[/]", soft_wrap=True)
         return 2
     try:
         model = _load(args)
@@ -277,7 +297,8 @@ def command(args) -> int:
     for note in report.notes:
         console.print(f"[dim]{note}[/]")
     if report.ok:
-        console.print(f"[green]OK[/]: {len(report.layers)} MoE layers match, adapters (if any) are live.")
+        adapted = " and the adapters are live" if args.adapter or args.lora else ""
+        console.print(f"[green]OK[/]: {len(report.layers)} MoE layers match{adapted}.")
         return 0
     console.print(f"[red]FAILED[/]: {len(report.problems)} problem(s):")
     for problem in report.problems:
@@ -291,6 +312,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="check a model (and LoRA adapter) on moekit against transformers",
         description="Run a batch with moekit and with transformers' default experts backend and compare, per MoE "
         "layer, outputs and gradients; with an adapter, check that the experts are adapted and get gradients.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model_dir", nargs="?", help="a saved Hugging Face model directory")
     parser.add_argument("--adapter", help="a saved PEFT adapter directory to load on the model")
