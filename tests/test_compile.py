@@ -332,8 +332,8 @@ def test_forced_triton_engine_under_compile(monkeypatch, family):
     """MOEKIT_BACKEND=triton: the op runs the Triton engine (interpreted), forward and backward recompute."""
     monkeypatch.setenv("MOEKIT_BACKEND", "triton")
     calls = []
-    original = moekit.triton_engine.experts_triton
-    monkeypatch.setattr(moekit.triton_engine, "experts_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = moekit.triton_engine.run
+    monkeypatch.setattr(moekit.triton_engine, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
     module = _moekit_experts(family, hidden=16, intermediate=8, num_experts=4)
     fn = torch.compile(_experts_call(module), backend="aot_eager", fullgraph=True)
     inputs = make_inputs(7, 16, 4, 2)

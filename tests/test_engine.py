@@ -268,18 +268,18 @@ def test_engine_selection(monkeypatch):
     layout = experts_layout(module)
     x = torch.randn(2, 32)
     monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
-    assert select_engine(x, layout, has_lora=False) == "reference"  # CPU
+    assert select_engine(x, layout) == "reference"  # CPU
     monkeypatch.setenv("MOEKIT_BACKEND", "triton")
     if os.environ.get("TRITON_INTERPRET", "0") != "0":  # forced, the interpreter runs the kernels on the CPU
-        assert select_engine(x, layout, has_lora=False) == "triton"
+        assert select_engine(x, layout) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="MOEKIT_BACKEND=triton, but the Triton engine cannot run here"):
-        select_engine(x, layout, has_lora=False)
+        select_engine(x, layout)
     monkeypatch.setenv("MOEKIT_BACKEND", "cuda")
     with pytest.raises(ValueError, match="MOEKIT_BACKEND must be one of"):
-        select_engine(x, layout, has_lora=False)
+        select_engine(x, layout)
     monkeypatch.setenv("MOEKIT_BACKEND", "reference")
-    assert select_engine(x, layout, has_lora=True) == "reference"
+    assert select_engine(x, layout) == "reference"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -33,13 +33,13 @@ needs_interpreter = pytest.mark.skipif(
 def triton_calls(monkeypatch) -> list[int]:
     """One entry per call that reached the Triton engine through the backend."""
     calls: list[int] = []
-    original = moekit.triton_engine.experts_triton
+    original = moekit.triton_engine.run
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(moekit.triton_engine, "experts_triton", spy)
+    monkeypatch.setattr(moekit.triton_engine, "run", spy)
     return calls
 
 

@@ -163,16 +163,12 @@ def _triton_blocker(
 def select_engine(
     hidden: Tensor,
     layout: ExpertsLayout,
-    has_lora: bool = False,
     up_lora: LoraFactors | None = None,
     down_lora: LoraFactors | None = None,
 ) -> str:
     """The engine for this call: "triton" where the kernels cover it on CUDA, "reference" elsewhere (the CPU
     included, even with TRITON_INTERPRET=1). ``MOEKIT_BACKEND=reference|triton`` forces one; a forced Triton engine
-    that cannot run the call raises, naming why, and never falls back.
-
-    ``has_lora`` says the call carries LoRA when the factors are not at hand (the choice is the same with or
-    without it); the factors, when given, are checked too.
+    that cannot run the call raises, naming why, and never falls back. LoRA factors, when given, are checked too.
     """
     forced = os.environ.get("MOEKIT_BACKEND", "").strip().lower()
     if forced and forced not in ENGINES:
@@ -208,10 +204,10 @@ def run_engine(
     # autocast-enabled), and the same way eager, in the op and in the op's backward recompute.
     autocast = torch.is_autocast_enabled(device_type)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if engine == "triton":
-            from .triton_engine import experts_triton
+        if engine == "triton":  # select_engine has checked that the kernels cover the call
+            from . import triton_engine
 
-            return experts_triton(
+            return triton_engine.run(
                 layout, plan, hidden_states, top_k_weights, up_weight, up_bias, down_weight, down_bias,
                 up_lora=up_lora, down_lora=down_lora,
             )  # fmt: skip

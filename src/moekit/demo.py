@@ -404,7 +404,7 @@ def run_demo(config: DemoConfig | None = None, *, log=None) -> DemoResult:
         )
         experts = experts_modules(model)[0]
         engine = select_engine(
-            torch.empty(0, HIDDEN, device=device, dtype=dtype), experts_layout(experts), has_lora=True
+            torch.empty(0, HIDDEN, device=device, dtype=dtype), experts_layout(experts)
         )
         log(f"  on {_where(device, dtype, threads)}; moekit engine: {engine}")
 

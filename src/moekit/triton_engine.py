@@ -488,6 +488,28 @@ class ExpertsTritonFunction(torch.autograd.Function):
         )[:num_inputs]  # fmt: skip
 
 
+def run(
+    layout: ExpertsLayout,
+    plan: DispatchPlan,
+    x: Tensor,
+    routing_weights: Tensor,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_lora: LoraFactors | None = None,
+    down_lora: LoraFactors | None = None,
+) -> Tensor:
+    """The engine on a call ``backend.select_engine`` has found it covers (no second check on the hot path)."""
+    no_lora = LoraFactors(None, None)
+    up = up_lora or no_lora
+    down = down_lora or no_lora
+    return ExpertsTritonFunction.apply(
+        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias,
+        up.a, up.b, down.a, down.b, up.scale, down.scale,
+    )  # fmt: skip
+
+
 def experts_triton(
     layout: ExpertsLayout,
     plan: DispatchPlan,
@@ -508,10 +530,4 @@ def experts_triton(
     blocker = _triton_blocker(x, layout, up_lora, down_lora)
     if blocker is not None:  # never a silent fallback: backend.select_engine picks the reference engine instead
         raise RuntimeError(f"the Triton engine cannot run this call: {blocker}")
-    no_lora = LoraFactors(None, None)
-    up = up_lora or no_lora
-    down = down_lora or no_lora
-    return ExpertsTritonFunction.apply(
-        layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias,
-        up.a, up.b, down.a, down.b, up.scale, down.scale,
-    )  # fmt: skip
+    return run(layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_lora, down_lora)
