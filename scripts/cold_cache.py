@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from moekit.bench import PRESETS, Shape, _wrap_lora, make_experts_module, make_routing
+from moekit.tools.bench import PRESETS, Shape, _wrap_lora, make_experts_module, make_routing
 
 ODD = {
     s.name: s

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from moekit.bench import PRESETS, make_step
+from moekit.tools.bench import PRESETS, make_step
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ Sections, each in its own process (tests and sweeps side by side, the timings al
          fp32 at T=512), forward and every gradient (x, routing weights, A/B of both projections, base) vs the
          reference engine and an fp64 reference (same pass rule as the sweep), NaN-poisoned. Its timing
          (``lora_bench``, after ``bench``): T=8192, r=16, fwd+bwd of grouped_mm + PEFT LoRA, moekit-triton + PEFT
-         LoRA (``moekit.bench.run_case(..., "lora", ...)``), moekit-triton with the base frozen and no LoRA, and
+         LoRA (``moekit.tools.bench.run_case(..., "lora", ...)``), moekit-triton with the base frozen and no LoRA, and
          LoRA factors passed straight to the engine; plus a per-kernel profile of the fused LoRA fwd+bwd
 ``--lora`` runs only the LoRA parts (LoRA tests, lora, lora_bench).
 Full results go to DIR (default $OUT or ./gpu_check_out) as JSON and logs; a summary table is printed last.
@@ -66,7 +66,7 @@ def make_activation(spec: str):
 def make_inputs(T, H, I, E, K, spec, transposed, bias, dtype, device, seed, sentinel_fraction=0.0):
     import torch
 
-    from moekit.reference import ExpertsLayout
+    from moekit.engines.reference import ExpertsLayout
 
     g = torch.Generator(device=device).manual_seed(seed)
     act = make_activation(spec)
@@ -152,8 +152,8 @@ def sweep(args) -> dict:
     import torch
 
     from moekit.kernels import tiling
-    from moekit.reference import experts_reference
-    from moekit.triton_engine import experts_triton
+    from moekit.engines.reference import experts_reference
+    from moekit.engines.triton import experts_triton
 
     tiling.POISON_OUTPUTS = True  # unwritten elements show up as NaN -> inf error
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,8 +213,8 @@ def large_case(device) -> dict:
     reference on the same inputs (fp64 would not fit); results are parked on the host between runs."""
     import torch
 
-    from moekit.reference import experts_reference
-    from moekit.triton_engine import experts_triton
+    from moekit.engines.reference import experts_reference
+    from moekit.engines.triton import experts_triton
 
     T, H, I, E, K = 66000, 4096, 64, 16, 8
     row = {"case": "int64-offsets", "dtype": "bfloat16", "T": T, "H": H, "I": I, "E": E, "K": K, "act": "relu2",
@@ -295,8 +295,8 @@ def bench_shape(shape, T, grouped_mm_experts_forward):
     import triton
 
     from moekit.plan import build_plan
-    from moekit.reference import experts_reference
-    from moekit.triton_engine import experts_triton
+    from moekit.engines.reference import experts_reference
+    from moekit.engines.triton import experts_triton
 
     rows = []
     name, H, I, E, K, spec, transposed, bias = shape
@@ -508,8 +508,8 @@ def lora_sweep(args) -> dict:
     import torch
 
     from moekit.kernels import tiling
-    from moekit.reference import experts_reference
-    from moekit.triton_engine import experts_triton
+    from moekit.engines.reference import experts_reference
+    from moekit.engines.triton import experts_triton
 
     tiling.POISON_OUTPUTS = True
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -567,7 +567,7 @@ def _time_steps(step, warmup=3, repeats=20):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
-    from moekit.bench import _timer
+    from moekit.tools.bench import _timer
 
     host = []
 
@@ -582,12 +582,12 @@ def _time_steps(step, warmup=3, repeats=20):
 
 
 def _frozen_base_case(shape, T, device, rank=None):
-    """moekit-triton through the HF module (as ``moekit.bench`` runs it), base frozen, x and routing weights
+    """moekit-triton through the HF module (as ``moekit.tools.bench`` runs it), base frozen, x and routing weights
     trainable; without LoRA (rank None), or with LoRA factors passed straight to ``experts_triton`` (no PEFT)."""
     import torch
 
     import moekit.backend
-    from moekit.bench import _select, make_experts_module, make_routing
+    from moekit.tools.bench import _select, make_experts_module, make_routing
 
     module = make_experts_module(shape, device, torch.bfloat16)
     _select(module, "moekit-triton")
@@ -631,8 +631,8 @@ def lora_bench(args) -> dict:
 
     import torch
 
-    import moekit.triton_engine as engine
-    from moekit.bench import PRESETS, run_case
+    import moekit.engines.triton as engine
+    from moekit.tools.bench import PRESETS, run_case
 
     T = 64 if args.smoke else 8192
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -690,7 +690,7 @@ def _lora_profile(shape, T):
     import torch
 
     from moekit.plan import build_plan
-    from moekit.triton_engine import experts_triton
+    from moekit.engines.triton import experts_triton
 
     spec = "silu_glu" if shape.gated else "relu2"
     layout, idx, tensors, grad_out = make_lora_inputs(

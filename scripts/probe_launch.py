@@ -21,7 +21,7 @@ import torch
 import triton
 
 from moekit import kernels
-from moekit.bench import PRESETS, add_case_arguments, make_step
+from moekit.tools.bench import PRESETS, add_case_arguments, make_step
 from moekit.kernels import tiling
 
 

@@ -17,7 +17,7 @@ import sys
 import torch
 import triton
 
-from moekit.bench import PRESETS, make_routing
+from moekit.tools.bench import PRESETS, make_routing
 from moekit.grouped import grouped_matmul
 from moekit.kernels import grouped_gemm, lora_add
 from moekit.kernels.tiling import Autotuned, configs

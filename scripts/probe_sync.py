@@ -1,4 +1,4 @@
-"""Probe: what a host sync in the dispatch plan costs. Times benchmark steps (``moekit.bench.make_step``) with the
+"""Probe: what a host sync in the dispatch plan costs. Times benchmark steps (``moekit.tools.bench.make_step``) with the
 plan as it is (no sync) and with one forced sync per call (reading ``plan.num_routed``, as the plan did before),
 against grouped_mm, all in one process. Two timings each (medians of 20 steps): the host waiting for the GPU after
 every step, and steps queued back to back (the host may run ahead of the GPU; ``moekit bench``'s "ms")."""
@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from moekit import backend
-from moekit.bench import PRESETS, _timer, make_step
+from moekit.tools.bench import PRESETS, _timer, make_step
 
 no_sync = backend.build_plan
 

@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from moekit.activations import ELEMENTWISE, Activation
-from moekit.bench import PRESETS, _timer, make_routing
+from moekit.tools.bench import PRESETS, _timer, make_routing
 from moekit.kernels import tiling, up_proj
 from moekit.kernels.up_proj import _GATED
 from moekit.plan import build_plan

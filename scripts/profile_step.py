@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from moekit.bench import PRESETS, _timer, add_case_arguments, make_step
+from moekit.tools.bench import PRESETS, _timer, add_case_arguments, make_step
 
 
 def main() -> None:

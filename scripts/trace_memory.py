@@ -81,7 +81,7 @@ def silence_kernels() -> None:
 
 
 def main() -> None:
-    from moekit.bench import PRESETS, add_case_arguments, make_step
+    from moekit.tools.bench import PRESETS, add_case_arguments, make_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser, preset="qwen3-30b-a3b", mode="lora")

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python scripts/track_curves.py --device cuda --lr 5e-3,1e-3 --json curves.json
 
-The demo model (``moekit.demo``), LoRA on its experts, bf16 with fp32 adapters, AdamW, the same batches from
+The demo model (``moekit.tools.demo``), LoRA on its experts, bf16 with fp32 adapters, AdamW, the same batches from
 the same start, 50 steps, for each learning rate and each pair of backends: moekit vs grouped_mm (the claim) and
 eager vs grouped_mm (the control: transformers' own two backends, the divergence that bf16 rounding alone
 causes). Prints max |Δloss| over the steps and the first step where |Δloss| > 1e-2; the JSON holds every curve.

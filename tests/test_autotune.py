@@ -23,8 +23,8 @@ pytest.importorskip("triton")
 
 from moekit.kernels import tiling
 from moekit.kernels.tuning_cache import TuningCache
-from moekit.reference import experts_reference
-from moekit.triton_engine import experts_triton, triton_available
+from moekit.engines.reference import experts_reference
+from moekit.engines.triton import experts_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-import moekit.reference
-from moekit.cli import main
-from moekit.tiny import add_lora, build, lora_target_parameters
+import moekit.engines.reference
+from moekit.tools.cli import main
+from moekit.tools.tiny import add_lora, build, lora_target_parameters
 
 RECORD_KEYS = {"card", "shape", "impl", "mode", "tokens", "ms", "ms_synced", "peak_gib", "step_gib", "tflops", "dense_tflops"}
 
@@ -61,7 +61,7 @@ def test_bench_table_puts_lora_over_its_frozen_base():
     """With frozen-base rows in the run, each LoRA row shows its step over the same impl's frozen step."""
     from rich.console import Console
 
-    from moekit.bench import _table
+    from moekit.tools.bench import _table
 
     def record(mode, impl, ms, rank=None):
         return {"shape": "s", "tokens": 8, "mode": mode, "impl": impl, "ms": ms, "tflops": 1.0, "peak_gib": 1.0,
@@ -176,7 +176,7 @@ def test_check_catches_nemotron_adapter_missing_up_proj(tmp_path, capsys):
     config = LoraConfig(r=4, target_modules=[], target_parameters=["experts.down_proj"])
     base = build("nemotron_h")
     model = get_peft_model(base, config)
-    from moekit.check import CheckReport, diagnose_adapter
+    from moekit.tools.check import CheckReport, diagnose_adapter
 
     report = CheckReport()
     diagnose_adapter(model, report)
@@ -187,7 +187,7 @@ def test_check_catches_nemotron_adapter_missing_up_proj(tmp_path, capsys):
 def test_check_catches_frozen_expert_adapters():
     from peft.tuners.lora.layer import ParamWrapper
 
-    from moekit.check import run_check
+    from moekit.tools.check import run_check
 
     model = add_lora(build("mixtral"))
     for wrapper in model.modules():
@@ -200,7 +200,7 @@ def test_check_catches_frozen_expert_adapters():
 
 
 def test_check_catches_experts_without_adapter_gradient():
-    from moekit.check import run_check
+    from moekit.tools.check import run_check
 
     model = add_lora(build("nemotron_h"))
     with torch.no_grad():  # expert 3's adapter is dead: A rows and B columns zero -> no gradient reaches it
@@ -214,11 +214,11 @@ def test_check_catches_experts_without_adapter_gradient():
 
 
 def test_check_catches_a_wrong_engine(monkeypatch, capsys):
-    original = moekit.reference.DownProjection.forward
+    original = moekit.engines.reference.DownProjection.forward
 
     def wrong(ctx, *args):
         return original(ctx, *args) * 1.01  # a 1% error, as a layout read wrong would give
 
-    monkeypatch.setattr(moekit.reference.DownProjection, "forward", staticmethod(wrong))
+    monkeypatch.setattr(moekit.engines.reference.DownProjection, "forward", staticmethod(wrong))
     assert main(["check", "--tiny", "olmoe", "--tokens", "16"]) == 1
     assert "experts output differs from grouped_mm" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from experts_factory import make_experts, make_inputs, rel_err
 
 import moekit
 import moekit.grouped
-import moekit.triton_engine
+import moekit.engines.triton
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -125,8 +125,8 @@ def test_fullgraph_triton_engine_on_gpu(monkeypatch, model_type, dtype, lora):
     fine-tuning and LoRA on both expert projections, compiled before any eager call with fullgraph=True."""
     monkeypatch.setenv("MOEKIT_BACKEND", "triton")
     calls = []
-    original = moekit.triton_engine.run
-    monkeypatch.setattr(moekit.triton_engine, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = moekit.engines.triton.run
+    monkeypatch.setattr(moekit.engines.triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = tm.build(model_type, dtype=dtype, experts_implementation="moekit")
     model = (tm.add_lora(model) if lora else model).cuda()
     ids = tm.sample_batch().cuda()
@@ -346,7 +346,7 @@ def test_custom_activation_runs_outside_the_graph():
 
 @pytest.mark.triton
 @pytest.mark.skipif(
-    torch.cuda.is_available() or not moekit.triton_engine.triton_available("cpu"),
+    torch.cuda.is_available() or not moekit.engines.triton.triton_available("cpu"),
     reason="the Triton interpreter on the CPU (TRITON_INTERPRET=1)",
 )
 @pytest.mark.parametrize("family", ["nemotron_h", "gpt_oss"])
@@ -354,8 +354,8 @@ def test_forced_triton_engine_under_compile(monkeypatch, family):
     """MOEKIT_BACKEND=triton: the op runs the Triton engine (interpreted), forward and backward recompute."""
     monkeypatch.setenv("MOEKIT_BACKEND", "triton")
     calls = []
-    original = moekit.triton_engine.run
-    monkeypatch.setattr(moekit.triton_engine, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = moekit.engines.triton.run
+    monkeypatch.setattr(moekit.engines.triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
     module = _moekit_experts(family, hidden=16, intermediate=8, num_experts=4)
     fn = torch.compile(_experts_call(module), backend="aot_eager", fullgraph=True)
     inputs = make_inputs(7, 16, 4, 2)

@@ -19,7 +19,7 @@ FAST = ["--device", "cpu", "--no-progress", "--baseline-steps", "2"]
 
 @pytest.fixture(scope="module")
 def demo_result(tmp_path_factory) -> dict:
-    """One short demo through ``moekit.cli.main``; its JSON result."""
+    """One short demo through ``moekit.tools.cli.main``; its JSON result."""
     path = tmp_path_factory.mktemp("demo") / "result.json"
     threads = torch.get_num_threads()
     assert cli.main(["demo", "--steps", "20", *FAST, "--json", str(path)]) == 0

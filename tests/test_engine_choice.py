@@ -18,12 +18,12 @@ from experts_factory import Block, make_experts, make_inputs, rel_err, run_exper
 
 import moekit
 import moekit.backend
-import moekit.triton_engine
+import moekit.engines.triton
 from moekit.backend import experts_layout, select_engine
 from moekit.lora import LoraFactors
 from moekit.plan import build_plan
 
-INTERPRETER = moekit.triton_engine.triton_available("cpu")
+INTERPRETER = moekit.engines.triton.triton_available("cpu")
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available() or not INTERPRETER, reason="the Triton interpreter on the CPU (TRITON_INTERPRET=1)"
 )
@@ -33,13 +33,13 @@ needs_interpreter = pytest.mark.skipif(
 def triton_calls(monkeypatch) -> list[int]:
     """One entry per call that reached the Triton engine through the backend."""
     calls: list[int] = []
-    original = moekit.triton_engine.run
+    original = moekit.engines.triton.run
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(moekit.triton_engine, "run", spy)
+    monkeypatch.setattr(moekit.engines.triton, "run", spy)
     return calls
 
 
@@ -162,9 +162,9 @@ def test_experts_triton_called_directly_never_falls_back(triton_calls):
     x, index, weights = make_inputs(6, 32, 6, 2, dtype=torch.float64)
     up, down = module.gate_up_proj, module.down_proj
     with pytest.raises(RuntimeError, match="the Triton engine cannot run this call: hidden_states is torch.float64"):
-        moekit.triton_engine.experts_triton(experts_layout(module), build_plan(index, 6), x, weights, up, None, down, None)
-    assert not moekit.triton_engine.supported(experts_layout(module), x)
-    assert moekit.triton_engine.supported(experts_layout(module), x.float())
+        moekit.engines.triton.experts_triton(experts_layout(module), build_plan(index, 6), x, weights, up, None, down, None)
+    assert not moekit.engines.triton.supported(experts_layout(module), x)
+    assert moekit.engines.triton.supported(experts_layout(module), x.float())
 
 
 # ---------------------------------------------------------------------------------------------- autocast

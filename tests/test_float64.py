@@ -16,7 +16,7 @@ from moekit.activations import ELEMENTWISE, Activation, accumulation_dtype
 from moekit.grouped import segment_sum
 from moekit.lora import LoraFactors
 from moekit.plan import build_plan
-from moekit.reference import ExpertsLayout, combine, experts_reference
+from moekit.engines.reference import ExpertsLayout, combine, experts_reference
 
 F64 = torch.float64
 

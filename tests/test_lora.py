@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
 import moekit
-import moekit.reference
+import moekit.engines.reference
 
 
 def _targets(experts: torch.nn.Module, which: str = "both") -> list[str]:
@@ -76,8 +76,8 @@ def test_lora_matches_peft_and_builds_no_delta_weight(family, rank, monkeypatch)
     inputs = make_inputs(30, 32, 6, 2)
     theirs = _forward_backward(model, experts, "eager", inputs)
     weight_grad_calls = []
-    original = moekit.reference._weight_grad
-    monkeypatch.setattr(moekit.reference, "_weight_grad", lambda *a: weight_grad_calls.append(1) or original(*a))
+    original = moekit.engines.reference._weight_grad
+    monkeypatch.setattr(moekit.engines.reference, "_weight_grad", lambda *a: weight_grad_calls.append(1) or original(*a))
     with _no_delta_weight():
         ours = _forward_backward(model, experts, "moekit", inputs)
     assert rel_err(ours[0], theirs[0]) <= 2e-5

@@ -33,8 +33,8 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from moekit.activations import ELEMENTWISE, Activation
 from moekit.plan import build_plan
-from moekit.reference import ExpertsLayout, experts_reference
-from moekit.triton_engine import experts_triton, triton_available
+from moekit.engines.reference import ExpertsLayout, experts_reference
+from moekit.engines.triton import experts_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAN, INF = float("nan"), float("inf")

@@ -19,8 +19,8 @@ from moekit.activations import ELEMENTWISE, Activation
 from moekit.grouped import grouped_matmul, grouped_outer, grouped_outer_runs
 from moekit.kernels import tiling
 from moekit.plan import build_plan
-from moekit.reference import ExpertsLayout, experts_reference
-from moekit.triton_engine import ExpertsTritonFunction, experts_triton, triton_available
+from moekit.engines.reference import ExpertsLayout, experts_reference
+from moekit.engines.triton import ExpertsTritonFunction, experts_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -128,7 +128,7 @@ def test_fp32_every_activation(name):
 def test_bf16(monkeypatch, name, plain):
     """bf16 with the down-projection on grouped_mm (routing weight and bias in the combine, where grouped_mm runs)
     and on the Triton kernel (both in its epilogue). I = 24: bf16 rows of a are 48 bytes, aligned for grouped_mm."""
-    import moekit.triton_engine as engine
+    import moekit.engines.triton as engine
 
     monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", plain)
     matmuls = []
@@ -151,7 +151,7 @@ def test_backward_modes(monkeypatch, mode, plain, wgrad, name):
     elementwise pass (MOEKIT_TRITON_DA); weight gradients by the Triton kernel from plan-ordered row copies or
     gathered rows (MOEKIT_TRITON_WGRAD), or, with dX and the forward's down-projection, by torch's grouped_mm
     (MOEKIT_TRITON_PLAIN_GEMM; then the combine applies the routing weights and the down bias)."""
-    import moekit.triton_engine as engine
+    import moekit.engines.triton as engine
 
     monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
     monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
@@ -454,7 +454,7 @@ def test_backward_reuses_the_pre_activation_for_dh(monkeypatch, mode):
     """The dA kernel writes dL/dh over the cached pre-activation h [S, W] (in place), so the backward's peak (dh
     beside dxs [S, H]) holds no second [S, W] buffer: dX's GEMM reads dh from h's storage. A second backward over
     the same graph (retain_graph=True) raises a clear error instead of reading the overwritten h."""
-    import moekit.triton_engine as engine
+    import moekit.engines.triton as engine
 
     monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
     case = make_case(T=12, E=3, act=_act("silu", "glu", True))

@@ -25,8 +25,8 @@ from moekit import kernels
 from moekit.activations import ELEMENTWISE, Activation
 from moekit.kernels import tiling
 from moekit.plan import build_plan
-from moekit.reference import ExpertsLayout, experts_reference
-from moekit.triton_engine import experts_triton, supported, triton_available
+from moekit.engines.reference import ExpertsLayout, experts_reference
+from moekit.engines.triton import experts_triton, supported, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -158,7 +158,7 @@ def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
     in place (forward down-projection, dX, and with a trainable base dA's GEMM); "fused" keeps both in one
     Triton kernel; "auto" splits from a reduction size (here lowered to 25, so only the dX GEMM of gated layouts,
     K = 2I = 48, splits). All match the reference, frozen base and trainable base."""
-    import moekit.triton_engine as engine
+    import moekit.engines.triton as engine
 
     adds = []
     real = kernels.lora_add
@@ -259,7 +259,7 @@ def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
     s·B copy after its last use, so when dX is computed all are gone (s·B_up after v_up)."""
     import weakref
 
-    import moekit.triton_engine as engine
+    import moekit.engines.triton as engine
 
     made = []  # weak references to the s·B operands, in the order the engine makes them
     real_factors, real_combine = engine._kernel_factors, kernels.combine
@@ -425,14 +425,14 @@ def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
     from peft.tuners.lora.layer import ParamWrapper
 
     import moekit.backend
-    import moekit.triton_engine
+    import moekit.engines.triton
 
     model, (x, index, weights) = _peft_block(dtype)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
     monkeypatch.setattr(ParamWrapper, "get_delta_weight", lambda *a, **k: pytest.fail("ΔW requested"))
     launched = []
-    real = moekit.triton_engine.ExpertsTritonFunction.apply
-    monkeypatch.setattr(moekit.triton_engine.ExpertsTritonFunction, "apply",
+    real = moekit.engines.triton.ExpertsTritonFunction.apply
+    monkeypatch.setattr(moekit.engines.triton.ExpertsTritonFunction, "apply",
                         lambda *a: launched.append(a[8] is not None and a[10] is not None) or real(*a))  # fmt: skip
 
     def step(engine, model=model, cast=lambda t: t):
@@ -522,13 +522,13 @@ def test_activation_checkpointing_through_the_triton_engine(monkeypatch, use_ree
     backward's early release of the pre-activation is safe under it, and every result equals the plain run's
     bit for bit (the kernels are deterministic)."""
     import moekit.backend
-    import moekit.triton_engine
+    import moekit.engines.triton
 
     model, (x, index, weights) = _peft_block(torch.float32)
     monkeypatch.setattr(moekit.backend, "select_engine", lambda *a, **k: "triton")
     launches = []
-    real = moekit.triton_engine.ExpertsTritonFunction.apply
-    monkeypatch.setattr(moekit.triton_engine.ExpertsTritonFunction, "apply", lambda *a: launches.append(1) or real(*a))
+    real = moekit.engines.triton.ExpertsTritonFunction.apply
+    monkeypatch.setattr(moekit.engines.triton.ExpertsTritonFunction, "apply", lambda *a: launches.append(1) or real(*a))
 
     def step(checkpointed: bool):
         model.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Helpers the model-level tests share, on top of ``moekit.tiny`` (the tiny random models themselves).
+"""Helpers the model-level tests share, on top of ``moekit.tools.tiny`` (the tiny random models themselves).
 
 ``rel_err`` (max|a-b| / max|b|), ``forward_backward``, ``RoutingRecorder`` (top-k choices of every experts call)
 and ``torch_threads``; the model registry (``build``, ``MODEL_TYPES``, ``add_lora``, ...) is re-exported.
@@ -12,7 +12,7 @@ import functools
 import torch
 
 from moekit.enable import experts_modules
-from moekit.tiny import (  # noqa: F401  (re-exported for the tests)
+from moekit.tools.tiny import (  # noqa: F401  (re-exported for the tests)
     GPT_OSS_TEST_LIMIT,
     HIDDEN,
     MODEL_TYPES,

@@ -1,6 +1,6 @@
 """``python -m moekit``: the same as the ``moekit`` console script."""
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

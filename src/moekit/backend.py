@@ -20,7 +20,7 @@ from . import ops
 from .activations import Activation, resolve_activation
 from .lora import LoraFactors, LoraWrappers, collect_lora
 from .plan import build_plan
-from .reference import ExpertsLayout, experts_reference
+from .engines.reference import ExpertsLayout, experts_reference
 
 Tensor = torch.Tensor
 
@@ -145,7 +145,7 @@ def _triton_blocker(
 ) -> str | None:
     """Why the Triton engine cannot run this call, or None when it can (the one list of what the kernels cover)."""
     try:
-        from .triton_engine import _DTYPES, triton_available
+        from .engines.triton import _DTYPES, triton_available
     except ImportError as error:
         return f"the Triton engine is not importable ({error})"
     if not triton_available(hidden.device):

@@ -25,7 +25,7 @@ import torch
 
 from .activations import ELEMENTWISE, Activation
 from .lora import LoraFactors
-from .reference import ExpertsLayout
+from .engines.reference import ExpertsLayout
 
 Tensor = torch.Tensor
 

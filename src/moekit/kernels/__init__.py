@@ -1,4 +1,4 @@
-"""Triton kernels of moekit's Triton engine (see ``moekit.triton_engine`` for the data path and memory plan).
+"""Triton kernels of moekit's Triton engine (see ``moekit.engines.triton`` for the data path and memory plan).
 
 One idea per module:
   activation.py   activation forward / derivative helpers switched on ``Activation.kernel_id``

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from .backend import experts_layout, select_engine
-from .enable import enable, experts_modules
+from ..backend import experts_layout, select_engine
+from ..enable import enable, experts_modules
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""The Triton engine: same signature and semantics as ``moekit.reference.experts_reference``, fused kernels.
+"""The Triton engine: same signature and semantics as ``moekit.engines.reference.experts_reference``, fused kernels.
 
 Data path (S = T*K rows plan-sorted by expert, the routed ones first; kernels in ``moekit.kernels``). The host
 never learns how many rows are routed (the plan makes no host sync): every row buffer below has S rows and the
@@ -93,9 +93,9 @@ import os
 
 import torch
 
-from .grouped import grouped_matmul, grouped_matmul_runs, grouped_outer, grouped_outer_runs
-from .lora import LoraFactors, as_lora_factors
-from .plan import DispatchPlan
+from ..grouped import grouped_matmul, grouped_matmul_runs, grouped_outer, grouped_outer_runs
+from ..lora import LoraFactors, as_lora_factors
+from ..plan import DispatchPlan
 from .reference import ExpertsLayout, _in_out, experts_reference  # noqa: F401  (scripts/gpu_check.py spies on it)
 
 Tensor = torch.Tensor
@@ -135,7 +135,7 @@ def triton_available(device: torch.device | str) -> bool:
 
 def supported(layout: ExpertsLayout, x: Tensor, up_lora=None, down_lora=None) -> bool:
     """Whether this call can run on the Triton kernels (``moekit.backend._triton_blocker`` says why not)."""
-    from .backend import _triton_blocker
+    from ..backend import _triton_blocker
 
     return _triton_blocker(x, layout, as_lora_factors(up_lora), as_lora_factors(down_lora)) is None
 
@@ -196,7 +196,7 @@ def lora_gemm_split(k_dim: int) -> bool:
 def _torch_matmul_lora(rows: Tensor, weight_in_out: Tensor, plan: DispatchPlan, lora) -> Tensor | None:
     """``_torch_matmul`` plus, with ``lora=(u [S, R], L [E, R, N])``, u @ L[e] added in place by the Triton
     kernel; None where the base product cannot go to grouped_mm or LoRA stays fused (``lora_gemm_split``)."""
-    from .kernels import lora_add
+    from ..kernels import lora_add
 
     if lora is not None and not lora_gemm_split(rows.shape[1]):
         return None
@@ -221,7 +221,7 @@ def _kernel_factors(
     kernels round to ``dtype`` as they load it, ``kernels.tiling.as_operand``; no copy), and scale·B [E, out, R]
     in ``dtype``, contiguous (PEFT's B has its experts at stride 1; the kernels want its rows dense). Made under
     the Function's forward, so no autograd op is recorded for them."""
-    from .kernels.relayout import scaled_copy
+    from ..kernels.relayout import scaled_copy
 
     if copy_a and factor_a.dtype != dtype:
         factor_a = factor_a.to(dtype)
@@ -234,7 +234,7 @@ def _factor_grad_buffer(param: Tensor) -> Tensor:
     """Where the kernel writes a LoRA factor's gradient: a dense buffer of the parameter's shape and dtype, which
     ``_factor_grad`` moves into the parameter's strides when they differ. Stores straight into PEFT's B strides
     cost one 32-byte sector per element: 3.7x the dense store's time at r=64 on an H100 (``kernels.relayout``)."""
-    from .kernels.tiling import new_output
+    from ..kernels.tiling import new_output
 
     return new_output(*param.shape, dtype=param.dtype, device=param.device)
 
@@ -242,8 +242,8 @@ def _factor_grad_buffer(param: Tensor) -> Tensor:
 def _factor_grad(buffer: Tensor, param: Tensor) -> Tensor:
     """The gradient of ``param`` from its ``_factor_grad_buffer``, in the parameter's dtype and strides (so the
     views back to PEFT's parameter cost autograd no copy)."""
-    from .kernels.relayout import scaled_copy
-    from .kernels.tiling import new_output_like
+    from ..kernels.relayout import scaled_copy
+    from ..kernels.tiling import new_output_like
 
     if buffer.stride() == param.stride():
         return buffer
@@ -275,7 +275,7 @@ class ExpertsTritonFunction(torch.autograd.Function):
         up_lora_scale: float = 1.0,
         down_lora_scale: float = 1.0,
     ) -> Tensor:
-        from .kernels import combine, grouped_gemm, up_proj
+        from ..kernels import combine, grouped_gemm, up_proj
 
         n, transposed, act = plan.num_rows, layout.transposed, layout.activation
         counts, tok = plan.tokens_per_expert, plan.token_of_row
@@ -321,10 +321,10 @@ class ExpertsTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        from .kernels import act_grad_backward, combine, grouped_gemm, weight_grad
-        from .kernels.act_grad import act_grad_backward_split, act_grad_mode
-        from .kernels.tiling import new_output_like, wgrad_block_k
-        from .kernels.weight_grad import chunk_table
+        from ..kernels import act_grad_backward, combine, grouped_gemm, weight_grad
+        from ..kernels.act_grad import act_grad_backward_split, act_grad_mode
+        from ..kernels.tiling import new_output_like, wgrad_block_k
+        from ..kernels.weight_grad import chunk_table
 
         layout, plan = ctx.layout, ctx.plan
         (x, routing_weights, w_up, b_up, w_down, b_down, u_up, u_down,
@@ -524,7 +524,7 @@ def experts_triton(
 ) -> Tensor:
     """Expert layer output [T, H] in x's dtype; drop-in for ``experts_reference``. LoRA per projection:
     ``LoraFactors`` (A [E, R, in], B [E, out, R], scale), or an (A, B) pair with the scaling already in B."""
-    from .backend import _triton_blocker
+    from ..backend import _triton_blocker
 
     up_lora, down_lora = as_lora_factors(up_lora), as_lora_factors(down_lora)
     blocker = _triton_blocker(x, layout, up_lora, down_lora)

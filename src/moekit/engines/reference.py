@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import Activation, accumulation_dtype, map_rows
-from .grouped import grouped_matmul, grouped_outer, segment_sum
-from .lora import as_lora_factors
-from .plan import DispatchPlan
+from ..activations import Activation, accumulation_dtype, map_rows
+from ..grouped import grouped_matmul, grouped_outer, segment_sum
+from ..lora import as_lora_factors
+from ..plan import DispatchPlan
 
 Tensor = torch.Tensor
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .. import __version__
 
 # Module (relative to this package) of each subcommand, in the order `moekit --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (".demo", ".bench", ".check")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backend import _projection_params
-from .enable import enable, experts_modules
-from .lora import DOWN_PARAMS, UP_PARAMS
+from ..backend import _projection_params
+from ..enable import enable, experts_modules
+from ..lora import DOWN_PARAMS, UP_PARAMS
 
 Tensor = torch.Tensor
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}

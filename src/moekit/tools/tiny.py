@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .enable import experts_modules
+from ..enable import experts_modules
 
 VOCAB = 128
 HIDDEN = 64
