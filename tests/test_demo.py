@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit import cli, demo
+from moekit.tools import cli, demo
 
 # On the CPU, also on a GPU machine (the demo runs 1 thread there by default).
 FAST = ["--device", "cpu", "--no-progress", "--baseline-steps", "2"]
