@@ -17,7 +17,7 @@ import json
 import torch
 
 import moekit
-from moekit import demo
+from moekit.tools import demo
 
 PAIRS = (("moekit", "grouped_mm"), ("eager", "grouped_mm"))
 
