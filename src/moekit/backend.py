@@ -18,9 +18,9 @@ import torch
 
 from . import ops
 from .activations import Activation, resolve_activation
+from .engines.reference import ExpertsLayout, experts_reference
 from .lora import LoraFactors, LoraWrappers, collect_lora
 from .plan import build_plan
-from .engines.reference import ExpertsLayout, experts_reference
 
 Tensor = torch.Tensor
 
@@ -103,11 +103,11 @@ def _check_inputs(
     if hidden.dim() != 2 or hidden.shape[-1] != hidden_size:
         raise ValueError(f"hidden_states must have shape [num_tokens, {hidden_size}], got {tuple(hidden.shape)}")
     if index.shape != (hidden.shape[0], index.shape[-1]) or index.dim() != 2:
-        raise ValueError(
-            f"top_k_index must have shape [num_tokens={hidden.shape[0]}, top_k], got {tuple(index.shape)}"
-        )
+        raise ValueError(f"top_k_index must have shape [num_tokens={hidden.shape[0]}, top_k], got {tuple(index.shape)}")
     if weights.shape != index.shape:
-        raise ValueError(f"top_k_weights must have the shape of top_k_index {tuple(index.shape)}, got {tuple(weights.shape)}")
+        raise ValueError(
+            f"top_k_weights must have the shape of top_k_index {tuple(index.shape)}, got {tuple(weights.shape)}"
+        )
     if not weights.is_floating_point():
         raise TypeError(f"top_k_weights must be a floating-point tensor, got dtype {weights.dtype}")
     for name, param in (("up", up_weight), ("up bias", up_bias), ("down", down_weight), ("down bias", down_bias)):
@@ -136,7 +136,9 @@ def _lora_blocker(name: str, factors: LoraFactors | None, hidden: Tensor, dtypes
         if factor.dtype not in dtypes:
             return f"the {name} projection's LoRA factor {label} is {factor.dtype}; the kernels take {dtypes}"
         if factor.device != hidden.device:
-            return f"the {name} projection's LoRA factor {label} is on {factor.device}, hidden_states on {hidden.device}"
+            return (
+                f"the {name} projection's LoRA factor {label} is on {factor.device}, hidden_states on {hidden.device}"
+            )
     return None
 
 

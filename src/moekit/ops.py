@@ -24,8 +24,8 @@ import functools
 import torch
 
 from .activations import ELEMENTWISE, Activation
-from .lora import LoraFactors
 from .engines.reference import ExpertsLayout
+from .lora import LoraFactors
 
 Tensor = torch.Tensor
 

@@ -322,7 +322,6 @@ class ExpertsTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         from ..kernels import act_grad_backward, combine, grouped_gemm, weight_grad
-        from ..kernels.act_grad import act_grad_backward_split, act_grad_mode
         from ..kernels.tiling import new_output_like, wgrad_block_k
         from ..kernels.weight_grad import chunk_table
 
@@ -377,14 +376,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
             da_lora = (v_down, down_a) if down_lora and (need_dh or need_rw) else None
             dA_args = (grad_out, tok, sorted_rows, rw_flat, _out_in(w_down, transposed), h, counts, n, act)
             dA_flags = {"store_a": store_a, "store_dh": need_dh, "store_part": need_rw, "in_place": True}
-            if act_grad_mode(act) == "fused":
-                a, dh, part = act_grad_backward(*dA_args, lora=da_lora, **dA_flags)
-            else:
-                ga = None
-                if rows_out is not None:
-                    ga = _torch_matmul_lora(rows_out, _out_in(w_down, transposed), plan, da_lora)  # [S, I]
-                a, dh, part = act_grad_backward_split(*dA_args, lora=da_lora if ga is None else None, ga=ga, **dA_flags)
-                del ga
+            ga = None
+            if rows_out is not None:
+                ga = _torch_matmul_lora(rows_out, _out_in(w_down, transposed), plan, da_lora)  # [S, I]
+            a, dh, part = act_grad_backward(*dA_args, lora=da_lora if ga is None else None, ga=ga, **dA_flags)
+            del ga
         inner, width = w_down.shape[1] if transposed else w_down.shape[2], h.shape[1]
         del h  # its last use; dh, when computed, lives in its storage (see forward)
 
