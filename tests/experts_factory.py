@@ -14,6 +14,10 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
+from moekit.backend import triton_blocker
+from moekit.layout import ExpertsCall, Projection
+from moekit.lora import LoraFactors
+
 FAMILIES = ("nemotron_h", "qwen3_moe", "gpt_oss")
 
 
@@ -98,3 +102,25 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().item()
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _factors(lora) -> LoraFactors | None:
+    """LoRA given to the test harnesses as None, (A, B), (A, B, scale) or ``LoraFactors``."""
+    return None if lora is None else LoraFactors(*lora)
+
+
+def call_engine(
+    engine, layout, plan, x, routing_weights, up_weight, up_bias, down_weight, down_bias, up_lora=None, down_lora=None
+):
+    """``engine(call, plan, x, routing_weights)`` (an engine's ``run`` or checked entry) on loose tensors."""
+    call = ExpertsCall(
+        layout,
+        Projection(up_weight, up_bias, _factors(up_lora)),
+        Projection(down_weight, down_bias, _factors(down_lora)),
+    )
+    return engine(call, plan, x, routing_weights)
+
+
+def supported(layout, x, up_lora=None, down_lora=None) -> bool:
+    """Whether the Triton engine covers this call (``moekit.backend.triton_blocker``)."""
+    return triton_blocker(x, layout, _factors(up_lora), _factors(down_lora)) is None

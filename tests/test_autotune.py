@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
-import os
 
 import pytest
 import torch
@@ -21,10 +20,12 @@ from triton_compare import assert_matches
 
 pytest.importorskip("triton")
 
+from moekit.backend import triton_available
+from moekit.engines.reference import experts_reference
+from moekit.engines.triton import experts_triton
 from moekit.kernels import tiling
 from moekit.kernels.tuning_cache import TuningCache
-from moekit.engines.reference import experts_reference
-from moekit.engines.triton import experts_triton, triton_available
+from moekit.options import OPTIONS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -43,8 +44,8 @@ _SPACES = {
 def tuning(monkeypatch, tmp_path):
     """Several configs per family, a timer that runs each candidate (twice) and prefers the last, empty choices
     and an empty cache directory; yields the list of timed calls."""
-    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("MOEKIT_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(OPTIONS, "cache_dir", str(tmp_path))
+    monkeypatch.setattr(OPTIONS, "pinned_config", None)
     for family, space in _SPACES.items():
         monkeypatch.setitem(tiling._SPACES[family], "interpret", space)
     countdown = itertools.count(1000, -1)
@@ -64,28 +65,20 @@ def tuning(monkeypatch, tmp_path):
 
 
 CASES = {
-    # name: (make_case kwargs, env, requires_grad)
-    "relu2-fused-lora": ({"layout": "relu2"}, {"MOEKIT_TRITON_LORA_GEMM": "fused"}, FROZEN_BASE),
-    "relu2-split-lora-fused-dA": (
-        {"layout": "relu2", "sentinel_fraction": 0.2},
-        {"MOEKIT_TRITON_LORA_GEMM": "split", "MOEKIT_TRITON_DA": "fused"}, FROZEN_BASE,
-    ),
-    "silu-split-lora-trainable": ({"layout": "silu_glu"}, {"MOEKIT_TRITON_LORA_GEMM": "split"}, ALL),
-    "gpt_oss-fused-dA-triton-gemms": (
-        {"layout": "gpt_oss", "ranks": (5, 80)},
-        {"MOEKIT_TRITON_DA": "fused", "MOEKIT_TRITON_PLAIN_GEMM": "triton"}, ALL,
-    ),
-    "silu-no-lora-fused-dA": (
-        {"layout": "silu_glu", "projections": ()}, {"MOEKIT_TRITON_DA": "fused"}, ALL,
-    ),
+    # name: (make_case kwargs, options, requires_grad)
+    "relu2-fused-lora": ({"layout": "relu2"}, {"lora_gemm": "fused"}, FROZEN_BASE),
+    "relu2-split-lora": ({"layout": "relu2", "sentinel_fraction": 0.2}, {"lora_gemm": "split"}, FROZEN_BASE),
+    "silu-split-lora-trainable": ({"layout": "silu_glu"}, {"lora_gemm": "split"}, ALL),
+    "gpt_oss-triton-gemms": ({"layout": "gpt_oss", "ranks": (5, 80)}, {"plain_gemm": "triton"}, ALL),
+    "silu-no-lora": ({"layout": "silu_glu", "projections": ()}, {}, ALL),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_first_call_equals_tuned_call(tuning, monkeypatch, name):
-    kwargs, env, requires_grad = CASES[name]
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    kwargs, options, requires_grad = CASES[name]
+    for key, value in options.items():
+        monkeypatch.setattr(OPTIONS, key, value)
     case = make_case(T=21, E=3, **kwargs)
     first = run(experts_triton, case, requires_grad)
     assert tuning, "no kernel tuned: the test does not exercise the tuner"
@@ -103,8 +96,7 @@ def test_first_call_equals_tuned_call(tuning, monkeypatch, name):
 
 def test_restore_is_needed(tuning, monkeypatch):
     """Mutation check: without restoring what the in-place kernels overwrite, the first call is wrong."""
-    monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", "split")
-    monkeypatch.setenv("MOEKIT_TRITON_DA", "fused")
+    monkeypatch.setattr(OPTIONS, "lora_gemm", "split")
     for kernel in tiling.Autotuned.registry:
         monkeypatch.setattr(kernel, "restore", ())
     case = make_case(layout="relu2", T=21, E=3)
@@ -150,14 +142,14 @@ def test_stale_and_corrupt_entries_are_retuned(tuning, tmp_path):
 
 
 def _writer(directory: str, worker: int, count: int) -> None:
-    os.environ["MOEKIT_CACHE_DIR"] = directory
+    OPTIONS.cache_dir = directory  # a forked child: its own copy of the options
     cache = TuningCache("gpu", "1.0")
     for i in range(count):
         cache.store(f"kernel{worker}|{i}", {"BLOCK_M": i})
 
 
 def test_concurrent_writers_keep_every_entry(monkeypatch, tmp_path):
-    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(OPTIONS, "cache_dir", str(tmp_path))
     context = multiprocessing.get_context("fork")
     workers = [context.Process(target=_writer, args=(str(tmp_path), w, 40)) for w in range(3)]
     for p in workers:

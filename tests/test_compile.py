@@ -24,8 +24,9 @@ import torch._dynamo.testing
 from experts_factory import make_experts, make_inputs, rel_err
 
 import moekit
-import moekit.grouped
 import moekit.engines.triton
+import moekit.grouped
+from moekit.options import OPTIONS
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -58,7 +59,7 @@ def _enable_first_before_torch_2_13(monkeypatch):
 @pytest.fixture(autouse=True)
 def _fresh_compiler(monkeypatch):
     """A clean dynamo cache per test (each builds new models), and the default engine choice."""
-    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    monkeypatch.setattr(OPTIONS, "backend", "")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -96,7 +97,9 @@ def _op_calls(graphs, packet) -> int:
 
 def _moekit_breaks(explanation) -> list[str]:
     """Graph-break reasons raised from moekit's own source."""
-    return [b.reason for b in explanation.break_reasons if any(f.filename.startswith(MOEKIT_SOURCE) for f in b.user_stack)]
+    return [
+        b.reason for b in explanation.break_reasons if any(f.filename.startswith(MOEKIT_SOURCE) for f in b.user_stack)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ whole models
@@ -123,7 +126,7 @@ def test_fullgraph_first_call_matches_eager(model_type, dtype):
 def test_fullgraph_triton_engine_on_gpu(monkeypatch, model_type, dtype, lora):
     """The same whole-model check on the GPU, every experts call on the Triton engine (MOEKIT_BACKEND=triton), full
     fine-tuning and LoRA on both expert projections, compiled before any eager call with fullgraph=True."""
-    monkeypatch.setenv("MOEKIT_BACKEND", "triton")
+    monkeypatch.setattr(OPTIONS, "backend", "triton")
     calls = []
     original = moekit.engines.triton.run
     monkeypatch.setattr(moekit.engines.triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -310,7 +313,9 @@ def test_bad_expert_id_raises_under_compile():
     x, index, weights = make_inputs(12, 32, 6, 2)
     with pytest.raises(ValueError, match="top_k_index holds expert id 9, outside \\[0, 6\\]"):
         fn(x, torch.full_like(index, 9), weights)  # compile-first with a bad id
-    _assert_module_matches(_module_step(module, fn, (x, index, weights)), _module_step(module, module, (x, index, weights)), 1e-5)
+    _assert_module_matches(
+        _module_step(module, fn, (x, index, weights)), _module_step(module, module, (x, index, weights)), 1e-5
+    )
     with pytest.raises(ValueError, match="top_k_index holds expert id -1"):
         fn(x, index.masked_fill(index == index[3, 1], -1), weights)
     other = make_inputs(21, 32, 6, 2, seed=4)
@@ -346,13 +351,13 @@ def test_custom_activation_runs_outside_the_graph():
 
 @pytest.mark.triton
 @pytest.mark.skipif(
-    torch.cuda.is_available() or not moekit.engines.triton.triton_available("cpu"),
+    torch.cuda.is_available() or not moekit.backend.triton_available("cpu"),
     reason="the Triton interpreter on the CPU (TRITON_INTERPRET=1)",
 )
 @pytest.mark.parametrize("family", ["nemotron_h", "gpt_oss"])
 def test_forced_triton_engine_under_compile(monkeypatch, family):
     """MOEKIT_BACKEND=triton: the op runs the Triton engine (interpreted), forward and backward recompute."""
-    monkeypatch.setenv("MOEKIT_BACKEND", "triton")
+    monkeypatch.setattr(OPTIONS, "backend", "triton")
     calls = []
     original = moekit.engines.triton.run
     monkeypatch.setattr(moekit.engines.triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))

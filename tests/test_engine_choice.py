@@ -14,16 +14,18 @@ import re
 
 import pytest
 import torch
-from experts_factory import Block, make_experts, make_inputs, rel_err, run_experts
+from experts_factory import Block, call_engine, make_experts, make_inputs, rel_err, run_experts, supported
 
 import moekit
 import moekit.backend
 import moekit.engines.triton
+import moekit.options
 from moekit.backend import experts_layout, select_engine
 from moekit.lora import LoraFactors
+from moekit.options import OPTIONS
 from moekit.plan import build_plan
 
-INTERPRETER = moekit.engines.triton.triton_available("cpu")
+INTERPRETER = moekit.backend.triton_available("cpu")
 needs_interpreter = pytest.mark.skipif(
     torch.cuda.is_available() or not INTERPRETER, reason="the Triton interpreter on the CPU (TRITON_INTERPRET=1)"
 )
@@ -52,7 +54,7 @@ def _softplus_experts(dtype=torch.float32):
 
 # ---------------------------------------------------------------------------------------------- default
 def test_default_on_the_cpu_is_the_reference_engine(monkeypatch, triton_calls):
-    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    monkeypatch.setattr(OPTIONS, "backend", "")
     module = make_experts("nemotron_h")
     assert select_engine(torch.randn(2, 32), experts_layout(module)) == "reference"
     run_experts(module, "moekit", *make_inputs(12, 32, 6, 2))
@@ -61,7 +63,7 @@ def test_default_on_the_cpu_is_the_reference_engine(monkeypatch, triton_calls):
 
 @pytest.mark.parametrize("case", ["float64", "custom_activation", "float64_lora"])
 def test_unforced_uncovered_calls_go_to_the_reference_engine(monkeypatch, case):
-    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    monkeypatch.setattr(OPTIONS, "backend", "")
     dtype = torch.float64 if case.startswith("float64") else torch.float32
     module = _softplus_experts(dtype) if case == "custom_activation" else make_experts("qwen3_moe", dtype=dtype)
     lora = LoraFactors(torch.randn(6, 2, 32, dtype=dtype), torch.randn(6, 48, 2, dtype=dtype), 0.5)
@@ -73,8 +75,12 @@ def test_unforced_uncovered_calls_go_to_the_reference_engine(monkeypatch, case):
 
 
 def test_bad_backend_name_is_refused(monkeypatch):
+    """A bad MOEKIT_BACKEND does not break ``import moekit``; the first engine choice raises it, in one line."""
     monkeypatch.setenv("MOEKIT_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="MOEKIT_BACKEND must be one of"):
+    options, error = moekit.options._initial()  # what ``import moekit`` does with this environment
+    assert options == moekit.options.Options() and isinstance(error, moekit.options.OptionsError)
+    monkeypatch.setattr(moekit.options, "_ENV_ERROR", error)
+    with pytest.raises(ValueError, match="^MOEKIT_BACKEND must be one of .*reference, triton; got 'cuda'$"):
         select_engine(torch.randn(2, 32), experts_layout(make_experts("qwen3_moe")))
 
 
@@ -88,7 +94,7 @@ def test_forced_triton_runs_on_the_cpu_through_the_model_path(monkeypatch, trito
     from peft import LoraConfig, get_peft_model
 
     def run(backend):
-        monkeypatch.setenv("MOEKIT_BACKEND", backend)
+        monkeypatch.setattr(OPTIONS, "backend", backend)
         module = make_experts(family, hidden=16, intermediate=8, num_experts=4)
         up = "gate_up_proj" if module.has_gate else "up_proj"
         targets = [f"experts.{up}", "experts.down_proj"]
@@ -135,7 +141,7 @@ def _forced_triton_error(module, dtype=torch.float32, up_lora=None):
     ],
 )
 def test_forced_triton_that_cannot_run_raises_naming_why(monkeypatch, case, reason):
-    monkeypatch.setenv("MOEKIT_BACKEND", "triton")
+    monkeypatch.setattr(OPTIONS, "backend", "triton")
     dtype = torch.float64 if case == "float64" else torch.float32
     module = _softplus_experts() if case == "custom_activation" else make_experts("qwen3_moe", dtype=dtype)
     module.config._experts_implementation = "moekit"
@@ -162,9 +168,19 @@ def test_experts_triton_called_directly_never_falls_back(triton_calls):
     x, index, weights = make_inputs(6, 32, 6, 2, dtype=torch.float64)
     up, down = module.gate_up_proj, module.down_proj
     with pytest.raises(RuntimeError, match="the Triton engine cannot run this call: hidden_states is torch.float64"):
-        moekit.engines.triton.experts_triton(experts_layout(module), build_plan(index, 6), x, weights, up, None, down, None)
-    assert not moekit.engines.triton.supported(experts_layout(module), x)
-    assert moekit.engines.triton.supported(experts_layout(module), x.float())
+        call_engine(
+            moekit.engines.triton.experts_triton,
+            experts_layout(module),
+            build_plan(index, 6),
+            x,
+            weights,
+            up,
+            None,
+            down,
+            None,
+        )
+    assert not supported(experts_layout(module), x)
+    assert supported(experts_layout(module), x.float())
 
 
 # ---------------------------------------------------------------------------------------------- autocast
@@ -172,7 +188,7 @@ def test_experts_triton_called_directly_never_falls_back(triton_calls):
 def test_autocast_output_dtype_follows_grouped_mm(monkeypatch, family):
     """bf16 hidden states, fp32 weights, CPU autocast: like transformers' grouped_mm, the GEMMs run in the weights'
     dtype (fp32) and the output comes back in bf16; values and the hidden-state gradient match grouped_mm's."""
-    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    monkeypatch.setattr(OPTIONS, "backend", "")
     module = make_experts(family, hidden=32, intermediate=24, num_experts=6)
     x, index, weights = make_inputs(20, 32, 6, 2, dtype=torch.bfloat16, weights_dtype=torch.float32)
     upstream = torch.randn(20, 32, generator=torch.Generator().manual_seed(5))
@@ -193,4 +209,4 @@ def test_autocast_output_dtype_follows_grouped_mm(monkeypatch, family):
     # The GEMMs ran in fp32: the output is the fp32 computation rounded once, not a bf16 computation.
     module.config._experts_implementation = "moekit"
     exact = module(x.float(), index, weights)
-    assert rel_err(out.float(), exact) <= 2 ** -8
+    assert rel_err(out.float(), exact) <= 2**-8

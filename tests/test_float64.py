@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from experts_factory import FAMILIES, Block, make_experts, make_inputs, rel_err, run_experts
+from experts_factory import FAMILIES, Block, call_engine, make_experts, make_inputs, rel_err, run_experts
 from tiny_models import torch_threads
 
 import moekit  # noqa: F401  (registers the "moekit" experts implementation)
 from moekit.activations import ELEMENTWISE, Activation, accumulation_dtype
+from moekit.engines.reference import combine, experts_reference
 from moekit.grouped import segment_sum
+from moekit.layout import ExpertsLayout
 from moekit.lora import LoraFactors
 from moekit.plan import build_plan
-from moekit.engines.reference import ExpertsLayout, combine, experts_reference
 
 F64 = torch.float64
 
@@ -142,6 +143,6 @@ def test_gradcheck_reference_engine(act, transposed, bias, lora):
                 "up_lora": LoraFactors(named["up_a"], named["up_b"], 1.5),
                 "down_lora": LoraFactors(named["down_a"], named["down_b"], 0.5),
             }
-        return experts_reference(layout, plan, *base, **factors)
+        return call_engine(experts_reference, layout, plan, *base, **factors)
 
     assert torch.autograd.gradcheck(layer, [tensors[k] for k in keys])

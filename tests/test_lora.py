@@ -51,8 +51,9 @@ def _no_delta_weight():
     def refuse(*args, **kwargs):
         raise AssertionError("ΔW was requested on the moekit path")
 
-    with mock.patch.object(ParamWrapper, "get_delta_weight", refuse), mock.patch.object(
-        ParamWrapper, "get_delta_factors", refuse
+    with (
+        mock.patch.object(ParamWrapper, "get_delta_weight", refuse),
+        mock.patch.object(ParamWrapper, "get_delta_factors", refuse),
     ):
         yield
 
@@ -77,7 +78,9 @@ def test_lora_matches_peft_and_builds_no_delta_weight(family, rank, monkeypatch)
     theirs = _forward_backward(model, experts, "eager", inputs)
     weight_grad_calls = []
     original = moekit.engines.reference._weight_grad
-    monkeypatch.setattr(moekit.engines.reference, "_weight_grad", lambda *a: weight_grad_calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        moekit.engines.reference, "_weight_grad", lambda *a: weight_grad_calls.append(1) or original(*a)
+    )
     with _no_delta_weight():
         ours = _forward_backward(model, experts, "moekit", inputs)
     assert rel_err(ours[0], theirs[0]) <= 2e-5
@@ -164,20 +167,22 @@ def test_enable_before_get_peft_model():
     experts = make_experts("qwen3_moe")
     block = Block(experts)
     experts.config._experts_implementation = "moekit"
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=_targets(experts), init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=[], target_parameters=_targets(experts), init_lora_weights=False
+    )
     model = get_peft_model(block, config)
     calls = []
-    original = moekit.backend.experts_reference
+    original = moekit.engines.reference.run
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["up_lora"] is not None and kwargs["down_lora"] is not None)
+        calls.append(args[0].up.lora is not None and args[0].down.lora is not None)
         return original(*args, **kwargs)
 
-    moekit.backend.experts_reference = spy
+    moekit.engines.reference.run = spy
     try:
         model(*make_inputs(10, 32, 6, 2))
     finally:
-        moekit.backend.experts_reference = original
+        moekit.engines.reference.run = original
     assert calls == [True]
 
 

@@ -31,6 +31,8 @@ from transformers import AutoModelForCausalLM
 
 import moekit
 import moekit.backend
+import moekit.engines.reference
+from moekit.options import OPTIONS
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -45,7 +47,7 @@ BF16_BATCH_SEEDS = range(10)
 def _cpu_reference_setup():
     """One torch thread (see tiny_models.torch_threads); the models are on the CPU, so no engine is forced."""
     with tm.torch_threads(1), pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOEKIT_BACKEND", raising=False)
+        mp.setattr(OPTIONS, "backend", "")
         yield
 
 
@@ -58,13 +60,13 @@ def _cpu_reference_setup():
 def moekit_calls(monkeypatch) -> list[tuple[bool, bool]]:
     """Every call into moekit's engine, as (got up-projection LoRA, got down-projection LoRA)."""
     calls: list[tuple[bool, bool]] = []
-    original = moekit.backend.experts_reference
+    original = moekit.engines.reference.run
 
     def spy(*args, **kwargs):
-        calls.append((kwargs.get("up_lora") is not None, kwargs.get("down_lora") is not None))
+        calls.append((args[0].up.lora is not None, args[0].down.lora is not None))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(moekit.backend, "experts_reference", spy)
+    monkeypatch.setattr(moekit.engines.reference, "run", spy)
     return calls
 
 

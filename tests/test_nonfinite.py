@@ -26,15 +26,18 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from experts_factory import Block, make_experts
+from experts_factory import Block, call_engine, make_experts
 from tiny_models import torch_threads
 from transformers.activations import ACT2FN
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from moekit.activations import ELEMENTWISE, Activation
+from moekit.backend import triton_available
+from moekit.engines.reference import experts_reference
+from moekit.engines.triton import experts_triton
+from moekit.layout import ExpertsLayout
+from moekit.options import OPTIONS
 from moekit.plan import build_plan
-from moekit.engines.reference import ExpertsLayout, experts_reference
-from moekit.engines.triton import experts_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAN, INF = float("nan"), float("inf")
@@ -46,7 +49,6 @@ try:
     import triton
     import triton.language as tl
 
-    from moekit.kernels import tiling
     from moekit.kernels.activation import act_backward, act_fn, gated_backward, gated_forward
 except ImportError:  # the reference-engine tests run without triton
     triton = None
@@ -57,7 +59,7 @@ def _setup(monkeypatch):
     # NaN-poisoned kernel outputs (tests/test_triton_engine.py) would read as propagated NaN here; one torch
     # thread: these shapes are tiny (see tiny_models.torch_threads)
     if triton is not None:
-        monkeypatch.setattr(tiling, "POISON_OUTPUTS", False)
+        monkeypatch.setattr(OPTIONS, "poison_outputs", False)
     with torch_threads(1):
         yield
 
@@ -223,7 +225,7 @@ def run(fn, case):
     if fn is eager:
         out = eager(case["layout"], index, *base, **lora)
     else:
-        out = fn(case["layout"], build_plan(index, base[2].shape[0]), *base, **lora)
+        out = call_engine(fn, case["layout"], build_plan(index, base[2].shape[0]), *base, **lora)
     out.backward(case["grad_out"].to(DEVICE, out.dtype))
     results = {"out": out.detach()}
     results.update({key: t.grad for key, t in leaves.items() if t is not None})
@@ -328,22 +330,12 @@ def test_triton_like_eager(name):
 _MODE_SCENARIOS = {key: SCENARIOS[key] for key in ("nan_token", "nan_down_weight", "sentinels_next_to_nan")}
 
 
-@pytest.mark.parametrize(
-    "env",
-    [
-        {"MOEKIT_TRITON_DA": "fused", "MOEKIT_TRITON_PLAIN_GEMM": "triton"},
-        {"MOEKIT_TRITON_DA": "split", "MOEKIT_TRITON_PLAIN_GEMM": "triton", "MOEKIT_TRITON_WGRAD": "gather"},
-    ],
-    ids=["fused_dA", "split_dA_gather"],
-)
 @pytest.mark.parametrize("name", ["relu2", "relu_glu_interleaved", "clamped_glu"])
 @pytest.mark.triton
 @needs_triton
-def test_triton_backward_modes_like_eager(monkeypatch, name, env):
-    """The other backward paths (default: split dA, grouped_mm where it runs): fused dA epilogue, every GEMM on
-    Triton, weight gradients gathering their rows."""
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def test_triton_backward_modes_like_eager(monkeypatch, name):
+    """The other backward path (default: grouped_mm where it runs): every GEMM on the Triton kernels."""
+    monkeypatch.setattr(OPTIONS, "plain_gemm", "triton")
     check(experts_triton, name, _MODE_SCENARIOS)
 
 
@@ -360,7 +352,7 @@ _LORA_SCENARIOS = {
 @needs_triton
 def test_triton_lora_like_eager(monkeypatch, name, lora_gemm):
     """LoRA fused into the GEMMs, or split (base product on grouped_mm where it runs, LoRA added in place)."""
-    monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", lora_gemm)
+    monkeypatch.setattr(OPTIONS, "lora_gemm", lora_gemm)
     check(experts_triton, name, _LORA_SCENARIOS, lora=True)
 
 
@@ -545,12 +537,13 @@ def test_backend_like_eager(family, scenario, lora):
 @pytest.mark.parametrize("family", ["nemotron_h", "qwen3_moe", "gpt_oss"])
 def test_oracle_is_transformers_eager(family):
     """``eager`` above is transformers' own eager forward: same output and gradients, NaN pattern included."""
-    from moekit.backend import _projection_params, experts_layout
+    from moekit.layout import experts_layout, projections
 
     experts, x, index, rw = _backend_case(family, "nan_token", torch.Generator().manual_seed(1))
     experts.to(DEVICE)
     theirs = _backend_run(experts, experts, "eager", x, index, rw)
-    params = [None if p is None else p.detach().cpu() for p in _projection_params(experts)]
+    up, down = projections(experts)
+    params = [None if p is None else p.detach().cpu() for p in (up.weight, up.bias, down.weight, down.bias)]
     case = {
         "layout": experts_layout(experts), "index": index, "dtype": torch.float32,
         "tensors": {"x": x, "routing_weights": rw, **dict(zip(TENSORS[2:], params))},

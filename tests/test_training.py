@@ -22,6 +22,8 @@ from peft.tuners.lora.layer import ParamWrapper
 
 import moekit
 import moekit.backend
+import moekit.engines.reference
+from moekit.options import OPTIONS
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_* renamed in 5.2x
 
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_che
 def _cpu_reference_setup():
     """One torch thread (see tiny_models.torch_threads); the models are on the CPU, so no engine is forced."""
     with tm.torch_threads(1), pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MOEKIT_BACKEND", raising=False)
+        mp.setattr(OPTIONS, "backend", "")
         yield
 
 
@@ -40,14 +42,14 @@ class EngineCalls:
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.count = 0
         self.with_lora = 0
-        original = moekit.backend.experts_reference
+        original = moekit.engines.reference.run
 
         def spy(*args, **kwargs):
             self.count += 1
-            self.with_lora += kwargs.get("up_lora") is not None and kwargs.get("down_lora") is not None
+            self.with_lora += args[0].up.lora is not None and args[0].down.lora is not None
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(moekit.backend, "experts_reference", spy)
+        monkeypatch.setattr(moekit.engines.reference, "run", spy)
         for name in ("get_delta_weight", "get_delta_factors"):
 
             def forbidden(self, *args, _name=name, **kwargs):

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from experts_factory import call_engine
 from triton_compare import assert_matches
 
 triton = pytest.importorskip("triton")
 
 from moekit import kernels
 from moekit.activations import ELEMENTWISE, Activation
+from moekit.backend import triton_available
+from moekit.engines.reference import experts_reference
+from moekit.engines.triton import ExpertsTritonFunction, experts_triton
 from moekit.grouped import grouped_matmul, grouped_outer, grouped_outer_runs
 from moekit.kernels import tiling
+from moekit.layout import ExpertsLayout
+from moekit.options import OPTIONS
 from moekit.plan import build_plan
-from moekit.engines.reference import ExpertsLayout, experts_reference
-from moekit.engines.triton import ExpertsTritonFunction, experts_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -40,7 +44,7 @@ CLAMPED = Activation("clamped_glu", None, False, alpha=1.702, limit=0.7)  # low 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(tiling, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(OPTIONS, "poison_outputs", True)
 
 
 def _routing(num_tokens, num_experts, top_k, generator, sentinel_fraction=0.0, one_expert=None):
@@ -87,7 +91,7 @@ def run(fn, case, dtype=None, requires_grad=(True,) * 6):
         if dtype is not None:
             t = t.to(dtype)
         leaves.append(t.requires_grad_(req))
-    out = fn(case["layout"], case["plan"], *leaves)
+    out = call_engine(fn, case["layout"], case["plan"], *leaves)
     grad_out = case["grad_out"] if dtype is None else case["grad_out"].to(dtype)
     if out.requires_grad:
         out.backward(grad_out)
@@ -130,7 +134,7 @@ def test_bf16(monkeypatch, name, plain):
     and on the Triton kernel (both in its epilogue). I = 24: bf16 rows of a are 48 bytes, aligned for grouped_mm."""
     import moekit.engines.triton as engine
 
-    monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", plain)
+    monkeypatch.setattr(OPTIONS, "plain_gemm", plain)
     matmuls = []
     monkeypatch.setattr(engine, "grouped_matmul", lambda *args: matmuls.append(1) or grouped_matmul(*args))
     act, transposed, bias = ACTIVATIONS[name]
@@ -143,30 +147,26 @@ def test_bf16(monkeypatch, name, plain):
     assert bool(matmuls) == (plain == "torch" and grouped_outer_runs(probe, probe))
 
 
-@pytest.mark.parametrize("plain, wgrad", [("triton", "copy"), ("triton", "gather"), ("torch", "copy")])
-@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("plain", ["triton", "torch"])
 @pytest.mark.parametrize("name", ["relu2", "silu_glu_interleaved", "clamped_glu"])
-def test_backward_modes(monkeypatch, mode, plain, wgrad, name):
-    """Every way of running the backward matches the reference: dA fused in the GEMM epilogue or GEMM + an
-    elementwise pass (MOEKIT_TRITON_DA); weight gradients by the Triton kernel from plan-ordered row copies or
-    gathered rows (MOEKIT_TRITON_WGRAD), or, with dX and the forward's down-projection, by torch's grouped_mm
-    (MOEKIT_TRITON_PLAIN_GEMM; then the combine applies the routing weights and the down bias)."""
+def test_backward_modes(monkeypatch, plain, name):
+    """Every way of running the backward matches the reference: every GEMM on the Triton kernels, or, where it
+    runs, the plain GEMMs (the forward's down-projection, dA's GEMM from the dOut row copy, both weight gradients,
+    dX) on torch's grouped_mm (``OPTIONS.plain_gemm``; then the combine applies the routing weights and the down
+    bias)."""
     import moekit.engines.triton as engine
 
-    monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
-    monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
-    monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", plain)
+    monkeypatch.setattr(OPTIONS, "plain_gemm", plain)
     calls = []
     monkeypatch.setattr(engine, "grouped_outer", lambda *args: calls.append("outer") or grouped_outer(*args))
     monkeypatch.setattr(engine, "grouped_matmul", lambda *args: calls.append("matmul") or grouped_matmul(*args))
     act, transposed, bias = ACTIVATIONS[name]
     assert_close(make_case(T=17, E=3, K=2, act=act, transposed=transposed, bias=bias, sentinel_fraction=0.2), 1e-5)
     # where grouped_mm runs (CPU builds of torch >= 2.10 have it), the forward's down-projection, both weight
-    # gradients, dX and (split mode) dA's GEMM went through it
+    # gradients, dX and dA's GEMM went through it
     probe = torch.ones(8, 8, device=DEVICE)
     torch_runs = plain == "torch" and grouped_outer_runs(probe, probe)
-    matmuls = ["matmul"] * (3 if mode == "split" else 2)
-    assert sorted(calls) == (matmuls + ["outer", "outer"] if torch_runs else [])
+    assert sorted(calls) == (["matmul"] * 3 + ["outer", "outer"] if torch_runs else [])
 
 
 def test_fp16_routing_weights_fp32():
@@ -322,8 +322,9 @@ def test_forward_saves_no_row_sized_output():
     case = make_case(T=12, H=40, I=8, E=3, K=2, act=_act("relu2"))
     leaves = [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
     out = ExpertsTritonFunction.apply(
-        case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None
-    )
+        case["layout"], case["plan"], (1.0, 1.0), leaves[0], leaves[1], leaves[2], None, None, None, leaves[3], None,
+        None, None,
+    )  # fmt: skip
     saved = [t for t in out.grad_fn.saved_tensors if t is not None]
     n, hidden = case["plan"].num_rows, 40
     assert not any(t.dim() == 2 and tuple(t.shape) == (n, hidden) for t in saved)
@@ -419,10 +420,10 @@ def test_chunk_table_kernel_matches_torch(num_experts):
 
 @pytest.mark.parametrize("name", ["relu2", "silu_glu_concat", "silu_glu_interleaved"])
 def test_act_grad_in_place_and_given_ga_match(name):
-    """dA written over its inputs (dh over h; split: w * a over ga) gives bit-identical results to fresh buffers
-    (poisoned, so every element must be written), and split mode with ga computed by the caller (grouped_mm on
-    the plan-ordered dOut rows) matches the gathered Triton GEMM."""
-    from moekit.kernels.act_grad import act_grad_backward, act_grad_backward_split
+    """dA written over its inputs (dh over h, w * a over ga) gives bit-identical results to fresh buffers
+    (poisoned, so every element must be written), and ga computed by the caller (grouped_mm on the plan-ordered
+    dOut rows) matches the gathered Triton GEMM."""
+    from moekit.kernels.act_grad import act_grad_backward
 
     act = ACTIVATIONS[name][0]
     case = make_case(T=19, H=24, I=20, E=3, K=2, act=act, sentinel_fraction=0.2, seed=5)
@@ -433,42 +434,40 @@ def test_act_grad_in_place_and_given_ga_match(name):
     args = (case["grad_out"], tok, plan.sorted_rows, rw.reshape(-1), down, None, counts, n, layout.activation)
     with_h = lambda h_in: args[:5] + (h_in,) + args[6:]
     routed = plan.num_routed
-    for fn in (act_grad_backward, act_grad_backward_split):
-        fresh = fn(*with_h(h.clone()))
-        consumed = h.clone()
-        reused = fn(*with_h(consumed), in_place=True)
-        assert reused[1].data_ptr() == consumed.data_ptr()
-        for got, want in zip(reused, fresh):
-            assert torch.isfinite(want[:routed]).all()
-            assert torch.equal(got[:routed], want[:routed])
+    fresh = act_grad_backward(*with_h(h.clone()))
+    consumed = h.clone()
+    reused = act_grad_backward(*with_h(consumed), in_place=True)
+    assert reused[1].data_ptr() == consumed.data_ptr()
+    for got, want in zip(reused, fresh):
+        assert torch.isfinite(want[:routed]).all()
+        assert torch.equal(got[:routed], want[:routed])
     rows = case["grad_out"].index_select(0, tok)
     ga = grouped_matmul(rows, down, plan)
-    given = act_grad_backward_split(*with_h(h.clone()), ga=ga.clone())
-    fresh = act_grad_backward_split(*with_h(h.clone()))
+    given = act_grad_backward(*with_h(h.clone()), ga=ga.clone())
     for got, want in zip(given, fresh):
         assert (got[:routed].float() - want[:routed].float()).abs().max() <= 1e-5 * want[:routed].abs().max()
 
 
-@pytest.mark.parametrize("mode", ["fused", "split"])
-def test_backward_reuses_the_pre_activation_for_dh(monkeypatch, mode):
+def test_backward_reuses_the_pre_activation_for_dh(monkeypatch):
     """The dA kernel writes dL/dh over the cached pre-activation h [S, W] (in place), so the backward's peak (dh
     beside dxs [S, H]) holds no second [S, W] buffer: dX's GEMM reads dh from h's storage. A second backward over
     the same graph (retain_graph=True) raises a clear error instead of reading the overwritten h."""
     import moekit.engines.triton as engine
 
-    monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
     case = make_case(T=12, E=3, act=_act("silu", "glu", True))
     leaves = [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
-    out = experts_triton(case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None)
+    out = call_engine(
+        experts_triton, case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None
+    )
     h_storage = out.grad_fn.pre_activation.untyped_storage().data_ptr()
     dx_gemm_rows = []
-    original = engine._torch_matmul
+    original = engine.grouped_matmul
 
     def spy(rows, weight, plan):
         dx_gemm_rows.append(rows.untyped_storage().data_ptr())
         return original(rows, weight, plan)
 
-    monkeypatch.setattr(engine, "_torch_matmul", spy)
+    monkeypatch.setattr(engine, "grouped_matmul", spy)
     out.backward(case["grad_out"], retain_graph=True)
     assert dx_gemm_rows[-1] == h_storage  # dX = dh @ W_up[e]ᵀ, the backward's last GEMM
     assert leaves[0].grad is not None and torch.isfinite(leaves[0].grad).all()

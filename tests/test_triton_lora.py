@@ -4,7 +4,7 @@ LoRA factors per projection: A [E, R, in], B [E, out, R] with the scaling folded
 concatenated along R), a pair both engines take; and, as the backend passes them, PEFT's own fp32 parameters
 viewed per expert with a scale (``LoraFactors``, the PEFT-layout and PEFT-model tests). Forward output and every gradient (x, routing
 weights, A and B of both projections, base weights and biases when trainable) are compared; every buffer the
-kernels must fill is NaN-poisoned (``MOEKIT_TRITON_POISON``), so an unwritten element shows up as NaN.
+kernels must fill is NaN-poisoned (``OPTIONS.poison_outputs``), so an unwritten element shows up as NaN.
 
 Runs natively on a GPU or under TRITON_INTERPRET=1 on the CPU (conftest sets it); shapes are tiny. bf16 under the
 interpreter: ``tl.dot`` tiles are upcast to fp32 and fp32 -> bf16 casts round by hand (see
@@ -17,16 +17,19 @@ import copy
 
 import pytest
 import torch
+from experts_factory import call_engine, supported
 from triton_compare import assert_matches
 
 triton = pytest.importorskip("triton")
 
 from moekit import kernels
 from moekit.activations import ELEMENTWISE, Activation
-from moekit.kernels import tiling
+from moekit.backend import triton_available
+from moekit.engines.reference import experts_reference
+from moekit.engines.triton import experts_triton
+from moekit.layout import ExpertsLayout
+from moekit.options import OPTIONS
 from moekit.plan import build_plan
-from moekit.engines.reference import ExpertsLayout, experts_reference
-from moekit.engines.triton import experts_triton, supported, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [
@@ -50,7 +53,7 @@ LAYOUTS = {
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(tiling, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(OPTIONS, "poison_outputs", True)
 
 
 def make_case(layout="silu_glu", ranks=(8,), T=13, H=24, I=20, E=4, K=2, dtype=torch.float32, seed=0,
@@ -105,7 +108,9 @@ def run(fn, case, requires_grad=FROZEN_BASE, dtype=None):
     x, rw, up, up_b, down, down_b, up_a, up_bl, down_a, down_bl = leaves
     up_lora = (up_a, up_bl) if up_a is not None else None
     down_lora = (down_a, down_bl) if down_a is not None else None
-    out = fn(case["layout"], case["plan"], x, rw, up, up_b, down, down_b, up_lora=up_lora, down_lora=down_lora)
+    out = call_engine(
+        fn, case["layout"], case["plan"], x, rw, up, up_b, down, down_b, up_lora=up_lora, down_lora=down_lora
+    )
     if out.requires_grad:
         out.backward(case["grad_out"].to(out.dtype))
     return [out.detach()] + [None if t is None or not t.requires_grad else t.grad for t in leaves]
@@ -154,7 +159,7 @@ def test_bf16(layout):
 @pytest.mark.parametrize("mode", ["split", "fused", "auto"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
-    """MOEKIT_TRITON_LORA_GEMM: "split" runs the big GEMMs' base product on grouped_mm and adds the LoRA term
+    """``OPTIONS.lora_gemm``: "split" runs the big GEMMs' base product on grouped_mm and adds the LoRA term
     in place (forward down-projection, dX, and with a trainable base dA's GEMM); "fused" keeps both in one
     Triton kernel; "auto" splits from a reduction size (here lowered to 25, so only the dX GEMM of gated layouts,
     K = 2I = 48, splits). All match the reference, frozen base and trainable base."""
@@ -168,7 +173,7 @@ def test_lora_gemm_modes(monkeypatch, layout, mode, dtype):
         return real(*args)
 
     monkeypatch.setattr(kernels, "lora_add", spy)
-    monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", mode)
+    monkeypatch.setattr(OPTIONS, "lora_gemm", mode)
     monkeypatch.setattr(engine, "SPLIT_LORA_MIN_K", 25)
     fp32 = dtype == torch.float32
     # I = 24: bf16 rows of 48 bytes, which grouped_mm takes (16-byte multiples)
@@ -242,7 +247,7 @@ def test_dx_comes_before_the_up_projection_gradients(monkeypatch, requires_grad)
 
     monkeypatch.setattr(kernels, "combine", combine)
     monkeypatch.setattr(kernels, "weight_grad", weight_grad)
-    monkeypatch.setenv("MOEKIT_TRITON_PLAIN_GEMM", "triton")  # every weight gradient through weight_grad
+    monkeypatch.setattr(OPTIONS, "plain_gemm", "triton")  # every weight gradient through weight_grad
     case = make_case("silu_glu", ranks=(8,), seed=4)
     assert_close(case, 1e-5, requires_grad=requires_grad)
     E, H, I, R = 4, 24, 20, 8
@@ -250,7 +255,9 @@ def test_dx_comes_before_the_up_projection_gradients(monkeypatch, requires_grad)
     backward = events[events.index("combine") + 1 :]  # after the forward's combine
     dx = backward.index("combine")
     assert not up_shapes & set(backward[:dx]), backward
-    assert up_shapes & set(backward[dx:]) == (up_shapes if requires_grad[2] else up_shapes - {f"weight_grad {(E, 2 * I, H)}"})
+    assert up_shapes & set(backward[dx:]) == (
+        up_shapes if requires_grad[2] else up_shapes - {f"weight_grad {(E, 2 * I, H)}"}
+    )
 
 
 def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
@@ -323,15 +330,11 @@ def test_all_sentinels_and_zero_tokens():
 
 
 def test_backward_modes(monkeypatch):
-    """dA fused in the GEMM epilogue and split, weight gradients from copies and from gathered rows, the LoRA
-    tiles loaded before the main loop (one rank step) or in a loop over R after it, the big LoRA GEMMs split onto
-    grouped_mm or fused."""
-    combos = (("fused", "gather", "0", "fused"), ("split", "copy", "1", "split"), ("fused", "copy", "1", "split"))
-    for mode, wgrad, preload, lora_gemm in combos:
-        monkeypatch.setenv("MOEKIT_TRITON_DA", mode)
-        monkeypatch.setenv("MOEKIT_TRITON_WGRAD", wgrad)
-        monkeypatch.setenv("MOEKIT_TRITON_LORA_PRELOAD", preload)
-        monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", lora_gemm)
+    """Every GEMM on the Triton kernels or the plain ones on grouped_mm, the big LoRA GEMMs split onto grouped_mm
+    or fused."""
+    for plain, lora_gemm in (("triton", "fused"), ("torch", "split"), ("torch", "fused")):
+        monkeypatch.setattr(OPTIONS, "plain_gemm", plain)
+        monkeypatch.setattr(OPTIONS, "lora_gemm", lora_gemm)
         assert_close(make_case("gpt_oss", ranks=(16,), T=17, E=3, seed=8, sentinel_fraction=0.2), 1e-5, ALL)
 
 
@@ -353,7 +356,7 @@ def test_factors_in_peft_layout_fp32_with_a_scale(transposed_layout, lora_gemm, 
     autograd ops."""
     from moekit.lora import LoraFactors
 
-    monkeypatch.setenv("MOEKIT_TRITON_LORA_GEMM", lora_gemm)
+    monkeypatch.setattr(OPTIONS, "lora_gemm", lora_gemm)
 
     layout = "gpt_oss" if transposed_layout else "silu_glu"
     case = make_case(layout, ranks=(8,), T=21, dtype=torch.bfloat16, seed=12, limit=7.0 if transposed_layout else None)
@@ -375,7 +378,7 @@ def test_factors_in_peft_layout_fp32_with_a_scale(transposed_layout, lora_gemm, 
         x.requires_grad_(True)
         factors = [LoraFactors(a.view(E, R, -1), b.view(b.shape[0], R, E).permute(2, 0, 1), scale)
                    for a, b in (leaves[:2], leaves[2:])]  # fmt: skip
-        out = fn(case["layout"], case["plan"], x, rw, up, up_b, down, down_b, *factors)
+        out = call_engine(fn, case["layout"], case["plan"], x, rw, up, up_b, down, down_b, *factors)
         out.backward(cast(case["grad_out"]))
         return [out, x.grad] + [p.grad for p in leaves]
 

@@ -1,14 +1,14 @@
 """moekit: fast, correct Mixture-of-Experts expert layers for Hugging Face transformers.
 
 ``import moekit`` registers the experts backend "moekit" in transformers' experts interface and hooks PEFT's
-parameter-LoRA wrapper (a no-op for modules not on moekit). ``moekit.enable(model)`` selects it everywhere.
+parameter-LoRA wrapper (a no-op for modules not on moekit) when PEFT is imported, without importing it. ``moekit.enable(model)`` selects it everywhere.
 """
 
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .backend import moekit_experts_forward
 from .enable import enable, experts_modules
-from .lora import BACKEND_NAME, install_peft_hook
+from .lora import BACKEND_NAME, hook_peft_when_imported
 from .plan import raise_pending_routing_errors
 
 __version__ = "0.1.0"
@@ -22,4 +22,4 @@ __all__ = [
 ]
 
 ALL_EXPERTS_FUNCTIONS.register(BACKEND_NAME, moekit_experts_forward)
-install_peft_hook()
+hook_peft_when_imported()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .backend import experts_layout
-from .lora import BACKEND_NAME, install_peft_hook
+from .layout import experts_layout
+from .lora import BACKEND_NAME
 
 
 def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -19,7 +19,6 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
     Works on a transformers model or a PEFT model, before or after ``peft.get_peft_model``: PEFT LoRA on
     ``target_parameters`` is then applied from its factors, never as W + ΔW. Idempotent; returns ``model``.
     """
-    install_peft_hook()
     modules = experts_modules(model)
     if not modules:
         raise ValueError(

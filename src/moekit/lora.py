@@ -16,6 +16,9 @@ them for transposed parameters so this holds for gpt-oss too):
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any, NamedTuple
 
 import torch
@@ -69,6 +72,9 @@ def _passthrough_forward(original_forward):
     return forward
 
 
+_PEFT_LAYER = "peft.tuners.lora.layer"  # where ParamWrapper lives
+
+
 def install_peft_hook() -> bool:
     """Install the pass-through on PEFT's ParamWrapper (idempotent). Returns False when PEFT is absent."""
     try:
@@ -80,12 +86,40 @@ def install_peft_hook() -> bool:
     return True
 
 
+class _HookOnPeftImport(importlib.abc.MetaPathFinder):
+    """Installs the pass-through right after PEFT's LoRA layers are imported, so ``import moekit`` does not import
+    PEFT (seconds of import time) for users who never use it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _PEFT_LAYER:
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the module
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_hook(module):
+                exec_module(module)
+                install_peft_hook()
+
+            spec.loader.exec_module = exec_then_hook
+        return spec
+
+
+def hook_peft_when_imported() -> None:
+    """``install_peft_hook`` now if PEFT's LoRA layers are loaded, else as soon as they are."""
+    if _PEFT_LAYER in sys.modules:
+        install_peft_hook()
+    elif not any(isinstance(finder, _HookOnPeftImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _HookOnPeftImport())
+
+
 class LoraFactors(NamedTuple):
     """One projection's LoRA, ``y += scale · (x A[e]ᵀ) B[e]ᵀ`` for expert e.
 
     ``a`` [E, R, in] and ``b`` [E, out, R] may be views of PEFT's parameters in their own dtype and strides
     (B's experts are strided by 1 in PEFT's layout): each engine makes the small operand copies it needs inside
-    its own autograd Function, so the step pays no per-factor autograd ops. A plain (A, B) pair means scale 1.
+    its own autograd Function, so the step pays no per-factor autograd ops.
     """
 
     a: Tensor
@@ -97,11 +131,6 @@ class LoraFactors(NamedTuple):
         engine's operands."""
         factor_b = self.b if self.scale == 1.0 else self.b * self.scale
         return self.a.to(dtype), factor_b.to(dtype).contiguous()
-
-
-def as_lora_factors(lora: tuple | None) -> LoraFactors | None:
-    """A ``LoraFactors`` from a (A, B) or (A, B, scale) tuple (None stays None)."""
-    return None if lora is None else LoraFactors(*lora)
 
 
 def _adapter_factors(wrapper, adapter: str, num_experts: int) -> LoraFactors:

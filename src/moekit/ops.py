@@ -5,7 +5,7 @@ AOTAutograd then see one op, ``moekit::experts``, in the forward graph and one, 
 backward graph; their fake implementations give only shapes and dtypes. The engines read the host (the dispatch
 plan's per-expert counts, the CPU range check, the reference engine's per-expert loops), which cannot be traced
 without graph breaks; inside the ops they run eagerly, exactly as without compile: the implementation builds the
-plan, picks the engine (``backend.select_engine``, so MOEKIT_BACKEND is read at run time) and runs it. The range
+plan, picks the engine (``backend.select_engine``, at run time) and runs it. The range
 check therefore keeps its behaviour (a ValueError at once on the CPU, reported by a later call on a GPU).
 
 Cost: the forward op saves only its inputs (hidden states, routing, weights, LoRA factors) and no activation; the
@@ -24,7 +24,7 @@ import functools
 import torch
 
 from .activations import ELEMENTWISE, Activation
-from .engines.reference import ExpertsLayout
+from .layout import ExpertsCall, ExpertsLayout, Projection
 from .lora import LoraFactors
 
 Tensor = torch.Tensor
@@ -63,10 +63,9 @@ def _run(tensors: tuple, up_scale: float, down_scale: float, layout: ExpertsLayo
     from .backend import run_engine
 
     x, top_k_index, top_k_weights, up_weight, up_bias, down_weight, down_bias, up_a, up_b, down_a, down_b = tensors
-    return run_engine(
-        layout, x, top_k_index, top_k_weights, up_weight, up_bias, down_weight, down_bias,
-        _lora(up_a, up_b, up_scale), _lora(down_a, down_b, down_scale),
-    )  # fmt: skip
+    up = Projection(up_weight, up_bias, _lora(up_a, up_b, up_scale))
+    down = Projection(down_weight, down_bias, _lora(down_a, down_b, down_scale))
+    return run_engine(ExpertsCall(layout, up, down), x, top_k_index, top_k_weights)
 
 
 # ------------------------------------------------------------------------------------------------------ forward
@@ -183,22 +182,12 @@ def _experts_backward_fake(grad_out, *args):
 
 # ---------------------------------------------------------------------------------------------------- entry point
 def experts(
-    op_layout: tuple,
-    x: Tensor,
-    top_k_index: Tensor,
-    top_k_weights: Tensor,
-    up_weight: Tensor,
-    up_bias: Tensor | None,
-    down_weight: Tensor,
-    down_bias: Tensor | None,
-    up_lora: LoraFactors | None,
-    down_lora: LoraFactors | None,
+    op_layout: tuple, up: Projection, down: Projection, x: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
-    """``backend.run_engine`` as the custom op: out [T, H] in x's dtype. ``op_layout``: ``layout_args(layout)``;
-    LoRA: ``LoraFactors`` or None."""
-    up_a, up_b, up_scale = up_lora if up_lora is not None else (None, None, 1.0)
-    down_a, down_b, down_scale = down_lora if down_lora is not None else (None, None, 1.0)
+    """``backend.run_engine`` as the custom op: out [T, H] in x's dtype. ``op_layout``: ``layout_args(layout)``."""
+    up_a, up_b, up_scale = up.lora if up.lora is not None else (None, None, 1.0)
+    down_a, down_b, down_scale = down.lora if down.lora is not None else (None, None, 1.0)
     return torch.ops.moekit.experts(
-        x, top_k_index, top_k_weights, up_weight, up_bias, down_weight, down_bias,
+        x, top_k_index, top_k_weights, up.weight, up.bias, down.weight, down.bias,
         up_a, up_b, down_a, down_b, float(up_scale), float(down_scale), *op_layout,
     )  # fmt: skip

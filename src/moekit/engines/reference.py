@@ -11,7 +11,7 @@ autograd frees h once the down-projection's backward has run, before the up-proj
 allocated. It recomputes the gather xs, the activation a, and never needs y: the routing-weight gradient is <dOut[token], y> = <dOut[token] @ W_down, a>
 (+ <dOut[token], b_down>), which reuses the dA GEMM backward does anyway.
 
-LoRA: per projection the caller passes ``LoraFactors`` (A [E, R, in], B [E, out, R], scale; several adapters
+LoRA: per projection the call holds ``LoraFactors`` (A [E, R, in], B [E, out, R], scale; several adapters
 concatenated along R); the scale is folded into B in x's dtype, so y = x W_eᵀ + (x A_eᵀ) B_eᵀ and no ΔW is
 ever formed.
 
@@ -24,24 +24,14 @@ differently from eager's, e.g. the routing-weight gradient).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..activations import Activation, accumulation_dtype, map_rows
+from ..activations import accumulation_dtype, map_rows
 from ..grouped import grouped_matmul, grouped_outer, segment_sum
-from ..lora import as_lora_factors
+from ..layout import ExpertsCall
 from ..plan import DispatchPlan
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class ExpertsLayout:
-    """Static facts the engine needs about the experts module."""
-
-    activation: Activation
-    transposed: bool  # weights stored [E, in, out] (gpt-oss) instead of [E, out, in]
 
 
 def _in_out(weight: Tensor, transposed: bool) -> Tensor:
@@ -227,22 +217,14 @@ class DownProjection(torch.autograd.Function):
         return None, None, grad_h, grad_routing, grad_w_down, grad_b_down, grad_a_down, grad_b_down_lora
 
 
-def experts_reference(
-    layout: ExpertsLayout,
-    plan: DispatchPlan,
-    x: Tensor,
-    routing_weights: Tensor,
-    up_weight: Tensor,
-    up_bias: Tensor | None,
-    down_weight: Tensor,
-    down_bias: Tensor | None,
-    up_lora: tuple | None = None,
-    down_lora: tuple | None = None,
-) -> Tensor:
-    """Expert layer output [T, H] in x's dtype. LoRA per projection: ``LoraFactors`` or an (A [E, R, in],
-    B [E, out, R]) pair with the scaling already in B."""
-    up_lora, down_lora = as_lora_factors(up_lora), as_lora_factors(down_lora)
-    up_a, up_b = up_lora.folded(x.dtype) if up_lora is not None else (None, None)
-    down_a, down_b = down_lora.folded(x.dtype) if down_lora is not None else (None, None)
-    h = UpProjection.apply(layout, plan, x, up_weight, up_bias, up_a, up_b)
-    return DownProjection.apply(layout, plan, h, routing_weights, down_weight, down_bias, down_a, down_b)
+def run(call: ExpertsCall, plan: DispatchPlan, x: Tensor, routing_weights: Tensor) -> Tensor:
+    """Expert layer output [T, H] in x's dtype: up-projection (+LoRA, +bias) -> activation -> down-projection
+    (+LoRA, +bias) -> routing weight -> combine, as two autograd Functions over one plan."""
+    layout, up, down = call
+    up_a, up_b = up.lora.folded(x.dtype) if up.lora is not None else (None, None)
+    down_a, down_b = down.lora.folded(x.dtype) if down.lora is not None else (None, None)
+    h = UpProjection.apply(layout, plan, x, up.weight, up.bias, up_a, up_b)
+    return DownProjection.apply(layout, plan, h, routing_weights, down.weight, down.bias, down_a, down_b)
+
+
+experts_reference = run  # the oracle's name in tests and tools
