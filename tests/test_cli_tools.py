@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import moekit.engines.reference
+from moekit.tools import bench
 from moekit.tools.cli import main
 from moekit.tools.tiny import add_lora, build, lora_target_parameters
 
-RECORD_KEYS = {"card", "shape", "impl", "mode", "tokens", "ms", "ms_synced", "peak_gib", "step_gib", "tflops", "dense_tflops"}
+RECORD_KEYS = {
+    "card",
+    "shape",
+    "impl",
+    "mode",
+    "tokens",
+    "ms",
+    "ms_synced",
+    "peak_gib",
+    "step_gib",
+    "tflops",
+    "dense_tflops",
+}
 
 
 # --- bench ------------------------------------------------------------------------------------------------------
@@ -20,19 +35,51 @@ RECORD_KEYS = {"card", "shape", "impl", "mode", "tokens", "ms", "ms_synced", "pe
     "argv, message",
     [
         (["bench", "--preset", "no-such-model"], "unknown preset"),
+        (["bench", "--preset", "no-such-model"], "--preset: unknown preset(s) no-such-model; choose from nemotron3-nano"),
         (["bench", "--hidden", "64"], "a custom shape needs --intermediate, --experts, --top-k"),
+        (["bench", "--gated"], "a custom shape needs --hidden, --intermediate, --experts, --top-k"),
+        (["bench", "--preset", "tiny", "--hidden", "64"], "give --preset or a custom shape"),
+        (["bench", "--hidden", "8", "--intermediate", "8", "--experts", "2", "--top-k", "1", "--act", "gpt_oss"],
+         "--act gpt_oss is a gated activation: add --gated"),
         (["bench", "--modes", "fwd,backward"], "unknown mode"),
+        (["bench", "--modes", "fwd,backward"], "--modes: unknown mode(s) backward; choose from fwd, full, lora, frozen"),
         (["bench", "--impls", "cutlass"], "impl"),
+        (["bench", "--impls", "cutlass"], "--impls: unknown impl(s) cutlass; choose from eager, grouped_mm, moekit,"),
+        (["bench", "--device", "cpu", "--json", "/nonexistent/r.json"], "--json '/nonexistent/r.json': the directory"),
+    ],
+)  # fmt: skip
+def test_bench_argument_errors(argv, message, capsys):
+    """Each bad argument is one line naming it and the valid values, before anything is measured."""
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert message in out
+    assert len(out.strip().splitlines()) == 1, out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens", "many"], "argument --tokens: invalid value 'many': expected comma-separated positive integers"),
+        (["--tokens", "0"], "argument --tokens: invalid value '0'"),
+        (["--lora-rank", "4,x"], "argument --lora-rank: invalid value '4,x'"),
+        (["--hidden", "-8"], "argument --hidden: invalid value '-8': expected a positive integer"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'cpu', 'cuda')"),
+        (["--act", "tanh"], "argument --act: invalid choice: 'tanh' (choose from"),
     ],
 )
-def test_bench_argument_errors(argv, message, capsys):
-    assert main(argv) == 2
-    assert message in capsys.readouterr().out
+def test_bench_usage_error_from_argparse(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "invalid" in err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bench_usage_error_from_argparse(capsys):
-    assert main(["bench", "--tokens", "many"]) == 2
-    assert "invalid" in capsys.readouterr().err
+def test_bench_cuda_without_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--device", "cuda"]) == 2
+    out = capsys.readouterr().out
+    assert "--device cuda: no CUDA device is available" in out and len(out.strip().splitlines()) == 1
 
 
 def test_bench_runs_on_cpu_and_writes_json_and_plot(tmp_path, capsys):
@@ -55,6 +102,62 @@ def test_bench_runs_on_cpu_and_writes_json_and_plot(tmp_path, capsys):
     skipped = [r for r in records if "ms" not in r]
     assert {r["impl"] for r in skipped} == {"liger"} and all(r["skipped"] for r in skipped)
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Not a terminal: a progress line per case, flushed as it ends; the table whole, at its natural width.
+    assert "benchmarked: 1/20 tiny T=32 fwd eager: " in output and "benchmarked: 20/20 " in output
+    assert f"skipped ({bench._peer_available('liger')})" in output
+    assert "…" not in output and "÷ frozen" in output and "× grouped_mm" in output
+    assert max(len(line) for line in output.splitlines()) > 80
+    # The CPU run says what it measured: wall-clock time, and a dense rate that is not rounded to zero.
+    assert "wall clock" in output and "CUDA events" not in output
+    dense = re.search(r"measured dense float32 matmul: (\S+) TFLOP/s", output)
+    assert dense and float(dense.group(1)) > 0 and dense.group(1) == bench._rate(records[0]["dense_tflops"])
+
+
+def test_bench_caption_names_the_timer():
+    from rich.console import Console
+
+    for device, timer, other in (("cpu", "wall clock, time.perf_counter", "CUDA"), ("cuda", "CUDA events", "wall")):
+        console = Console(record=True, width=400)
+        console.print(bench._table([], None, device))
+        text = console.export_text()
+        assert timer in text and other not in text
+    assert bench._rate(0.0123) == "0.0123" and bench._rate(225.123) == "225.1" and bench._rate(12.34) == "12.3"
+
+
+def test_bench_table_folds_on_a_narrow_terminal():
+    """On a terminal narrower than the table, values wrap within their cells instead of being cut."""
+    from rich.console import Console
+
+    record = {"shape": "nemotron3-nano", "tokens": 8192, "mode": "full", "impl": "moekit-reference", "ms": 225.123,
+              "tflops": 12.3, "peak_gib": 1.0, "step_gib": 0.5, "lora_rank": None}  # fmt: skip
+    console = Console(record=True, width=60, force_terminal=True)
+    console.print(bench._table([record], 100.0, "cuda"))
+    text = console.export_text()
+    assert "…" not in text and "nem" in text and "225" in text  # folded over lines, not cut
+
+
+def test_bench_sets_the_engine_through_options(monkeypatch):
+    """A moekit impl's steps run with OPTIONS.backend set to its engine (never the environment), restored after."""
+    import moekit.backend
+    import moekit.options
+
+    seen = []
+    real = moekit.backend.select_engine
+
+    def spy(*args, **kwargs):
+        seen.append(moekit.options.OPTIONS.backend)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moekit.backend, "select_engine", spy)
+    monkeypatch.delenv("MOEKIT_BACKEND", raising=False)
+    before = moekit.options.OPTIONS.backend
+    for impl, engine in (("moekit-reference", "reference"), ("moekit", "")):
+        seen.clear()
+        step = bench.make_step(bench.PRESETS["tiny"], impl, "full", 16, "cpu", torch.float32)
+        step()
+        assert seen and set(seen) == {engine}, (impl, seen)
+        assert moekit.options.OPTIONS.backend == before and "MOEKIT_BACKEND" not in os.environ
+    assert bench.engine_of("grouped_mm") is None and bench.engine_of("moekit-triton") == "triton"
 
 
 def test_bench_table_puts_lora_over_its_frozen_base():
@@ -84,7 +187,7 @@ def _ab_bench():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "ab_bench.py"
+    path = Path(__file__).resolve().parents[1] / "tools" / "ab_bench.py"
     spec = importlib.util.spec_from_file_location("ab_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -92,7 +195,7 @@ def _ab_bench():
 
 
 def test_ab_bench_summary_and_variant_check(tmp_path):
-    """scripts/ab_bench.py: one line per case with each variant's processes in order, and a variant whose path does
+    """tools/ab_bench.py: one line per case with each variant's processes in order, and a variant whose path does
     not hold moekit is refused (here moekit is installed, so PYTHONPATH cannot select it)."""
     ab = _ab_bench()
     case = {"shape": "tiny", "tokens": 64, "mode": "lora", "lora_rank": 16, "impl": "moekit-triton", "step_gib": 0.5}
@@ -117,7 +220,21 @@ def test_bench_custom_shape(tmp_path):
 # --- check ------------------------------------------------------------------------------------------------------
 def test_check_tiny_model_passes(capsys):
     assert main(["check", "--tiny", "qwen3_moe", "--lora", "--tokens", "16"]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out
+    # Not a terminal: each phase that may take long is announced by a line.
+    assert "moekit check: loading a tiny qwen3_moe ..." in out
+    assert "moekit check: one batch on transformers' default experts backend, then on moekit ..." in out
+
+
+def test_check_device_and_tokens_errors(capsys):
+    assert main(["check", "--tiny", "qwen3_moe", "--tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --tokens: must be a positive integer, got 0" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        assert main(["check", "--tiny", "qwen3_moe", "--device", "cuda"]) == 2
+        out = capsys.readouterr().out
+        assert "--device cuda: no CUDA device is available" in out and len(out.strip().splitlines()) == 1
 
 
 def test_check_needs_a_model(capsys):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import moekit.options
 from moekit.tools import cli, demo
 
 # On the CPU, also on a GPU machine (the demo runs 1 thread there by default).
@@ -50,12 +54,61 @@ def test_throughput_reported(demo_result):
     assert demo_result["threads"] == 1  # the CPU default
 
 
-def test_output_and_exit_code(capsys):
-    # Too few steps for the loss to fall by 30%: exit code 1 and a plain message.
-    assert cli.main(["demo", "--steps", "1", *FAST, "--seq-len", "16"]) == 1
+def _result(**changes) -> demo.DemoResult:
+    """A made-up demo result (no run): fp32, the logits matching, the loss falling from 6 to 1 in 60 steps."""
+    result = demo.DemoResult(
+        loss_start=6.0, loss_end=1.0, tokens_per_s_moekit=10_000.0, tokens_per_s_default=9_000.0,
+        max_logit_diff=0.0, max_logit_diff_end=1e-5, max_train_loss_diff=1e-6, accuracy_start=0.01,
+        accuracy_end=0.9, default_backend="grouped_mm", moekit_engine="reference", device="cpu", dtype="float32",
+        steps=60, tokens_per_step=1024, threads=1, trainable_params=1, total_params=2, logit_tolerance=1e-3,
+    )  # fmt: skip
+    return dataclasses.replace(result, **changes)
+
+
+def test_short_run_warns_and_succeeds(capsys):
+    """Too few steps for the loss to fall by 30%: a warning line, exit 0; progress shows as plain lines (the
+    captured stdout is not a terminal)."""
+    assert demo.LOSS_CHECK_MIN_STEPS <= demo.DemoConfig().steps  # the default run is judged on its loss
+    assert cli.main(["demo", "--steps", "1", "--device", "cpu", "--baseline-steps", "2", "--seq-len", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "loss (held-out)" in captured.out and "tokens/s" in captured.out and "Δlogit" in captured.out
+    assert "LoRA fine-tuning on moekit, step: 1/1 loss " in captured.out
+    warning = [line for line in captured.err.splitlines() if "moekit demo:" in line]
+    assert len(warning) == 1 and warning[0].startswith("moekit demo: warning: the loss did not fall enough in 1 steps")
+    assert "FAILED" not in captured.err
+
+
+def test_long_run_whose_loss_does_not_fall_fails(monkeypatch, capsys):
+    # A default-length run whose loss stays flat: exit code 1 and a plain message.
+    monkeypatch.setattr(demo, "run_demo", lambda config: _result(steps=config.steps, loss_end=5.9))
+    assert cli.main(["demo", "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     assert "loss (held-out)" in captured.out and "tokens/s" in captured.out and "Δlogit" in captured.out
     assert "FAILED: the loss did not fall enough" in captured.err
+    assert not _result(loss_end=5.9).ok and _result(loss_end=5.9, steps=demo.LOSS_CHECK_MIN_STEPS - 1).ok
+    assert _result(loss_end=5.9, steps=demo.LOSS_CHECK_MIN_STEPS).as_dict()["loss_checked"]
+
+
+def test_progress_bar_on_a_terminal(monkeypatch, capsys):
+    """On a terminal the progress is tqdm's bar on stderr, and no plain progress lines."""
+    monkeypatch.setattr(demo, "is_terminal", lambda stream=None: True)
+    config = demo.DemoConfig(steps=2, device="cpu", batch_size=4, seq_len=16, baseline_steps=1)
+    demo.run_demo(config, log=print)
+    captured = capsys.readouterr()
+    assert "LoRA fine-tuning on moekit: 100%" in captured.err
+    assert "step: " not in captured.out
+
+
+def test_report_prints_the_whole_table_when_not_a_terminal(capsys):
+    """Captured stdout is no terminal: the table keeps its natural width instead of rich's 80 columns."""
+    result = _result(default_backend="an_experts_backend_with_a_rather_long_name", tokens_per_s_moekit=123_456_789.0)
+    demo.report(result)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) > 80
+    assert "…" not in out
+    assert "train tokens/s, an_experts_backend_with_a_rather_long_name" in out
+    assert "123,456,789  (×13717.42)" in out
+    assert "max |Δtrain loss| vs an_experts_backend_with_a_rather_long_name" in out
 
 
 def test_run_demo_api_is_deterministic():
@@ -84,16 +137,96 @@ def test_lora_targets_follow_has_gate():
     "argv, message",
     [
         (["demo", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["demo", "--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'cpu', 'cuda')"),
         (["demo", "--steps", "0"], "must be a positive integer"),
         (["demo", "--steps", "many"], "--steps: must be a positive integer, got many"),
         (["demo", "--threads", "-1"], "--threads: must be a non-negative integer, got -1"),
+        (
+            ["demo", "--dtype", "fp8"],
+            "argument --dtype: invalid choice: 'fp8' (choose from 'auto', 'float32', 'bfloat16')",
+        ),
+        (["demo", "--lr", "0"], "argument --lr: must be a positive number, got 0"),
+        (["demo", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+        (["demo", "--seq-len", "3"], "moekit demo: error: --seq-len must be at least 4"),
+        (["demo", "--json", "/nonexistent/result.json"], "--json '/nonexistent/result.json': the directory"),
+        (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required: COMMAND"),
+        ([], "COMMAND (choose from demo, bench, check)"),
     ],
 )
 def test_usage_errors(capsys, argv, message):
+    """Each usage error is one line on stderr, naming the argument (and the valid choices)."""
     assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and not captured.out, captured
+
+
+@pytest.mark.parametrize("command", [["demo"], ["bench", "--device", "cpu"], ["check", "--tiny", "qwen3_moe"]])
+def test_bad_environment_is_one_line(monkeypatch, capsys, command):
+    """A MOEKIT_* value moekit does not know stops every command before it does anything, in one line."""
+    error = moekit.options.OptionsError("MOEKIT_BACKEND must be one of (unset), reference, triton; got 'bogus'")
+    monkeypatch.setattr(moekit.options, "_ENV_ERROR", error)
+    assert cli.main(command) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "moekit: error: MOEKIT_BACKEND must be one of (unset), reference, triton; got 'bogus'\n"
+    assert captured.out == ""
+
+
+def test_bad_environment_in_a_fresh_process():
+    """``MOEKIT_BACKEND=bogus moekit demo``: import succeeds, the command prints one line and exits 2."""
+    src = str(Path(demo.__file__).resolve().parents[2])
+    env = dict(
+        os.environ,
+        MOEKIT_BACKEND="bogus",
+        PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "moekit", "demo", "--steps", "1"],
+        check=False, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "moekit: error: MOEKIT_BACKEND must be one of (unset), reference, triton; got 'bogus'"
+    ]
+    assert proc.stdout == ""
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """argparse help -> {first option string (or positional name): its whole entry, wrapped lines joined}."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if re.match(r"^  \S", line):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "check"])
+def test_help_shows_every_default(capsys, command):
+    """Every option but the on/off flags says its default in ``moekit COMMAND --help``."""
+    parser = cli.build_parser()
+    subparser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    assert cli.main([command, "--help"]) == 0
+    entries = _help_entries(capsys.readouterr().out)
+    checked = 0
+    for action in subparser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+            continue
+        entry = entries[action.option_strings[0] if action.option_strings else action.dest]
+        assert "(default" in entry or "no default" in entry, entry
+        checked += 1
+    assert checked >= 5
+    expected = {"demo": ["(default: 60)", "(default: 0.005)", "(default: 8)"], "bench": ["(default: fwd,full)",
+                "(default: grouped_mm,moekit)", "(default: 16)"], "check": ["(default: 64)", "(default: float32)"]}  # fmt: skip
+    text = " ".join(entries.values())
+    assert all(default in text for default in expected[command])
 
 
 def test_cuda_requested_without_gpu(capsys):
@@ -109,7 +242,7 @@ def test_help_lists_demo(capsys):
 
 
 def test_python_dash_m(tmp_path):
-    src = str(Path(demo.__file__).resolve().parents[1])
+    src = str(Path(demo.__file__).resolve().parents[2])  # src/, which holds the moekit package
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
     path = tmp_path / "result.json"
     proc = subprocess.run(
@@ -118,6 +251,7 @@ def test_python_dash_m(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "loss (held-out)" in proc.stdout
+    assert "LoRA fine-tuning on moekit" not in proc.stdout + proc.stderr  # --no-progress: no bar, no lines
     result = json.loads(path.read_text())
     assert result["loss_end"] < (1 - demo.MIN_LOSS_DROP) * result["loss_start"]
 

@@ -1,19 +1,24 @@
 """Expert-layer benchmark: transformers' backends against moekit's engines on real model shapes.
 
-One record per (shape, impl, mode, tokens): median ms over timed repeats (CUDA events on GPU, steps queued back
-to back; ``ms_synced`` with the host waiting for the GPU after every step), TFLOP/s with
-the FLOP counts of ``performance-anchors.md`` (gated fwd 6·T·K·H·I, non-gated 4·T·K·H·I; full = 3× fwd,
-LoRA = 2× fwd) and the peak memory allocated during the timed step.
+One record per (shape, impl, mode, tokens): median ms over timed repeats (on a GPU, CUDA events with the steps
+queued back to back, and ``ms_synced`` with the host waiting for the GPU after every step; on the CPU, the wall
+clock), TFLOP/s from the FLOP count of the expert GEMMs (gated fwd 6·T·K·H·I, non-gated 4·T·K·H·I; full = 3× fwd,
+LoRA and frozen = 2× fwd) and the peak memory allocated during the timed step.
 
 Modes: "fwd" (no grad), "full" (forward + backward, trainable expert weights), "lora" (PEFT LoRA on both expert
 weights, base frozen; one case per ``--lora-rank``), "frozen" (forward + backward with the base frozen and no
-LoRA: input and routing-weight gradients only; the cost LoRA is measured against, issue #4).
+LoRA: input and routing-weight gradients only, the cost LoRA adds to).
+
+A moekit impl runs with ``moekit.options.OPTIONS.backend`` set for its steps only (``moekit-reference``,
+``moekit-triton`` force that engine; ``moekit`` lets moekit choose), never through the environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -22,6 +27,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ..options import override
+from .cli import HelpFormatter, PlainProgress
+from .cli import console as make_console
 
 
 @dataclass(frozen=True)
@@ -107,14 +116,28 @@ def make_routing(shape: Shape, tokens: int, device: str, dtype: torch.dtype, see
     return hidden, index, values.softmax(-1).to(dtype)
 
 
+def engine_of(impl: str) -> str | None:
+    """The ``OPTIONS.backend`` a moekit impl runs under ("" lets moekit choose); None for transformers' own."""
+    if not impl.startswith("moekit"):
+        return None
+    return impl.split("-", 1)[1] if "-" in impl else ""
+
+
 def _select(module: torch.nn.Module, impl: str) -> None:
+    """Put ``module`` on ``impl``. A forced moekit engine is not set here: run its calls under
+    ``moekit.options.override(backend=engine_of(impl))``, as ``make_step``'s steps do."""
     if impl.startswith("moekit"):
         import moekit
 
         moekit.enable(module)
-        os.environ["MOEKIT_BACKEND"] = impl.split("-", 1)[1] if "-" in impl else ""
     else:
         module.config._experts_implementation = impl
+
+
+def _engine_scope(impl: str):
+    """A context for one call of ``impl``: the moekit engine it forces, or nothing."""
+    engine = engine_of(impl)
+    return contextlib.nullcontext() if engine is None else override(backend=engine)
 
 
 def _wrap_lora(module: torch.nn.Module, rank: int) -> torch.nn.Module:
@@ -178,7 +201,6 @@ def run_case(shape: Shape, impl: str, mode: str, tokens: int, device: str = "cud
     try:
         return _time_case(shape, impl, mode, tokens, device, **options)
     finally:
-        os.environ.pop("MOEKIT_BACKEND", None)
         gc.collect()  # the case's tensors are unreachable now: give their memory back before the next one
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -196,7 +218,7 @@ def make_step(
     shape: Shape, impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, lora_rank: int = 16
 ) -> Callable[[], None]:
     """One benchmark step of a configuration (a forward, or a forward + backward that clears the gradients),
-    with its module, routing and upstream gradient built once."""
+    with its module, routing and upstream gradient built once; a moekit impl's engine is set for each step."""
     module = make_experts_module(shape, device, dtype)
     _select(module, impl)
     model = module
@@ -211,15 +233,16 @@ def make_step(
     upstream = torch.randn_like(hidden)
 
     def step() -> None:
-        if mode == "fwd":
-            with torch.no_grad():
-                model(hidden, index, weights)
-        else:
-            out = model(hidden, index, weights)
-            out.backward(upstream)
-            hidden.grad = weights.grad = None
-            for param in model.parameters():
-                param.grad = None
+        with _engine_scope(impl):
+            if mode == "fwd":
+                with torch.no_grad():
+                    model(hidden, index, weights)
+            else:
+                out = model(hidden, index, weights)
+                out.backward(upstream)
+                hidden.grad = weights.grad = None
+                for param in model.parameters():
+                    param.grad = None
 
     return step
 
@@ -259,7 +282,7 @@ def _time_case(
         "dtype": str(dtype).removeprefix("torch."),
         "lora_rank": lora_rank if mode == "lora" else None,
         "ms": ms,
-        "ms_synced": ms_synced,  # the host waiting for the GPU after every step (the timing of runs 1-5)
+        "ms_synced": ms_synced,  # the host waiting for the GPU after every step (on the CPU: ms again)
         "tflops": flops / (ms * 1e-3) / 1e12,
         "peak_gib": peak,
         # What one step allocates on top of the resident weights and inputs: activations, transients, gradients.
@@ -281,21 +304,28 @@ def dense_matmul_tflops(device: str = "cuda", size: int = 8192, dtype: torch.dty
 # --- the `moekit bench` command -------------------------------------------------------------------------------
 
 CPU_PRESET = "tiny"
+PEERS = ("liger",)  # other projects' kernels, run when installed
+# How each device's steps are timed, for the table's caption.
+TIMING = {
+    "cuda": "median step, steps queued back to back (CUDA events)",
+    "cpu": "median step, one after another (wall clock, time.perf_counter)",
+}
 
 
 def _peer_available(impl: str) -> str | None:
     """None when a peer implementation can run, else why it is skipped."""
     if impl == "liger":
-        import importlib.util
-
         if importlib.util.find_spec("liger_kernel") is None:
             return "Liger-Kernel is not installed (pip install liger-kernel)"
         return "Liger-Kernel's fused MoE has no transformers-experts adapter in moekit yet"
     return None
 
 
+CUSTOM_FLAGS = ("hidden", "intermediate", "experts", "top_k")
+
+
 def _custom_shape(args) -> Shape:
-    missing = [flag for flag in ("hidden", "intermediate", "experts", "top_k") if getattr(args, flag) is None]
+    missing = [flag for flag in CUSTOM_FLAGS if getattr(args, flag) is None]
     if missing:
         raise ValueError("a custom shape needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     act = args.act or ("silu" if args.gated else "relu2")
@@ -304,20 +334,70 @@ def _custom_shape(args) -> Shape:
     return Shape("custom", args.hidden, args.intermediate, args.experts, args.top_k, gated=args.gated, act=act)
 
 
+def _unknown(flag: str, what: str, given: list[str], valid) -> str | None:
+    unknown = [item for item in given if item not in valid]
+    if not unknown:
+        return None
+    return f"{flag}: unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(valid)}"
+
+
+def _shapes(args, on_cpu: bool) -> list[Shape]:
+    """The shapes to run; raises ``ValueError`` with one line naming the argument that is wrong."""
+    custom = any(getattr(args, flag) is not None for flag in CUSTOM_FLAGS) or args.gated or args.act
+    if custom:
+        if args.preset:
+            raise ValueError("give --preset or a custom shape (--hidden, --intermediate, --experts, --top-k), not both")
+        return [_custom_shape(args)]
+    problem = _unknown("--preset", "preset", args.preset or [], list(PRESETS))
+    if problem:
+        raise ValueError(problem)
+    names = args.preset or ([CPU_PRESET] if on_cpu else ["nemotron3-nano", "qwen3-30b-a3b"])
+    return [PRESETS[name] for name in names]
+
+
+def _argument_problem(args, device: str) -> str | None:
+    """One line naming the argument that is wrong and what it may be, or None; nothing is measured before."""
+    for problem in (
+        _unknown("--modes", "mode", args.modes, MODES),
+        _unknown("--impls", "impl", args.impls, IMPLS + PEERS),
+    ):
+        if problem:
+            return problem
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            return f"{flag} {path!r}: the directory {folder!r} does not exist"
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib (pip install matplotlib, or moekit[bench])"
+    try:
+        _shapes(args, on_cpu=not device.startswith("cuda"))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _case_key(record: dict) -> tuple:
     """What makes two records the same case for every impl: shape, tokens, mode, LoRA rank."""
     return record["shape"], record["tokens"], record["mode"], record.get("lora_rank")
 
 
-def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noqa: F821
+def _rate(tflops: float) -> str:
+    """A FLOP rate to three significant figures: a CPU's rate is a small fraction of a TFLOP/s."""
+    return f"{tflops:.1f}" if tflops >= 100 else f"{tflops:.3g}"
+
+
+def _table(records: list[dict], dense: float | None, device: str = "cuda") -> rich.table.Table:  # noqa: F821
     from rich.table import Table
 
-    table = Table(title="expert layer benchmark", caption="ms: median step, steps queued back to back (CUDA events)")
+    timing = TIMING["cuda" if device.startswith("cuda") else "cpu"]
+    table = Table(title="expert layer benchmark", caption=f"ms: {timing}")
     # "÷ frozen": a LoRA step over the same impl's frozen-base step (same shape and tokens), when both ran
     frozen = {(r["shape"], r["tokens"], r["impl"]): r["ms"] for r in records if r["mode"] == "frozen" and "ms" in r}
     columns = ["shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB", "× grouped_mm"]
-    for column in columns + (["÷ frozen"] if frozen else []):
-        table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right")
+    for column in columns + (["÷ frozen"] if frozen else []):  # a terminal too narrow folds values, never cuts them
+        table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right", overflow="fold")
     baselines = {_case_key(r): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r}
     for r in records:
         mode = f"lora r={r['lora_rank']}" if r.get("lora_rank") else r["mode"]
@@ -327,7 +407,7 @@ def _table(records: list[dict], dense: float | None) -> rich.table.Table:  # noq
         baseline = baselines.get(_case_key(r))
         frozen_ms = frozen.get((r["shape"], r["tokens"], r["impl"])) if r["mode"] == "lora" else None
         table.add_row(
-            r["shape"], str(r["tokens"]), mode, r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.1f}",
+            r["shape"], str(r["tokens"]), mode, r["impl"], f"{r['ms']:.3f}", _rate(r["tflops"]),
             f"{100 * r['tflops'] / dense:.0f}%" if dense else "-",
             "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}",
             "-" if r["step_gib"] != r["step_gib"] else f"{r['step_gib']:.2f}",
@@ -375,28 +455,74 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(figure)
 
 
-def run_bench(args) -> int:
-    from rich.console import Console
+def _cases(args, shapes: list[Shape], tokens: list[int]) -> list[tuple]:
+    return [
+        (shape, count, mode, rank, impl)
+        for shape in shapes
+        for count in tokens
+        for mode in args.modes
+        for rank in (args.lora_rank if mode == "lora" else [None])
+        for impl in args.impls
+    ]
+
+
+def _run_one(case: tuple, device: str, dtype: torch.dtype, card: str) -> dict:
+    """The record of one case: timed, or the reason it was skipped."""
+    shape, count, mode, rank, impl = case
+    on_cpu = not device.startswith("cuda")
+    skipped = _peer_available(impl)
+    if impl == "eager" and not on_cpu and count > 8192:
+        skipped = "eager loops over experts in Python; skipped above T=8192"
+    if skipped is None:
+        try:
+            return run_case(
+                shape, impl, mode, count, device=device, dtype=dtype, lora_rank=rank or 16,
+                warmup=1 if on_cpu else 3, repeats=3 if on_cpu else 10, card=card,
+            )  # fmt: skip
+        except (RuntimeError, ValueError, NotImplementedError) as error:
+            skipped = f"{type(error).__name__}: {error}"[:120]
+    return {"card": card, "shape": shape.name, "impl": impl, "mode": mode, "tokens": count, "lora_rank": rank,
+            "skipped": skipped}  # fmt: skip
+
+
+def _describe(case: tuple) -> str:
+    shape, count, mode, rank, impl = case
+    return f"{shape.name} T={count} {f'lora r={rank}' if rank else mode} {impl}"
+
+
+def _run_cases(console, cases: list[tuple], device: str, dtype: torch.dtype, card: str, dense: float) -> list[dict]:
+    """Every case's record, with progress: a rich progress bar on a terminal, a line per case elsewhere."""
     from rich.progress import Progress
 
-    console = Console()
+    records = []
+
+    def write(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    plain = None if console.is_terminal else PlainProgress(len(cases), "benchmarked", write=write)
+    with Progress(console=console, transient=True, disable=plain is not None) as progress:
+        task = progress.add_task("benchmarking", total=len(cases))
+        for case in cases:
+            progress.update(task, description=_describe(case))
+            record = _run_one(case, device, dtype, card)
+            record["dense_tflops"] = dense
+            records.append(record)
+            progress.advance(task)
+            if plain is not None:
+                result = f"{record['ms']:.3f} ms" if "ms" in record else f"skipped ({record['skipped']})"
+                plain.update(f"{_describe(case)}: {result}")
+    return records
+
+
+def run_bench(args) -> int:
+    console = make_console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        console.print("[red]--device cuda requested but no CUDA device is available[/]")
+    problem = _argument_problem(args, device)
+    if problem:
+        console.print(f"moekit bench: {problem}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     on_cpu = not device.startswith("cuda")
-    try:
-        if args.hidden is not None or args.intermediate is not None or args.experts is not None:
-            shapes = [_custom_shape(args)]
-        else:
-            names = args.preset or ([CPU_PRESET] if on_cpu else ["nemotron3-nano", "qwen3-30b-a3b"])
-            unknown = [n for n in names if n not in PRESETS]
-            if unknown:
-                raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
-            shapes = [PRESETS[n] for n in names]
-    except ValueError as error:
-        console.print(f"[red]moekit bench: {error}[/]")
-        return 2
+    shapes = _shapes(args, on_cpu)
     if on_cpu:
         console.print(
             "[bold yellow]Running on the CPU: these numbers say nothing about GPU speed; they only show the "
@@ -406,38 +532,10 @@ def run_bench(args) -> int:
     dtype = torch.float32 if on_cpu else torch.bfloat16
     dense = dense_matmul_tflops(device, size=1024 if on_cpu else 8192, dtype=dtype)
     card = torch.cuda.get_device_name() if not on_cpu else "cpu"
-    console.print(f"card: {card}; measured dense {str(dtype).removeprefix('torch.')} matmul: {dense:.1f} TFLOP/s")
-    cases = [
-        (s, t, m, rank, i)
-        for s in shapes
-        for t in tokens
-        for m in args.modes
-        for rank in (args.lora_rank if m == "lora" else [None])
-        for i in args.impls
-    ]
-    records = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(cases))
-        for shape, count, mode, rank, impl in cases:
-            progress.update(task, description=f"{shape.name} T={count} {mode} {impl}")
-            skipped = _peer_available(impl)
-            if impl == "eager" and not on_cpu and count > 8192:
-                skipped = "eager loops over experts in Python; skipped above T=8192"
-            if skipped is None:
-                try:
-                    record = run_case(
-                        shape, impl, mode, count, device=device, dtype=dtype, lora_rank=rank or 16,
-                        warmup=1 if on_cpu else 3, repeats=3 if on_cpu else 10, card=card,
-                    )  # fmt: skip
-                except (RuntimeError, ValueError, NotImplementedError) as error:
-                    skipped = f"{type(error).__name__}: {error}"[:120]
-            if skipped is not None:
-                record = {"card": card, "shape": shape.name, "impl": impl, "mode": mode, "tokens": count,
-                          "lora_rank": rank, "skipped": skipped}  # fmt: skip
-            record["dense_tflops"] = dense
-            records.append(record)
-            progress.advance(task)
-    console.print(_table(records, dense))
+    console.print(f"card: {card}; measured dense {str(dtype).removeprefix('torch.')} matmul: {_rate(dense)} TFLOP/s")
+    cases = _cases(args, shapes, tokens)
+    records = _run_cases(console, cases, device, dtype, card, dense)
+    console.print(_table(records, dense, device))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(records, handle, indent=1)
@@ -448,11 +546,33 @@ def run_bench(args) -> int:
     return 0
 
 
-def _csv(kind):
-    def parse(text: str):
-        return [kind(item) for item in text.split(",") if item]
+def _csv(kind, what: str):
+    """An argparse type: a comma-separated list of ``kind`` (a ValueError from ``kind`` is a bad item)."""
+
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            if items:
+                return [kind(item) for item in items]
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated {what}")
 
     return parse
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _positive_arg(text: str) -> int:
+    try:
+        return _positive(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive integer") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -461,29 +581,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="time the expert layer: transformers' backends against moekit",
         description="Time one MoE expert layer (forward, forward+backward, LoRA) for model-shaped presets or "
         "an explicit shape, against transformers' eager and grouped_mm backends.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--preset", type=_csv(str), help=f"comma-separated presets: {', '.join(PRESETS)}")
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--intermediate", type=int)
-    parser.add_argument("--experts", type=int)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--gated", action="store_true", help="gated experts (act(gate)·up); default non-gated")
-    parser.add_argument("--act", choices=["relu2", "relu", "silu", "gelu", "gpt_oss"])
-    parser.add_argument("--tokens", type=_csv(int), help="comma-separated token counts (default 8192; CPU 256)")
-    parser.add_argument("--modes", type=_csv(str), default=["fwd", "full"], help="fwd,full,lora,frozen")
-    parser.add_argument("--lora-rank", type=_csv(int), default=[16], help="comma-separated LoRA ranks (lora mode)")
-    parser.add_argument("--impls", type=_csv(str), default=["grouped_mm", "moekit"], help=", ".join(IMPLS + ("liger",)))
-    parser.add_argument("--device", choices=["cpu", "cuda"])
-    parser.add_argument("--json", help="write the records to this JSON file")
-    parser.add_argument("--plot", help="draw a grouped bar chart to this PNG")
-    parser.set_defaults(func=_checked_run)
+    add = parser.add_argument
+    positive = _csv(_positive, "positive integers")
+    add("--preset", type=_csv(str, "preset names"),
+        help=f"comma-separated presets: {', '.join(PRESETS)} (default: nemotron3-nano,qwen3-30b-a3b; {CPU_PRESET} on cpu)")  # fmt: skip
+    for flag, what in (("--hidden", "hidden size"), ("--intermediate", "expert intermediate size"),
+                       ("--experts", "number of experts"), ("--top-k", "experts per token")):  # fmt: skip
+        add(flag, type=_positive_arg, help=f"custom shape: {what} (no default: a custom shape needs all four)")
+    add("--gated", action="store_true", help="custom shape: gated experts (act(gate)·up); non-gated act(up) without")
+    add("--act", choices=["relu2", "relu", "silu", "gelu", "gpt_oss"],
+        help="custom shape: the activation (default: silu with --gated, relu2 without)")  # fmt: skip
+    add("--tokens", type=positive, help="comma-separated token counts (default: 8192; 256 on cpu)")
+    add("--modes", type=_csv(str, "modes"), default="fwd,full", help=f"comma-separated modes: {', '.join(MODES)}")
+    add("--lora-rank", type=positive, default="16", help="comma-separated LoRA ranks (lora mode)")
+    add("--impls", type=_csv(str, "impls"), default="grouped_mm,moekit",
+        help=f"comma-separated implementations: {', '.join(IMPLS + PEERS)}")  # fmt: skip
+    add("--device", choices=["cpu", "cuda"], help="device (default: cuda when available, else cpu)")
+    add("--json", metavar="PATH", help="write the records to this JSON file (default: not written)")
+    add("--plot", metavar="PATH", help="draw a grouped bar chart to this PNG (default: not drawn)")
+    parser.set_defaults(func=run_bench)
     return parser
-
-
-def _checked_run(args) -> int:
-    bad_modes = [m for m in args.modes if m not in MODES]
-    bad_impls = [i for i in args.impls if i not in IMPLS + ("liger",)]
-    if bad_modes or bad_impls:
-        print(f"moekit bench: unknown mode(s) {bad_modes} / impl(s) {bad_impls}; modes: {MODES}, impls: {IMPLS}")
-        return 2
-    return run_bench(args)

@@ -15,6 +15,7 @@ Exit status 0 when everything holds, 1 with a plain-language explanation when no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import warnings
@@ -22,9 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backend import _projection_params
 from ..enable import enable, experts_modules
+from ..layout import projections
 from ..lora import DOWN_PARAMS, UP_PARAMS
+from .cli import HelpFormatter
+from .cli import console as make_console
 
 Tensor = torch.Tensor
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -150,7 +153,7 @@ def _layer_grads(model: torch.nn.Module, module: torch.nn.Module) -> dict[str, T
 
 
 def _num_experts(module: torch.nn.Module) -> int:
-    return _projection_params(module)[0].shape[0]
+    return projections(module)[0].weight.shape[0]
 
 
 def _silent_experts(model, module: torch.nn.Module, routes: Tensor) -> list[str]:
@@ -269,41 +272,67 @@ def _argument_problem(args) -> str | None:
     for name, path, what in (("MODEL_DIR", args.model_dir, "model"), ("--adapter", args.adapter, "PEFT adapter")):
         if path and not os.path.isdir(path):
             return f"{name} {path!r} is not a directory (expected a saved {what})"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
     return None
 
 
-def command(args) -> int:
-    from rich.console import Console
+def _phase(console, text: str):
+    """A context for a phase that may take long: a spinner on a terminal, one plain line elsewhere."""
+    if console.is_terminal:
+        return console.status(text)
+    console.print(text, markup=False, highlight=False)
+    return contextlib.nullcontext()
+
+
+def _print_report(console, report: CheckReport, live_adapters: bool) -> int:
+    """The per-layer table and the verdict; the exit status."""
     from rich.table import Table
 
-    console = Console()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/PEFT deprecation chatter
-    problem = _argument_problem(args)
-    if problem:
-        console.print(f"[red]moekit check: {problem}[/]", soft_wrap=True)
-        return 2
-    try:
-        model = _load(args)
-    except (OSError, ValueError, KeyError) as error:
-        console.print(f"[red]moekit check: could not load the model: {error}[/]")
-        return 2
-    report = run_check(model, tokens=args.tokens)
     table = Table(title="moekit check: moekit against transformers, per MoE layer")
     for column in ("layer", "rows", "output rel. err", "grad rel. err"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+        table.add_column(column, justify="left" if column == "layer" else "right", overflow="fold")
     for layer in report.layers:
         table.add_row(layer.name, str(layer.rows_routed), f"{layer.output_error:.2e}", f"{layer.grad_error:.2e}")
     console.print(table)
     for note in report.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(note, style="dim", markup=False, highlight=False)
     if report.ok:
-        adapted = " and the adapters are live" if args.adapter or args.lora else ""
+        adapted = " and the adapters are live" if live_adapters else ""
         console.print(f"[green]OK[/]: {len(report.layers)} MoE layers match{adapted}.")
         return 0
     console.print(f"[red]FAILED[/]: {len(report.problems)} problem(s):")
     for problem in report.problems:
-        console.print(f"  - {problem}")
+        console.print(f"  - {problem}", markup=False, highlight=False)
     return 1
+
+
+def command(args) -> int:
+    console = make_console()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/PEFT deprecation chatter
+    problem = _argument_problem(args)
+    if problem:
+        console.print(f"moekit check: {problem}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    try:
+        with _phase(console, f"moekit check: loading {args.model_dir or f'a tiny {args.tiny}'} ..."):
+            model = _load(args)
+    except (OSError, ValueError, KeyError) as error:
+        console.print(f"moekit check: could not load the model: {error}", style="red", markup=False, soft_wrap=True)
+        return 2
+    with _phase(console, "moekit check: one batch on transformers' default experts backend, then on moekit ..."):
+        report = run_check(model, tokens=args.tokens)
+    return _print_report(console, report, live_adapters=bool(args.adapter or args.lora))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -312,14 +341,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="check a model (and LoRA adapter) on moekit against transformers",
         description="Run a batch with moekit and with transformers' default experts backend and compare, per MoE "
         "layer, outputs and gradients; with an adapter, check that the experts are adapted and get gradients.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("model_dir", nargs="?", help="a saved Hugging Face model directory")
-    parser.add_argument("--adapter", help="a saved PEFT adapter directory to load on the model")
-    parser.add_argument("--tiny", metavar="MODEL_TYPE", help="build a tiny random model of this type instead")
-    parser.add_argument("--lora", action="store_true", help="add a fresh LoRA on the expert weights")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (batch of 2)")
+    add = parser.add_argument
+    add("model_dir", nargs="?", help="a saved Hugging Face model directory (no default: give it or --tiny)")
+    add("--adapter", help="a saved PEFT adapter directory to load on the model (default: none)")
+    add("--tiny", metavar="MODEL_TYPE", help="build a tiny random model of this type instead (default: none)")
+    add("--lora", action="store_true", help="add a fresh LoRA on the expert weights")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+        help="device (cuda when available)")  # fmt: skip
+    add("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    add("--tokens", type=_positive_int, default=64, help="tokens per sequence (batch of 2)")
     parser.set_defaults(func=command)
     return parser
