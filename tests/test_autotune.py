@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from moekit.backend import triton_available
 from moekit.engines.reference import experts_reference
 from moekit.engines.triton import experts_triton
-from moekit.kernels import tiling
+from moekit.kernels import tuning as tuner
 from moekit.kernels.tuning_cache import TuningCache
 from moekit.options import OPTIONS
 
@@ -36,7 +36,7 @@ pytestmark = [
 # Three candidates per family: block sizes differ, so a wrong restore or a stale config changes the result
 _SPACES = {
     family: [(16, bn, bk, 4, 1), (32, bn, bk, 4, 1), (16, 2 * bn, bk, 4, 1) if bn else (32, bn, bk, 2, 1)]
-    for family, ((_, bn, bk, _, _),) in ((f, s["interpret"]) for f, s in tiling._SPACES.items())
+    for family, ((_, bn, bk, _, _),) in ((f, s["interpret"]) for f, s in tuner._SPACES.items())
 }
 
 
@@ -47,7 +47,7 @@ def tuning(monkeypatch, tmp_path):
     monkeypatch.setattr(OPTIONS, "cache_dir", str(tmp_path))
     monkeypatch.setattr(OPTIONS, "pinned_config", None)
     for family, space in _SPACES.items():
-        monkeypatch.setitem(tiling._SPACES[family], "interpret", space)
+        monkeypatch.setitem(tuner._SPACES[family], "interpret", space)
     countdown = itertools.count(1000, -1)
     timed = []
 
@@ -57,9 +57,9 @@ def tuning(monkeypatch, tmp_path):
         timed.append(call)
         return float(next(countdown))
 
-    monkeypatch.setattr(tiling, "_time_config", timer)
-    monkeypatch.setattr(tiling, "_tuning_cache", lambda: TuningCache("interpreter", "test"))
-    for kernel in tiling.Autotuned.registry:
+    monkeypatch.setattr(tuner, "_time_config", timer)
+    monkeypatch.setattr(tuner, "_tuning_cache", lambda: TuningCache("interpreter", "test"))
+    for kernel in tuner.Autotuned.registry:
         monkeypatch.setattr(kernel, "chosen", {})
     return timed
 
@@ -90,14 +90,14 @@ def test_first_call_equals_tuned_call(tuning, monkeypatch, name):
         assert a is None or torch.equal(a, b), f"{label}: the first (tuning) call differs from the tuned one"
     assert_matches(first, run(experts_reference, case, requires_grad), None, NAMES, 1e-5, None)
     # the real launch used the config the timer preferred (the last), not the default
-    chosen = [c for k in tiling.Autotuned.registry for c in k.chosen.values()]
+    chosen = [c for k in tuner.Autotuned.registry for c in k.chosen.values()]
     assert chosen and all(c["BLOCK_M"] == 32 or c.get("BLOCK_N") == 32 or c["num_warps"] == 2 for c in chosen)
 
 
 def test_restore_is_needed(tuning, monkeypatch):
     """Mutation check: without restoring what the in-place kernels overwrite, the first call is wrong."""
     monkeypatch.setattr(OPTIONS, "lora_gemm", "split")
-    for kernel in tiling.Autotuned.registry:
+    for kernel in tuner.Autotuned.registry:
         monkeypatch.setattr(kernel, "restore", ())
     case = make_case(layout="relu2", T=21, E=3)
     first = run(experts_triton, case)
@@ -113,17 +113,17 @@ def test_choices_persist_across_processes(tuning, monkeypatch, tmp_path):
     files = list((tmp_path / "tuning").glob("*.json"))
     assert len(files) == 1 and files[0].name == "interpreter-tritontest.json"
     entries = json.loads(files[0].read_text())["entries"]
-    assert len(entries) == sum(len(k.chosen) for k in tiling.Autotuned.registry)
-    for kernel in tiling.Autotuned.registry:  # as in a new process
+    assert len(entries) == sum(len(k.chosen) for k in tuner.Autotuned.registry)
+    for kernel in tuner.Autotuned.registry:  # as in a new process
         monkeypatch.setattr(kernel, "chosen", {})
-    monkeypatch.setattr(tiling, "_time_config", lambda call: pytest.fail("tuned again despite the cache"))
+    monkeypatch.setattr(tuner, "_time_config", lambda call: pytest.fail("tuned again despite the cache"))
     second = run(experts_triton, case)
     for a, b in zip(first, second):
         assert a is None or torch.equal(a, b)
 
 
 def test_stale_and_corrupt_entries_are_retuned(tuning, tmp_path):
-    cache = tiling._tuning_cache()
+    cache = tuner._tuning_cache()
     case = make_case(layout="relu2", T=9, E=3, projections=())
     run(experts_triton, case)
     tuned = len(tuning)
@@ -131,7 +131,7 @@ def test_stale_and_corrupt_entries_are_retuned(tuning, tmp_path):
         entries = json.load(handle)["entries"]
     stale = {entry: {**config, "BLOCK_M": 48} for entry, config in entries.items()}  # outside every space
     cache._write(stale)
-    for kernel in tiling.Autotuned.registry:
+    for kernel in tuner.Autotuned.registry:
         kernel.chosen.clear()
     run(experts_triton, case)
     assert len(tuning) == 2 * tuned, "a config outside the space was used instead of tuning again"

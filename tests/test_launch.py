@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from moekit.kernels import launch
 from moekit.kernels.launch import FastKernel, argument_key
 
 
@@ -60,7 +59,6 @@ class _JitStandIn:
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    monkeypatch.setattr(launch, "ENABLED", True)
     jit = _JitStandIn()
     fast = FastKernel(jit)
     fast.native = True
@@ -115,17 +113,74 @@ def test_other_specialisation_goes_through_triton(stand_in, change):
     assert [c[0] for c in jit.calls] == ["jit", "jit", "compiled"]
 
 
-def test_disabled_or_interpreted_always_goes_through_triton(stand_in, monkeypatch):
+def test_interpreted_always_goes_through_triton(stand_in):
+    """The interpreter's launches return no compiled kernel: every launch is the jit function's own."""
     jit, fast = stand_in
     x = torch.zeros(32)
-    monkeypatch.setattr(launch, "ENABLED", False)
-    for _ in range(2):
-        fast[(1,)](x, 64, 0.5, BLOCK=4)
-    monkeypatch.setattr(launch, "ENABLED", True)
     fast.native = False
+    for _ in range(3):
+        fast[(1,)](x, 64, 0.5, BLOCK=4)
+    assert [c[0] for c in jit.calls] == ["jit"] * 3
+    assert not fast.compiled
+
+
+class _NoKernelStandIn(_JitStandIn):
+    """A jit function whose launches return no compiled kernel (as the interpreter's do)."""
+
+    def __getitem__(self, grid):
+        run = super().__getitem__(grid)
+        return lambda *args, **kwargs: run(*args, **kwargs) and None
+
+
+def test_a_launch_that_returns_no_kernel_is_not_cached(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    jit = _NoKernelStandIn()
+    fast = FastKernel(jit)
+    fast.native = True
+    x = torch.zeros(32)
     for _ in range(2):
         fast[(1,)](x, 64, 0.5, BLOCK=4)
-    assert [c[0] for c in jit.calls] == ["jit"] * 4
+    assert [c[0] for c in jit.calls] == ["jit", "jit"]
+    assert not fast.compiled
+
+
+def test_interpreted_kernels_are_not_native():
+    """Under TRITON_INTERPRET=1 a FastKernel never takes the compiled path (on a GPU run it always does)."""
+    from moekit.kernels.numerics import interpreting
+
+    fast = FastKernel(_JitStandIn())
+    assert fast.native is not interpreting()
+
+
+def test_autotuned_launches_follow_a_changed_pinned_config(monkeypatch):
+    """``Autotuned`` keeps its choices for one ``OPTIONS.pinned_config``: a launch under another value chooses
+    again (read at call time), an unchanged one reuses the choice."""
+    from moekit.kernels import tuning
+    from moekit.options import OPTIONS
+
+    monkeypatch.setattr(tuning.Autotuned, "registry", [])
+    monkeypatch.setattr(tuning, "_generation", lambda: "hopper")  # a space of several configs
+    monkeypatch.setattr(OPTIONS, "pinned_config", None)
+    space = tuning.configs("gemm")
+    assert len(space) > 2
+    monkeypatch.setattr(OPTIONS, "pinned_config", 0)
+    jit = _JitStandIn()
+    kernel = tuning.Autotuned(jit, "gemm", key=["n"])
+    kernel.fast.native = False  # every launch is the stand-in's own call, with the chosen config's keywords
+    x = torch.zeros(32)
+
+    def launch():
+        kernel.get(torch.bfloat16)[(1,)](x, 64, 0.5, BLOCK=4)
+        _, _, _, kwargs = jit.calls[-1]
+        return {name: kwargs[name] for name in space[0]}
+
+    assert launch() == space[0]
+    monkeypatch.setattr(OPTIONS, "pinned_config", 1)
+    assert launch() == space[1]
+    monkeypatch.setattr(OPTIONS, "pinned_config", 99)  # clamped to the last
+    assert launch() == space[-1]
+    monkeypatch.setattr(tuning.Autotuned, "_choose", lambda *a: pytest.fail("chosen again"))
+    assert launch() == space[-1]
 
 
 @pytest.mark.triton

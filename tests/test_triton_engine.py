@@ -2,7 +2,7 @@
 
 Runs natively on a GPU, or under TRITON_INTERPRET=1 on the CPU (conftest sets it): shapes are tiny so the whole
 file stays within a few minutes on two cores. Inputs are fresh random tensors (never zeros); every buffer the
-kernels must fill is allocated NaN-poisoned (``moekit.kernels.tiling.POISON_OUTPUTS``) so an unwritten element
+kernels must fill is allocated NaN-poisoned (``moekit.options.OPTIONS.poison_outputs``) so an unwritten element
 shows up as NaN.
 """
 
@@ -15,13 +15,14 @@ from triton_compare import assert_matches
 
 triton = pytest.importorskip("triton")
 
+import moekit.options
 from moekit import kernels
 from moekit.activations import ELEMENTWISE, Activation
 from moekit.backend import triton_available
 from moekit.engines.reference import experts_reference
 from moekit.engines.triton import ExpertsTritonFunction, experts_triton
 from moekit.grouped import grouped_matmul, grouped_outer, grouped_outer_runs
-from moekit.kernels import tiling
+from moekit.kernels import tuning
 from moekit.layout import ExpertsLayout
 from moekit.options import OPTIONS
 from moekit.plan import build_plan
@@ -175,14 +176,14 @@ def test_fp16_routing_weights_fp32():
 
 
 def test_autotune_env_picks_one_config(monkeypatch):
-    """MOEKIT_TRITON_AUTOTUNE: 0 keeps the default config, config:N the N-th (clamped), anything else all of them."""
-    monkeypatch.setattr(tiling, "_generation", lambda: "hopper")
+    """MOEKIT_TRITON_AUTOTUNE (``OPTIONS.pinned_config``): 0 keeps the default config, config:N the N-th (clamped), anything else all of them."""
+    monkeypatch.setattr(tuning, "_generation", lambda: "hopper")
 
     def meta(value):
-        monkeypatch.setenv("MOEKIT_TRITON_AUTOTUNE", value)
-        return [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in tiling.configs("gemm")]
+        monkeypatch.setattr(OPTIONS, "pinned_config", moekit.options._autotune(value))
+        return [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in tuning.configs("gemm")]
 
-    space = [(bm, bn, w, s) for bm, bn, _, w, s in tiling._SPACES["gemm"]["hopper"]]
+    space = [(bm, bn, w, s) for bm, bn, _, w, s in tuning._SPACES["gemm"]["hopper"]]
     assert meta("1") == space
     assert meta("0") == space[:1]
     assert meta("config:1") == space[1:2]
@@ -193,9 +194,9 @@ def test_tuned_launches_reuse_the_chosen_config(monkeypatch):
     """Once a key has its config, launches go straight to the compiled kernel with it (no second choice)."""
     case = make_case(T=11, act=_act("silu", "glu"), bias=True)
     first = assert_close(case, 1e-5)
-    used = [k for k in tiling.Autotuned.registry if k.chosen]
+    used = [k for k in tuning.Autotuned.registry if k.chosen]
     assert used, "no kernel recorded a chosen config"
-    monkeypatch.setattr(tiling.Autotuned, "_choose", lambda *a: pytest.fail("a config was chosen again"))
+    monkeypatch.setattr(tuning.Autotuned, "_choose", lambda *a: pytest.fail("a config was chosen again"))
     second = assert_close(case, 1e-5)
     for a, b in zip(first, second):
         assert a is None or torch.equal(a, b)

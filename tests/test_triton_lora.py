@@ -271,8 +271,9 @@ def test_backward_drops_each_lora_operand_after_its_last_use(monkeypatch):
     made = []  # weak references to the s·B operands, in the order the engine makes them
     real_factors, real_combine = engine._kernel_factors, kernels.combine
 
-    def kernel_factors(factor_a, factor_b, scale, dtype, copy_a):
-        operand_a, operand_b = real_factors(factor_a, factor_b, scale, dtype, copy_a)
+    def kernel_factors(lora, dtype, copy_a):
+        factor_a = lora.a
+        operand_a, operand_b = real_factors(lora, dtype, copy_a)
         # A: a copy in x's dtype for the forward's low-rank GEMMs, read as it is (no copy) in the backward
         assert operand_a.dtype == dtype if copy_a else operand_a is factor_a
         assert operand_b.dtype == dtype and operand_b.is_contiguous()
@@ -436,7 +437,7 @@ def test_peft_model_through_the_triton_engine(monkeypatch, dtype):
     launched = []
     real = moekit.engines.triton.ExpertsTritonFunction.apply
     monkeypatch.setattr(moekit.engines.triton.ExpertsTritonFunction, "apply",
-                        lambda *a: launched.append(a[8] is not None and a[10] is not None) or real(*a))  # fmt: skip
+                        lambda *a: launched.append(a[7] is not None and a[11] is not None) or real(*a))  # fmt: skip
 
     def step(engine, model=model, cast=lambda t: t):
         monkeypatch.setattr(moekit.backend, "select_engine", lambda *a, **k: engine)

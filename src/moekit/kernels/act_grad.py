@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 
 from .activation import act_backward, act_fn, gated_backward
-from .down_proj import grouped_gemm
+from .grouped_gemm import grouped_gemm
 from .launch import FastKernel
-from .tiling import cdiv, interpreting, new_output, to_dtype
+from .numerics import interpreting, new_output, to_dtype
+from .tiling import cdiv
 
 
 @triton.jit

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .launch import FastKernel
-from .tiling import cdiv, interpreting, new_output, next_power_of_2, to_dtype
+from .numerics import interpreting, new_output, to_dtype
+from .tiling import cdiv, next_power_of_2
 
 
 @triton.jit

@@ -1,9 +1,8 @@
 """Kernel launches that skip triton's per-call argument binding once a kernel is compiled.
 
 ``jit_fn[grid](*args)`` binds and specialises every argument and rebuilds the cache key on each call: 30-65 µs of
-host time per launch on the H100 machine's host, against 10-18 µs for calling the compiled kernel
-(``scripts/probe_launch.py``). A LoRA step makes about 20 launches, and at 8k tokens the host, not the GPU, set
-its time (BENCHMARKS.md, runs 11 and 12).
+host time per launch on an H100 machine's host, against 10-18 µs for calling the compiled kernel. A LoRA step
+makes about 20 launches, and at 8k tokens the host's launch time, not the GPU, set the step's time.
 
 ``FastKernel(jit_fn)[grid](*args, **constexprs_and_options)`` launches like the jit function. The first launch of
 each specialisation goes through triton (which compiles when it must) and keeps the compiled kernel it returns;
@@ -14,19 +13,16 @@ kernel on, or more: each tensor's dtype and 16-byte alignment; each integer's di
 assumptions. Runtime arguments are passed positionally and constexprs by keyword (every call site here does):
 the grid function sees the constexprs only.
 
-Under the interpreter, or with ``MOEKIT_TRITON_FAST_LAUNCH=0``, every launch goes through triton as usual.
+Under the interpreter (whose launches return no compiled kernel) every launch goes through triton as usual.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-_INT32 = (-(2**31), 2**31 - 1)
+from .numerics import interpreting
 
-# Read once: the launch path must not pay an environment lookup per call. Tests may set it.
-ENABLED = os.environ.get("MOEKIT_TRITON_FAST_LAUNCH", "1") != "0"
+_INT32 = (-(2**31), 2**31 - 1)
 
 
 def argument_key(args: tuple) -> tuple:
@@ -52,8 +48,6 @@ class FastKernel:
     """A jit function whose repeat launches call the compiled kernel directly (module docstring)."""
 
     def __init__(self, jit_fn):
-        from .tiling import interpreting  # here, not at the top: tiling imports this module
-
         self.jit_fn = jit_fn
         self.native = not interpreting()  # the interpreter's functions return no compiled kernel
         self.names = tuple(jit_fn.arg_names)
@@ -64,7 +58,7 @@ class FastKernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args: tuple, kwargs: dict) -> None:
-        if not (ENABLED and self.native):
+        if not self.native:
             self.jit_fn[grid](*args, **kwargs)
             return
         key = (torch.cuda.current_device(), argument_key(args), tuple(kwargs.items()))

@@ -1,4 +1,4 @@
-"""In-place LoRA add: the second half of a split LoRA GEMM (``triton_engine.lora_gemm_split``).
+"""In-place LoRA add: the second half of a split LoRA GEMM (the engine's base product on grouped_mm, then this).
 
     out[r] += u[r] @ L[e]        r in expert e's block; out [n, N] (a base product grouped_mm made), u [n, R]
                                  plan rows, L viewed [E, R, N]: fp32 sum of the two, one rounding
@@ -8,9 +8,8 @@ own dtype, rounded per tile); dA's GEMM from the dOut row copy: u = dOut[tok] @ 
 
 The pass is memory-bound: one read and one write of out. Each program owns one row tile of one expert (the tile
 map of ``tiling``) and sweeps all N columns in a pipelined loop, so the tile map and (with one rank step) u's tile
-are loaded once per row tile rather than once per output tile. On an H200 this kernel's first version (the same
-loop, in ``scripts/probe_lora_add.py``'s first version) reached 3.7-4.0 TB/s at Nemotron's and Qwen3's shapes,
-against 2.7-3.0 TB/s for the same add as a grouped-GEMM tile per program (BENCHMARKS.md run 17). Sentinel rows
+are loaded once per row tile rather than once per output tile: on an H200 this measured about 1.35x the
+bandwidth of the same add as a grouped-GEMM tile per program at Nemotron's and Qwen3's shapes. Sentinel rows
 (past the routed ones) are never touched.
 """
 
@@ -20,17 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import (
-    Autotuned,
-    block_e,
-    dot_precision,
-    expert_tile,
-    mma,
-    num_row_tiles,
-    rank_block,
-    rows_bucket,
-    to_dtype,
-)
+from .numerics import dot_precision, mma, to_dtype
+from .tiling import block_e, expert_tile, num_row_tiles, one_rank_step, rank_block, rows_bucket, tile_rows
+from .tuning import Autotuned
 
 
 @triton.jit
@@ -44,9 +35,7 @@ def _lora_add_kernel(
     total, expert, row_start, row_end = expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E)
     if pid_m >= total:
         return
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < row_end
-    rows64 = tl.where(m_mask, offs_m, row_start).to(tl.int64)  # clamp: loads stay inside the block
+    _, m_mask, rows64 = tile_rows(row_start, row_end, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     u_rows = u_ptr + rows64[:, None] * stride_um
     l_base = l_ptr + expert.to(tl.int64) * stride_le
@@ -97,6 +86,6 @@ def lora_add(out: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, counts: t
     _KERNEL.get(u.dtype)[grid](
         out, u, factor, counts, num_experts, n_dim, rank, rows_bucket(n, num_experts),
         out.stride(0), *u.stride(), *factor.stride(),
-        ONE_STEP=rank <= block_r, PRECISION=dot_precision(u.dtype), BLOCK_E=block_e(num_experts), BLOCK_R=block_r,
+        ONE_STEP=one_rank_step(rank), PRECISION=dot_precision(u.dtype), BLOCK_E=block_e(num_experts), BLOCK_R=block_r,
     )  # fmt: skip
     return out

@@ -1,7 +1,7 @@
 """Tuned kernel configs on disk, so a second process on the same machine does not tune again.
 
-One JSON file per GPU name and triton version, in ``$MOEKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/moekit``, else
-``~/.cache/moekit``), under ``tuning/``. It maps "kernel|key" to the chosen launch config::
+One JSON file per GPU name and triton version, in ``OPTIONS.cache_dir`` (default ``$XDG_CACHE_HOME/moekit``,
+else ``~/.cache/moekit``), under ``tuning/``. It maps "kernel|key" to the chosen launch config::
 
     {"version": 1, "entries": {"_up_proj_kernel[gated]@<source hash>|(<key values>)": {"BLOCK_M": 128, ...}}}
 
@@ -22,6 +22,8 @@ import re
 import tempfile
 import warnings
 
+from ..options import OPTIONS
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: atomic replace only
@@ -31,10 +33,9 @@ _VERSION = 1
 
 
 def cache_dir() -> str:
-    """Where moekit keeps its caches: ``MOEKIT_CACHE_DIR``, else the user's cache directory."""
-    explicit = os.environ.get("MOEKIT_CACHE_DIR")
-    if explicit:
-        return explicit
+    """Where moekit keeps its caches: ``OPTIONS.cache_dir`` (read at each call), else the user's cache directory."""
+    if OPTIONS.cache_dir:
+        return OPTIONS.cache_dir
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "moekit")
 

@@ -4,8 +4,9 @@
     a[r] = act(h[r])                                        a [n, I]
 
 With LoRA (``HAS_LORA``) the caller passes the low-rank intermediate u = x[tok] @ A_up[e]ᵀ [n, R] (plan rows,
-computed by the low-rank ``grouped_gemm``); after the main loop over H a second, short loop over R adds
-u[r] @ B_up[e]ᵀ into the same fp32 accumulators (gate and up columns alike), before bias and activation:
+computed by the low-rank ``grouped_gemm``); after the main loop over H the reduction over R adds
+u[r] @ B_up[e]ᵀ into the same fp32 accumulators (gate and up columns alike), before bias and activation (with
+one rank step, concatenated or plain layouts, its tiles are loaded before the main loop; else a loop over R):
 
     h[r] = x[tok] @ W_up[e] + u[r] @ B_up[e]ᵀ (+ b_up[e])      no ΔW, no copy of W
 
@@ -23,21 +24,9 @@ import triton
 import triton.language as tl
 
 from .activation import act_fn, gated_forward
-from .tiling import (
-    Autotuned,
-    block_e,
-    cdiv,
-    dot_precision,
-    expert_tile,
-    lora_preload,
-    mma,
-    new_output,
-    num_row_tiles,
-    rank_block,
-    rows_bucket,
-    swizzle,
-    to_dtype,
-)
+from .numerics import dot_loop_pair, dot_precision, mma, new_output, to_dtype
+from .tiling import block_e, cdiv, gemm_program, num_row_tiles, one_rank_step, rank_block, rows_bucket, tile_rows
+from .tuning import Autotuned
 
 
 @triton.jit
@@ -52,18 +41,16 @@ def _up_proj_kernel(
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(n_rows, BLOCK_M) + tl.minimum(E, n_rows)
-    pid_m, pid_n = swizzle(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    total, expert, row_start, row_end = expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E)
-    if pid_m >= total:
+    spare, pid_n, expert, row_start, row_end = gemm_program(
+        counts_ptr, n_rows, E, N, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M
+    )
+    if spare:
         return
-
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < row_end
+    offs_m, m_mask, _ = tile_rows(row_start, row_end, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    PAIR: tl.constexpr = GATED and COL_STRIDE == 1  # a second accumulator: the up columns of W_up
 
     tok = tl.load(tok_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -86,40 +73,26 @@ def _up_proj_kernel(
             r_mask = offs_r < R
             ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             bg = tl.load(lg_ptrs, mask=r_mask[:, None] & w_mask[None, :], other=0.0)
-            if GATED and COL_STRIDE == 1:
+            if PAIR:
                 bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N * COL_STRIDE), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        wg = tl.load(wg_ptrs, mask=k_mask[:, None] & w_mask[None, :], other=0.0)
-        acc_g = mma(xt, wg, acc_g, PRECISION)
-        if GATED and COL_STRIDE == 1:
-            wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_u = mma(xt, wu, acc_u, PRECISION)
-            wu_ptrs += BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_wk
+    acc_g, acc_u = dot_loop_pair(
+        acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, None, w_mask, n_mask, offs_k, K, stride_xk, stride_wk,
+        PRECISION, BLOCK_K, PAIR,
+    )  # fmt: skip
 
     if HAS_LORA:  # + u @ B_up[e]ᵀ into the same accumulators, before bias and activation
         if LORA_PRELOAD:
             acc_g = mma(ut, bg, acc_g, PRECISION)
-            if GATED and COL_STRIDE == 1:
+            if PAIR:
                 acc_u = mma(ut, bu, acc_u, PRECISION)
         else:
-            for r in range(tl.cdiv(R, BLOCK_R)):
-                r_mask = offs_r < R - r * BLOCK_R
-                ut = tl.load(u_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                bg = tl.load(lg_ptrs, mask=r_mask[:, None] & w_mask[None, :], other=0.0)
-                acc_g = mma(ut, bg, acc_g, PRECISION)
-                if GATED and COL_STRIDE == 1:
-                    bu = tl.load(lu_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    acc_u = mma(ut, bu, acc_u, PRECISION)
-                    lu_ptrs += BLOCK_R * stride_lbr
-                u_ptrs += BLOCK_R * stride_ur
-                lg_ptrs += BLOCK_R * stride_lbr
+            acc_g, acc_u = dot_loop_pair(
+                acc_g, acc_u, u_ptrs, lg_ptrs, lu_ptrs, m_mask, w_mask, n_mask, offs_r, R, stride_ur, stride_lbr,
+                PRECISION, BLOCK_R, PAIR,
+            )  # fmt: skip
 
     if COL_STRIDE == 2:  # interleaved: columns 2j (gate) and 2j + 1 (up) of the wide tile
         acc_g, acc_u = tl.split(tl.reshape(acc_g, (BLOCK_M, BLOCK_N, 2)))
@@ -173,7 +146,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     rank = u.shape[1] if has_lora else 0
     # Interleaved layouts never preload the LoRA tiles: beside the wide 2·BLOCK_N accumulator that made some tuned
     # configs fault with an illegal address on an H200 (triton 3.6); the loop after the main loop is correct.
-    preload = lora_preload(rank) and col_stride == 1
+    preload = one_rank_step(rank) and col_stride == 1
     kernel.get(x.dtype)[grid](
         x, token_of_row, weight_in_out, b, h, a, counts, u, lb,
         n, num_experts, inner, hidden, rows_bucket(n, num_experts), rank,

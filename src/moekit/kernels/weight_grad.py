@@ -33,19 +33,9 @@ import triton
 import triton.language as tl
 
 from .launch import FastKernel
-from .tiling import (
-    Autotuned,
-    block_e,
-    cdiv,
-    dot_precision,
-    mma,
-    new_output,
-    num_sms,
-    rank_block,
-    rows_bucket,
-    to_dtype,
-    wgrad_block_k,
-)
+from .numerics import dot_precision, mma, new_output, to_dtype
+from .tiling import block_e, cdiv, load_rows, num_sms, rank_block, rows_bucket
+from .tuning import Autotuned, wgrad_block_k
 
 
 @triton.jit
@@ -88,25 +78,9 @@ def _weight_grad_kernel(
         rows = row_start + offs_k
         r_mask = rows < row_end
         rows_c = tl.where(r_mask, rows, row_start).to(tl.int64)
-        if GATHER_L:
-            l_rows = tl.load(l_idx_ptr + rows_c).to(tl.int64)
-        else:
-            l_rows = rows_c
-        lt = tl.load(
-            l_ptr + l_rows[:, None] * stride_lm + offs_p[None, :] * stride_lp,
-            mask=r_mask[:, None] & p_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_M]
+        lt = load_rows(l_ptr, l_idx_ptr, rows_c, offs_p, stride_lm, stride_lp, r_mask, p_mask, GATHER_L)  # [K, M]
         if COMPUTE_W:
-            if GATHER_R:
-                r_rows = tl.load(r_idx_ptr + rows_c).to(tl.int64)
-            else:
-                r_rows = rows_c
-            rt = tl.load(
-                r_ptr + r_rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
-                mask=r_mask[:, None] & q_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]
+            rt = load_rows(r_ptr, r_idx_ptr, rows_c, offs_q, stride_rm, stride_rq, r_mask, q_mask, GATHER_R)  # [K, N]
             if SCALE_R:  # right rows times their routing weight, rounded to the operand dtype; rows past the chunk
                 # (clamped to its first row) load weight 0, so a NaN/Inf weight of that row does not enter twice
                 w_r = tl.load(rw_ptr + tl.load(rows_ptr + rows_c), mask=r_mask, other=0.0).to(tl.float32)

@@ -1,16 +1,18 @@
-"""Down-projection (and dX): grouped GEMM over plan-sorted rows + bias + routing weight in the epilogue.
+"""The grouped GEMM over plan-sorted (or gathered) rows, with a fused LoRA term, bias and routing weight.
 
-    out[r] = (A[r] @ B[e] (+ bias[e])) * (routing_weight[sorted_rows[r]] if SCALE)     r in expert e's block
+    out[r] = (A[r] @ B[e] (+ u[r] @ L[e]) (+ bias[e])) * (routing_weight[sorted_rows[r]] if SCALE)
+                                                                         r in expert e's block
 
-Forward: A = a [n, I], B = W_down viewed [E, I, H], with bias and routing weight: out = the weighted expert
-output, which the combine kernel sums over K. Backward dX: A = dL/dh [n, W], B = W_up viewed [E, W, H], no bias,
-no weight. Backward dA (split mode, see act_grad.py): A = dOut rows gathered through token_of_row inside the
-loads, B = W_down viewed [E, H, I]. Operands are read through strides, so stored [E, out, in] and transposed [E, in, out] weights both
-work without copies. Accumulation in fp32, one rounding to the output dtype.
+Its uses: the forward down-projection (A = a [n, I], B = W_down viewed [E, I, H], with bias and routing weight:
+out is the weighted expert output, which the combine kernel sums over K); dX (A = dL/dh [n, W], B = W_up viewed
+[E, W, H], no bias, no weight); dA's GEMM (A = dOut rows gathered through token_of_row inside the loads, B = W_down
+viewed [E, H, I], see act_grad.py). Operands are read through strides, so stored [E, out, in] and transposed
+[E, in, out] weights both work without copies. Accumulation in fp32, one rounding to the output dtype.
 
-LoRA (``lora=(u, L)``): after the main loop a short loop over the rank adds u[r] @ L[e] (u [n, R] plan rows,
-L viewed [E, R, N]) into the same accumulator, before bias and routing weight. Forward: u = a @ A_down[e]ᵀ,
-L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; split dA: u = dOut[tok] @ B_down[e], L = A_down.
+LoRA (``lora=(u, L)``): after the main loop the rank's reduction adds u[r] @ L[e] (u [n, R] plan rows, L viewed
+[E, R, N]) into the same accumulator, before bias and routing weight; with one rank step its tiles are loaded
+before the main loop. Forward: u = a @ A_down[e]ᵀ, L = B_downᵀ; dX: u = dh @ B_up[e], L = A_up; dA:
+u = dOut[tok] @ B_down[e], L = A_down.
 
 Low-rank mode (``lowrank=True``): the same kernel computes those u = rows @ F[e] [n, R] (F = A[e]ᵀ or B[e],
 the rank is N): its own small autotuning space, BLOCK_N set from R at launch instead of a 128-wide tile.
@@ -21,22 +23,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .numerics import as_operand, dot_loop, dot_precision, mma, new_output, to_dtype
 from .tiling import (
-    Autotuned,
-    as_operand,
     block_e,
     cdiv,
-    dot_precision,
-    expert_tile,
-    lora_preload,
-    mma,
-    new_output,
+    gemm_program,
     num_row_tiles,
+    one_rank_step,
     rank_block,
     rows_bucket,
-    swizzle,
-    to_dtype,
+    source_rows,
+    tile_rows,
 )
+from .tuning import Autotuned
 
 
 @triton.jit
@@ -50,24 +49,17 @@ def _grouped_gemm_kernel(
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(n_rows, BLOCK_M) + tl.minimum(E, n_rows)
-    pid_m, pid_n = swizzle(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    total, expert, row_start, row_end = expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E)
-    if pid_m >= total:
+    spare, pid_n, expert, row_start, row_end = gemm_program(
+        counts_ptr, n_rows, E, N, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M
+    )
+    if spare:
         return
-
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < row_end
-    rows64 = tl.where(m_mask, offs_m, row_start).to(tl.int64)  # clamp: loads stay inside the block
+    _, m_mask, rows64 = tile_rows(row_start, row_end, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    if GATHER:  # A rows are token rows: a[gather[r]]
-        a_rows = tl.load(gather_ptr + rows64).to(tl.int64)
-    else:
-        a_rows = rows64
+    a_rows = source_rows(gather_ptr, rows64, GATHER)  # A rows are token rows a[gather[r]] when GATHER
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     if HAS_LORA:  # u plan rows [n, R], L [R, N] through strides
@@ -79,25 +71,13 @@ def _grouped_gemm_kernel(
             lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
             lt = as_operand(lt, ut.dtype)  # held through the main loop: in the operand dtype, not A's own
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(at, wt, acc, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc = dot_loop(acc, a_ptrs, w_ptrs, None, n_mask, offs_k, K, stride_ak, stride_wk, PRECISION, BLOCK_K)
 
     if HAS_LORA:  # + u @ L[e] into the same accumulator, before bias and routing weight
         if LORA_PRELOAD:
             acc = mma(ut, lt, acc, PRECISION)
         else:
-            for r in range(tl.cdiv(R, BLOCK_R)):
-                r_mask = offs_r < R - r * BLOCK_R
-                ut = tl.load(u_ptrs, mask=r_mask[None, :], other=0.0)
-                lt = tl.load(l_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = mma(ut, lt, acc, PRECISION)
-                u_ptrs += BLOCK_R * stride_ur
-                l_ptrs += BLOCK_R * stride_lr
+            acc = dot_loop(acc, u_ptrs, l_ptrs, None, n_mask, offs_r, R, stride_ur, stride_lr, PRECISION, BLOCK_R)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
@@ -146,7 +126,7 @@ def grouped_gemm(
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
         *(u.stride() if has_lora else (0, 0)), *(lw.stride() if has_lora else (0, 0, 0)),
         GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale, HAS_LORA=has_lora, BLOCK_R=rank_block(rank),
-        LORA_PRELOAD=lora_preload(rank),
+        LORA_PRELOAD=one_rank_step(rank),
         PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8, **extra,
     )  # fmt: skip
     return out
