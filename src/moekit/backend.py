@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 
@@ -60,7 +59,9 @@ def triton_available(device: torch.device | str) -> bool:
             return False
         return _capable(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cpu":
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        from .kernels.numerics import interpreting
+
+        return interpreting()
     return False
 
 
