@@ -9,6 +9,6 @@ if not torch.cuda.is_available():
 
 # Tests pin each kernel family to its default config: on a GPU, tuning every tiny shape made the native suite take
 # over six minutes. Tuning itself is tested with forced spaces (test_autotune.py) and, on the GPU, by the
-# cold-cache section of scripts/cold_cache.py. The tuning cache of a test run never touches the user's.
+# cold-cache section of tools/cold_cache.py. The tuning cache of a test run never touches the user's.
 os.environ.setdefault("MOEKIT_TRITON_AUTOTUNE", "0")
 os.environ.setdefault("MOEKIT_CACHE_DIR", tempfile.mkdtemp(prefix="moekit-test-cache-"))

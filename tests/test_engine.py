@@ -198,7 +198,7 @@ def test_gpu_range_check_is_reported_by_a_later_call(monkeypatch):
     assert not pending  # the error clears the queue: one report per failure, not one per later call
 
 
-@pytest.mark.triton  # with the native GPU tests (scripts/gpu_check.py runs ``-m triton`` on the device)
+@pytest.mark.triton  # with the native GPU tests (tools/gpu_session.sh native runs ``-m triton`` on the device)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred range check runs on CUDA tensors only")
 def test_gpu_range_check_end_to_end():
     index = torch.tensor([[2, 0], [9, 1]], device="cuda")

@@ -207,7 +207,7 @@ def run_case(shape: Shape, impl: str, mode: str, tokens: int, device: str = "cud
 
 
 def add_case_arguments(parser: argparse.ArgumentParser, preset: str = "nemotron3-nano", mode: str = "full") -> None:
-    """--preset, --tokens, --mode and --lora-rank of one benchmark case (``make_step``), for the GPU scripts."""
+    """--preset, --tokens, --mode and --lora-rank of one benchmark case (``make_step``), for the GPU tools."""
     parser.add_argument("--preset", default=preset, choices=sorted(PRESETS))
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--mode", choices=MODES, default=mode)

@@ -1,19 +1,25 @@
 """Cold-cache correctness on the GPU: the FIRST call of every Triton engine path, tuning included, against the
-reference engine — run by every GPU visit that touches a kernel (``scripts/gpu_session.sh cold``).
+reference engine — run by every GPU visit that touches a kernel (``tools/gpu_session.sh OUT cold``).
 
-    PYTHONPATH=src python scripts/cold_cache.py --shapes nemotron3-nano,odd-relu2 --json OUT.json [--expect OUT.json]
+    PYTHONPATH=src python tools/cold_cache.py --shapes nemotron3-nano,odd-relu2 --json OUT.json [--expect OUT.json]
 
 Each shape runs every path through the user's route (transformers experts module, PEFT LoRA r=16 with non-zero B,
-``moekit.enable``, ``MOEKIT_BACKEND`` picking the engine): full fine-tuning, frozen base, LoRA with the big GEMMs
-fused and split (``MOEKIT_TRITON_LORA_GEMM``), LoRA with a trainable base. Each path runs at two token counts, so
-the second is a new tuning key in a process that has tuned others. For each (path, tokens): the Triton engine's
-first call (tuning on its live buffers), its second call (tuned), the reference engine in bf16 and in fp32. A
-case passes when the first call's output and every gradient are no worse against fp32 than the bf16 reference
-(err <= 1.5 ref_err + 6e-3, err = max|a - b| / max|b|) and the second call equals the first bit for bit.
+``moekit.enable``, the engine forced by ``moekit.options.override(backend=...)``): full fine-tuning, frozen base,
+LoRA with the big GEMMs fused and split (the ``lora_gemm`` option), LoRA with a trainable base. Each path runs at
+two token counts, so the second is a new tuning key in a process that has tuned others. For each (path, tokens):
+the Triton engine's first call (tuning on its live buffers), its second call (tuned), the reference engine in bf16
+and in fp32. A case passes when the first call's output and every gradient are no worse against fp32 than the
+bf16 reference (err <= 1.5 ref_err + 6e-3, err = max|a - b| / max|b|) and the second call equals the first bit
+for bit.
 
 Run it in a process with an empty tuning cache (``MOEKIT_CACHE_DIR`` a new directory), then again with the same
 directory and ``--expect`` the first run's JSON: the second process must tune nothing (its first calls are fast)
 and give the same bits (a digest per tensor).
+
+Why first calls: the autotuner runs every candidate config on the call's live buffers, so a kernel that writes in
+place (or accumulates) must have what it overwrites restored after each config; a missing restore shows only on
+the first call of a tuning key, in a process whose cache lacks it, as a wrong result that later calls do not
+repeat.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import time
 
 import torch
 
+from moekit.options import override
 from moekit.tools.bench import PRESETS, Shape, _wrap_lora, make_experts_module, make_routing
 
 ODD = {
@@ -38,7 +44,7 @@ ODD = {
     )
 }
 SHAPES = {**{name: PRESETS[name] for name in ("nemotron3-nano", "qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b")}, **ODD}
-# path: (LoRA, base trainable, MOEKIT_TRITON_LORA_GEMM)
+# path: (LoRA, base trainable, the lora_gemm option)
 PATHS = {
     "full": (False, True, "auto"),
     "frozen": (False, False, "auto"),
@@ -71,12 +77,12 @@ def build(shape: Shape, path: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def step(model, engine: str, inputs) -> list[torch.Tensor]:
     """Output and every gradient (hidden, routing weights, trainable parameters) of one call on ``engine``."""
-    os.environ["MOEKIT_BACKEND"] = engine
     hidden, index, weights, upstream = inputs
     hidden = hidden.detach().requires_grad_(True)
     weights = weights.detach().requires_grad_(True)
-    out = model(hidden, index, weights)
-    out.backward(upstream.to(out.dtype))
+    with override(backend=engine):
+        out = model(hidden, index, weights)
+        out.backward(upstream.to(out.dtype))
     grads = [out.detach(), hidden.grad, weights.grad]
     for _, param in sorted(model.named_parameters()):
         if param.requires_grad:
@@ -87,7 +93,11 @@ def step(model, engine: str, inputs) -> list[torch.Tensor]:
 
 
 def run_case(shape: Shape, path: str, tokens: int) -> dict:
-    os.environ["MOEKIT_TRITON_LORA_GEMM"] = PATHS[path][2]
+    with override(lora_gemm=PATHS[path][2]):
+        return _run_case(shape, path, tokens)
+
+
+def _run_case(shape: Shape, path: str, tokens: int) -> dict:
     model = build(shape, path, torch.bfloat16)
     hidden, index, weights = make_routing(shape, tokens, "cuda", torch.bfloat16, seed=tokens)
     upstream = torch.randn(hidden.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(7))

@@ -1,13 +1,15 @@
 """What one benchmark step allocates, traced on the CPU: the step's peak memory, where it happens and what led to it.
 
-    python scripts/trace_memory.py --preset qwen3-30b-a3b --tokens 8192 --mode lora --lora-rank 64
+    python tools/trace_memory.py --preset qwen3-30b-a3b --tokens 8192 --mode lora --lora-rank 64 [--option F=V]
 
 The Triton engine runs with every kernel launch a no-op (TRITON_INTERPRET=1, outputs left unwritten), so the step
 allocates exactly the buffers it allocates on a GPU, at full size, in seconds. After every torch op the live heap
 bytes are read from glibc (``mallinfo2``: in-use heap plus mmap'd blocks). The peak above the step's start
-predicts ``step_gib`` of ``moekit bench`` (peak minus resident): for Qwen3 at 8k tokens and r = 64 it gave 799 MiB
-where an H200 measured 0.780 GiB, and for Nemotron's full step at 32k 4484 MiB where an H100 measured 4.378 GiB
-(BENCHMARKS.md, runs 10, 14 and 15). torch's grouped_mm is stubbed to allocate only its output. A prediction to
+predicts ``step_gib`` of ``moekit bench`` (peak minus resident): at nine LoRA and full-training cases it matched
+the GPU's measurement within 1 MiB (e.g. Qwen3 8k r = 64: 799 MiB; Nemotron full at 32k: 4484 MiB against
+4.378 GiB). torch's grouped_mm is stubbed to allocate only its output (its own workspace is not traced). The
+printout lists the ops that moved the heap, with the moekit source lines that ran them, and marks the peak.
+``--option FIELD=VALUE`` sets a field of ``moekit.options.OPTIONS`` (e.g. ``plain_gemm=triton``). A prediction to
 check on the GPU, not a measurement of it. Linux with glibc only.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import traceback
 
@@ -65,31 +68,53 @@ def _grouped_mm_output(left, right, offs):
 
 
 def silence_kernels() -> None:
-    """Every Triton launch and torch grouped_mm call a no-op that allocates only its output, and the Triton engine
-    selected on the CPU. (grouped_mm's own workspace on a GPU is not traced.)"""
+    """Every Triton launch and torch grouped_mm call a no-op that allocates only its output (the Triton engine
+    itself is forced onto the CPU by ``override(backend="triton")``, which the interpreter allows)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    import moekit.backend
     import moekit.grouped
-    from moekit.kernels import tiling
+    from moekit.kernels.tuning import Autotuned
 
     InterpretedFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
-    tiling.Autotuned.launch = lambda *args, **kwargs: None
-    moekit.backend._triton_blocker = lambda *args: None
+    Autotuned.launch = lambda *args, **kwargs: None
     moekit.grouped._GROUPED_MM = lambda left, right, offs: _grouped_mm_output(left, right, offs)
     moekit.grouped._grouped_mm_works = lambda *args: True
 
 
+def parse_options(specs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> override's keyword arguments (VALUE as JSON where it parses, else a string)."""
+    options = {}
+    for spec in specs:
+        field, eq, text = spec.partition("=")
+        if not (eq and field):
+            raise SystemExit(f"--option takes FIELD=VALUE, got {spec!r}")
+        try:
+            options[field] = json.loads(text)
+        except json.JSONDecodeError:
+            options[field] = text
+    return options
+
+
 def main() -> None:
-    from moekit.tools.bench import PRESETS, add_case_arguments, make_step
+    from moekit.options import override
+    from moekit.tools.bench import add_case_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser, preset="qwen3-30b-a3b", mode="lora")
     parser.add_argument("--min-mib", type=float, default=4.0, help="list the ops that moved the heap by this much")
+    parser.add_argument("--option", action="append", default=[], help="FIELD=VALUE of moekit.options (repeatable)")
     args = parser.parse_args()
-
     silence_kernels()
-    step = make_step(PRESETS[args.preset], "moekit-triton", args.mode, args.tokens, "cpu", torch.bfloat16, args.lora_rank)
+    with override(backend="triton", **parse_options(args.option)):
+        trace_step(args)
+
+
+def trace_step(args: argparse.Namespace) -> None:
+    from moekit.tools.bench import PRESETS, make_step
+
+    step = make_step(
+        PRESETS[args.preset], "moekit-triton", args.mode, args.tokens, "cpu", torch.bfloat16, args.lora_rank
+    )
     step()
     step()
     start = heap_bytes()
@@ -98,9 +123,10 @@ def main() -> None:
         step()
     peak_at = max(range(len(trace.log)), key=lambda i: trace.log[i][0])
     mib = 2**20
+    peak_mib = (trace.log[peak_at][0] - start) / mib
     print(
-        f"{args.preset} T={args.tokens} {args.mode} r={args.lora_rank}: step peak {(trace.log[peak_at][0] - start) / mib:.0f}"
-        f" MiB above the start ({start / mib:.0f} MiB resident), at op {peak_at} of {len(trace.log)}"
+        f"{args.preset} T={args.tokens} {args.mode} r={args.lora_rank}: step peak {peak_mib:.0f} MiB above the start "
+        f"({start / mib:.0f} MiB resident), at op {peak_at} of {len(trace.log)}"
     )
     before = start
     for i, (live, op, where) in enumerate(trace.log):

@@ -1,11 +1,13 @@
 """Does a LoRA fine-tune on moekit track the same run on transformers' default experts backend, step for step?
 
-    PYTHONPATH=src python scripts/track_curves.py --device cuda --lr 5e-3,1e-3 --json curves.json
+    PYTHONPATH=src python tools/track_curves.py --device cuda --lr 5e-3,1e-3 --json curves.json
 
 The demo model (``moekit.tools.demo``), LoRA on its experts, bf16 with fp32 adapters, AdamW, the same batches from
 the same start, 50 steps, for each learning rate and each pair of backends: moekit vs grouped_mm (the claim) and
 eager vs grouped_mm (the control: transformers' own two backends, the divergence that bf16 rounding alone
 causes). Prints max |Δloss| over the steps and the first step where |Δloss| > 1e-2; the JSON holds every curve.
+moekit passes when it stays as close to grouped_mm as eager does (on an H200 at lr 1e-3: max |Δloss| 0.0081
+against the control's 0.0135).
 """
 
 from __future__ import annotations
@@ -58,13 +60,22 @@ def main() -> None:
         for first, second in PAIRS:
             diffs = [abs(a - b) for a, b in zip(curves[first], curves[second])]
             over = next((step for step, d in enumerate(diffs) if d > 1e-2), None)
-            print(f"lr {lr:g}: {first} vs {second}: max |Δloss| {max(diffs):.4f}, first step over 1e-2: {over}, "
-                  f"loss {curves[first][0]:.3f} -> {curves[first][-1]:.3f} / {curves[second][-1]:.3f}")
+            print(
+                f"lr {lr:g}: {first} vs {second}: max |Δloss| {max(diffs):.4f}, first step over 1e-2: {over}, "
+                f"loss {curves[first][0]:.3f} -> {curves[first][-1]:.3f} / {curves[second][-1]:.3f}"
+            )
         results.append({"lr": lr, "curves": curves})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "steps": args.steps, "runs": results}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "steps": args.steps,
+                    "runs": results,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -1,21 +1,41 @@
 """Where does one expert-layer step spend its GPU time? Kernel-level breakdown of a `moekit bench` case.
 
-    PYTHONPATH=src python scripts/profile_step.py --preset nemotron3-nano --tokens 8192 --mode full --impl moekit-triton
+    PYTHONPATH=src python tools/profile_step.py --preset nemotron3-nano --tokens 8192 --mode lora [--option F=V]
 
-Prints the median step time (CUDA events, as the benchmark measures it), the host's own time per step, and
-torch.profiler's per-kernel CUDA time averaged over the profiled steps, largest first. Environment knobs (MOEKIT_TRITON_*) apply as usual.
+Prints the median step time (CUDA events, as the benchmark measures it), the host's own time per step (steps
+queued with no sync: when it exceeds the step time, the host bounds the step), the gaps (step time minus kernel
+time) and torch.profiler's per-kernel CUDA time averaged over the profiled steps, largest first. ``--option
+FIELD=VALUE`` sets a field of ``moekit.options.OPTIONS`` for the run (repeatable; VALUE as JSON where it parses).
+``--python`` adds the host's own time by function (cProfile), ``--tuning`` the config the tuner chose per key.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import time
 
 import torch
 
+from moekit.options import override
 from moekit.tools.bench import PRESETS, _timer, add_case_arguments, make_step
+
+
+def parse_options(specs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> override's keyword arguments (VALUE as JSON where it parses, else a string)."""
+    options = {}
+    for spec in specs:
+        field, eq, text = spec.partition("=")
+        if not (eq and field):
+            raise SystemExit(f"--option takes FIELD=VALUE, got {spec!r}")
+        try:
+            options[field] = json.loads(text)
+        except json.JSONDecodeError:
+            options[field] = text
+    return options
 
 
 def main() -> None:
@@ -26,8 +46,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
     parser.add_argument("--tuning", action="store_true", help="also print the config the autotuner chose per key")
+    parser.add_argument("--option", action="append", default=[], help="FIELD=VALUE of moekit.options (repeatable)")
     args = parser.parse_args()
+    with override(**parse_options(args.option)) if args.option else contextlib.nullcontext():
+        profile(args)
 
+
+def profile(args: argparse.Namespace) -> None:
     step = make_step(
         PRESETS[args.preset], args.impl, args.mode, args.tokens, "cuda", torch.bfloat16, lora_rank=args.lora_rank
     )
@@ -56,7 +81,7 @@ def main() -> None:
         per_step = e.device_time_total / args.steps / 1e3
         print(f"  {per_step:7.3f} ms  x{e.count // args.steps:<3d} {e.key[:100]}")
     if args.tuning:
-        from moekit.kernels.tiling import tuning_report
+        from moekit.kernels.tuning import tuning_report
 
         for line in tuning_report():
             print("  tuned:", line)

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One GPU visit, in parts that each fit one call of the device tool (10 minutes). Run from the repository root:
+#
+#   bash tools/gpu_session.sh OUT native      pytest -m triton natively: the unit tests of tests/ on the GPU (one
+#                                             pinned config per kernel family, 8 processes)
+#   bash tools/gpu_session.sh OUT gpu [PARTS] [PYTEST_ARGS...]
+#                                             the GPU suite tests/gpu (pytest -m gpu): the Triton engine against the
+#                                             reference engine, both against float64, at the model shapes and a
+#                                             random sweep, LoRA included, outputs NaN-poisoned; PARTS = lora,sweep
+#                                             (default both, each its own process and SECTION_TIMEOUT: give each
+#                                             part its own call, `gpu lora` then `gpu sweep`, where both do not fit)
+#   bash tools/gpu_session.sh OUT configs [N,M] [PYTEST_ARGS...]
+#                                             the GPU suite (without the int64 case) once per tile config N
+#                                             (MOEKIT_TRITON_AUTOTUNE=config:N; default 1,2; the Hopper spaces have
+#                                             up to 5 configs, 0-4, and `gpu` runs config 0); PYTEST_ARGS select
+#                                             within it, e.g. `configs 3 -k lora`
+#   bash tools/gpu_session.sh OUT cold [SHAPES] [TOKENS]
+#                                             cold-cache correctness (tools/cold_cache.py): every engine path's
+#                                             first call with an empty tuning cache (MOEKIT_CACHE_DIR, default a new
+#                                             directory) against the reference, then a second process on the filled
+#                                             cache (paths WARM_PATHS, default full,lora-split): same bits, no tuning
+#   bash tools/gpu_session.sh OUT bench [PRESETS]
+#                                             the benchmark table of BENCHMARKS.md: fwd/full/lora r=16/frozen at 8k
+#                                             and 32k tokens, grouped_mm (+ PEFT) and moekit-triton, one process
+#   bash tools/gpu_session.sh OUT lora [RANKS] [PRESETS]
+#                                             LoRA at each rank (default 8,16,64) and the frozen base, grouped_mm +
+#                                             PEFT against moekit-triton
+#   bash tools/gpu_session.sh OUT ab OLD_SRC [PRESETS]
+#                                             the bench table for older code (OLD_SRC holds its src: `git archive REV
+#                                             src | tar -x -C .ab_old`) and this code, alternating processes of one
+#                                             call (tools/ab_bench.py; AB_IMPLS, default grouped_mm,moekit-triton)
+#   bash tools/gpu_session.sh OUT curves      the CUDA demo and 50-step LoRA loss curves against transformers
+#
+# Every visit that touches a kernel runs native, gpu and cold. Each section runs under `timeout` (SECTION_TIMEOUT
+# seconds, default 400) and writes its own log (and JSON or JUnit XML) under OUT, so a section that hangs costs
+# only its own time and what ran before it still comes back; the last lines printed are the summary.
+set -uo pipefail
+out=${1:?usage: bash tools/gpu_session.sh OUT PART [ARGS] (see the head of this file)}
+part=${2:?usage: bash tools/gpu_session.sh OUT PART [ARGS] (see the head of this file)}
+limit=${SECTION_TIMEOUT:-400}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=160
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
+presets_all=nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b
+tag() { echo "$1" | cut -c1-12 | tr -c 'A-Za-z0-9_\n-' _; }
+
+gpu_suite() {  # gpu_suite LABEL PARTS [PYTEST_ARGS...]: one pytest process per part of tests/gpu
+  local label=$1 parts=$2
+  shift 2
+  for name in $(echo "$parts" | tr ',' ' '); do
+    timeout "$limit" python -m pytest -m gpu -q -rfE -p no:cacheprovider "tests/gpu/test_gpu_$name.py" \
+      --junitxml "$out/${label}_$name.xml" "$@" > "$out/${label}_$name.log" 2>&1
+    rc=$?
+    echo "gpu suite $name ($label, MOEKIT_TRITON_AUTOTUNE=${MOEKIT_TRITON_AUTOTUNE:-0}): exit $rc" \
+      "($(tail -1 "$out/${label}_$name.log"))" | tee -a "$out/card.txt"
+    grep -E "^(FAILED|ERROR)" "$out/${label}_$name.log" | head -20
+  done
+}
+
+case "$part" in
+native)
+  # -n 8: the suite compiles a few hundred kernel variants, and compiling is bound by the host's cores
+  timeout "$limit" python -m pytest -m triton -q -n 8 -p no:cacheprovider tests > "$out/native_tests.log" 2>&1
+  echo "native triton tests: exit $? ($(tail -1 "$out/native_tests.log"))" | tee -a "$out/card.txt"
+  grep -E "FAILED|ERROR" "$out/native_tests.log" | head -20
+  ;;
+gpu)
+  parts=${3:-lora,sweep}
+  gpu_suite gpu "$parts" "${@:4}"
+  ;;
+configs)
+  for config in $(echo "${3:-1,2}" | tr ',' ' '); do
+    MOEKIT_TRITON_AUTOTUNE=config:$config gpu_suite "config$config" lora,sweep \
+      --deselect tests/gpu/test_gpu_sweep.py::test_int64_offsets "${@:4}"
+  done
+  ;;
+cold)
+  shapes=${3:-$presets_all,odd-relu2,odd-silu,odd-gpt-oss}
+  tokens=${4:-8192,32768}
+  cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}  # must start empty: the first process is the cold one
+  t=$(tag "$shapes")
+  MOEKIT_CACHE_DIR=$cache timeout "$limit" python tools/cold_cache.py --shapes "$shapes" --tokens "$tokens" \
+    --json "$out/cold_$t.json" > "$out/cold_$t.log" 2>&1
+  echo "cold cache ($shapes): exit $?" | tee -a "$out/card.txt"
+  MOEKIT_CACHE_DIR=$cache timeout "$limit" python tools/cold_cache.py --shapes "$shapes" --tokens "$tokens" \
+    --paths "${WARM_PATHS:-full,lora-split}" --json "$out/warm_$t.json" --expect "$out/cold_$t.json" \
+    > "$out/warm_$t.log" 2>&1
+  echo "warm cache ($shapes): exit $?" | tee -a "$out/card.txt"
+  cat "$out/cold_$t.log" "$out/warm_$t.log"
+  ;;
+bench)
+  presets=${3:-$presets_all}
+  timeout "$limit" python -m moekit bench --preset "$presets" --tokens 8192,32768 --modes fwd,full,lora,frozen \
+    --lora-rank 16 --impls grouped_mm,moekit-triton --json "$out/bench_$(tag "$presets").json" 2>&1 \
+    | tee "$out/bench_$(tag "$presets").log" | tail -80
+  ;;
+lora)
+  presets=${4:-nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b}
+  timeout "$limit" python -m moekit bench --preset "$presets" --tokens 8192,32768 --modes lora,frozen \
+    --lora-rank "${3:-8,16,64}" --impls grouped_mm,moekit-triton --json "$out/lora.json" 2>&1 \
+    | tee "$out/lora.log" | tail -70
+  ;;
+ab)
+  old_src=${3:?ab needs OLD_SRC}
+  presets=${4:-$presets_all}
+  t=$(tag "$presets")
+  timeout "$limit" python tools/ab_bench.py --variant "old=$old_src" --variant new=src --rounds 1 --timeout "$limit" \
+    --json "$out/ab_$t.json" -- --preset "$presets" --tokens 8192,32768 --modes fwd,full,lora,frozen \
+    --lora-rank 16 --impls "${AB_IMPLS:-grouped_mm,moekit-triton}" 2>&1 | tee "$out/ab_$t.log"
+  ;;
+curves)
+  timeout "$limit" python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress \
+    --json "$out/demo_cuda.json" 2>&1 | tail -18 | tee "$out/demo.log"
+  timeout "$limit" python tools/track_curves.py --device cuda --lr 5e-3,2e-3,1e-3 --json "$out/curves.json" \
+    > "$out/curves.log" 2>&1
+  grep lr "$out/curves.log"
+  ;;
+*)
+  echo "unknown part '$part': native, gpu, configs, cold, bench, lora, ab or curves (see the head of this file)"
+  exit 2
+  ;;
+esac
