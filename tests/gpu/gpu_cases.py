@@ -125,6 +125,12 @@ def build_experts(case: Case, dtype: torch.dtype, device: str) -> torch.nn.Modul
         _transpose_weights(module)
     if case.bias and not module.has_bias:
         _add_biases(module, case.seed)
+    if case.family == "gpt_oss" and dtype == torch.float32 and case.hidden >= 1024:
+        # fp32 at model width: a pre-activation within rounding of the clamp edge (±limit) takes the other side of
+        # the clamp in the engine and in the fp64 truth, which moves a whole row of dX and dW_up (seen on the H200 with
+        # both engines, old code and new alike, one element in millions). The clamp is checked in fp32 at
+        # small widths (tests/test_triton_engine.py, tests/test_nonfinite.py) and here in bf16.
+        module.limit = 1e4
     return module.to(device=device, dtype=dtype)
 
 
