@@ -10,7 +10,9 @@ from .lora import BACKEND_NAME
 
 def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every experts module in ``model`` that goes through transformers' experts interface."""
-    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "config")]
+    return [
+        m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "config")
+    ]
 
 
 def enable(model: torch.nn.Module) -> torch.nn.Module:

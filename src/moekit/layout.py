@@ -112,7 +112,9 @@ def check_inputs(
     if index.dim() != 2 or index.shape[0] != hidden.shape[0]:
         raise ValueError(f"top_k_index must have shape [num_tokens={hidden.shape[0]}, top_k], got {tuple(index.shape)}")
     if weights.shape != index.shape:
-        raise ValueError(f"top_k_weights must have the shape of top_k_index {tuple(index.shape)}, got {tuple(weights.shape)}")
+        raise ValueError(
+            f"top_k_weights must have the shape of top_k_index {tuple(index.shape)}, got {tuple(weights.shape)}"
+        )
     if not weights.is_floating_point():
         raise TypeError(f"top_k_weights must be a floating-point tensor, got dtype {weights.dtype}")
     params = (("up", up.weight), ("up bias", up.bias), ("down", down.weight), ("down bias", down.bias))
