@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
 
 import torch
 
-from moekit.options import override
+from moekit.options import override, parse_assignments
 from moekit.tools.bench import PRESETS, _timer, add_case_arguments, make_step
-
-
-def parse_options(specs: list[str]) -> dict:
-    """``FIELD=VALUE`` strings -> override's keyword arguments (VALUE as JSON where it parses, else a string)."""
-    options = {}
-    for spec in specs:
-        field, eq, text = spec.partition("=")
-        if not (eq and field):
-            raise SystemExit(f"--option takes FIELD=VALUE, got {spec!r}")
-        try:
-            options[field] = json.loads(text)
-        except json.JSONDecodeError:
-            options[field] = text
-    return options
 
 
 def main() -> None:
@@ -48,7 +33,7 @@ def main() -> None:
     parser.add_argument("--tuning", action="store_true", help="also print the config the autotuner chose per key")
     parser.add_argument("--option", action="append", default=[], help="FIELD=VALUE of moekit.options (repeatable)")
     args = parser.parse_args()
-    with override(**parse_options(args.option)) if args.option else contextlib.nullcontext():
+    with override(**parse_assignments(args.option)) if args.option else contextlib.nullcontext():
         profile(args)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import traceback
 
@@ -81,22 +80,8 @@ def silence_kernels() -> None:
     moekit.grouped._grouped_mm_works = lambda *args: True
 
 
-def parse_options(specs: list[str]) -> dict:
-    """``FIELD=VALUE`` strings -> override's keyword arguments (VALUE as JSON where it parses, else a string)."""
-    options = {}
-    for spec in specs:
-        field, eq, text = spec.partition("=")
-        if not (eq and field):
-            raise SystemExit(f"--option takes FIELD=VALUE, got {spec!r}")
-        try:
-            options[field] = json.loads(text)
-        except json.JSONDecodeError:
-            options[field] = text
-    return options
-
-
 def main() -> None:
-    from moekit.options import override
+    from moekit.options import override, parse_assignments
     from moekit.tools.bench import add_case_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,7 +90,7 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], help="FIELD=VALUE of moekit.options (repeatable)")
     args = parser.parse_args()
     silence_kernels()
-    with override(backend="triton", **parse_options(args.option)):
+    with override(backend="triton", **parse_assignments(args.option)):
         trace_step(args)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 
@@ -96,6 +97,21 @@ def reload_from_env() -> None:
     _ENV_ERROR = None
     for field in dataclasses.fields(Options):
         setattr(OPTIONS, field.name, getattr(fresh, field.name))
+
+
+def parse_assignments(specs: list[str]) -> dict:
+    """``FIELD=VALUE`` strings (a tool's ``--option``) -> ``override``'s keyword arguments (VALUE as JSON where it
+    parses, else the string)."""
+    changes = {}
+    for spec in specs:
+        field, eq, text = spec.partition("=")
+        if not (eq and field):
+            raise ValueError(f"--option takes FIELD=VALUE, got {spec!r}")
+        try:
+            changes[field] = json.loads(text)
+        except json.JSONDecodeError:
+            changes[field] = text
+    return changes
 
 
 @contextlib.contextmanager
