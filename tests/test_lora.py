@@ -207,3 +207,18 @@ def test_lora_on_an_unsupported_expert_parameter_is_refused():
     experts.config._experts_implementation = "moekit"
     with pytest.raises(ValueError, match="cannot apply LoRA to expert parameter 'down_proj_bias'"):
         model(*make_inputs(10, 32, 6, 2))
+
+
+def test_peft_is_imported_only_when_used():
+    """``import moekit`` does not import PEFT; PEFT's ParamWrapper is hooked as soon as PEFT is imported later."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, moekit\n"
+        "assert 'peft' not in sys.modules, 'import moekit imported peft'\n"
+        "from peft.tuners.lora.layer import ParamWrapper\n"
+        "assert hasattr(ParamWrapper.forward, '_moekit_original'), 'ParamWrapper not hooked'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
