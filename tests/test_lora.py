@@ -220,5 +220,5 @@ def test_peft_is_imported_only_when_used():
         "from peft.tuners.lora.layer import ParamWrapper\n"
         "assert hasattr(ParamWrapper.forward, '_moekit_original'), 'ParamWrapper not hooked'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,150 @@
+"""NF4 storage for expert weights, with bitsandbytes' numerics and no bitsandbytes at run time.
+
+A weight is quantized over its flattened storage (row-major, as ``tensor.reshape(-1)`` reads it) in blocks of 64
+consecutive elements:
+
+    absmax[b] = max |w| over block b                       fp32, one per block (the last block may be shorter)
+    code[i]   = the NF4 value nearest to w[i] / absmax[b]   4 bits: the index into ``NF4_CODE`` (sorted)
+    packed[j] = code[2j] << 4 | code[2j + 1]                 uint8, two codes a byte, the first in the high nibble
+    w'[i]     = NF4_CODE[code[i]] * absmax[b]               dequantized in fp32, then rounded to the weight's dtype
+
+which is what ``bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`` and
+``dequantize_4bit`` compute (tests/test_nf4.py holds the two to the same bits). ``to_bitsandbytes`` and
+``from_bitsandbytes`` convert between this and bitsandbytes' (packed [n/2, 1], QuantState) pair.
+
+For an experts weight [E, out, in] whose out·in is a multiple of 64, expert e's elements are whole blocks
+``e·out·in/64 ...``: ``dequantize_experts`` dequantizes a range of experts alone, so the reference engine never
+holds more than a bounded chunk of experts in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+
+BLOCKSIZE = 64
+
+# The 16 NF4 values (quantiles of a standard normal, normalized to [-1, 1], with an exact 0), as bitsandbytes uses them.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+def nf4_code(device: torch.device | str = "cpu") -> Tensor:
+    """The NF4 codebook, fp32 [16], sorted."""
+    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+
+
+class NF4Weight(NamedTuple):
+    """One weight in NF4: ``packed`` uint8 [ceil(n / 2)], ``absmax`` fp32 [ceil(n / 64)], and the dense weight's
+    ``shape`` and ``dtype`` (what dequantization returns)."""
+
+    packed: Tensor
+    absmax: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def _check_weight(weight: Tensor) -> None:
+    if not weight.is_floating_point():
+        raise TypeError(f"NF4 quantizes floating-point weights; got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError("NF4 cannot quantize an empty weight")
+    if not torch.isfinite(weight).all():
+        raise ValueError("the weight to quantize holds NaN or Inf; NF4 has no code for them")
+
+
+def quantize_nf4(weight: Tensor) -> NF4Weight:
+    """``weight`` (any shape, floating point, finite) -> ``NF4Weight`` on the weight's device."""
+    _check_weight(weight)
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    full = n - n % BLOCKSIZE
+    blocks = flat[:full].view(-1, BLOCKSIZE)
+    absmax = blocks.abs().amax(dim=1)  # [n // 64]
+    # w / absmax as a product with the reciprocal, clamped to [-1, 1]; an all-zero block scales by 1/1e-38 (its
+    # values are 0 and stay 0)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+    if full < n:  # the shorter last block: its absmax stored clamped, its values divided (bitsandbytes' numerics)
+        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat((absmax, tail_max[None]))
+        scaled = torch.cat((scaled, (flat[full:] / tail_max).clamp(-1.0, 1.0)))
+    code = nf4_code(weight.device)
+    midpoints = (code[:-1] + code[1:]) / 2
+    if n % 2:  # an odd count: the last byte's low nibble codes a 0
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    index = torch.bucketize(scaled, midpoints).to(torch.uint8)  # nearest value; a tie goes to the lower one
+    packed = (index[0::2] << 4) | index[1::2]
+    return NF4Weight(packed, absmax, weight.shape, weight.dtype)
+
+
+def _unpack(packed: Tensor) -> Tensor:
+    """uint8 [m] -> code indices int64 [2m], high nibble first."""
+    pairs = torch.stack(((packed >> 4) & 0xF, packed & 0xF), dim=1)
+    return pairs.reshape(-1).long()
+
+
+def _dequantize_range(weight: NF4Weight, start: int, stop: int) -> Tensor:
+    """Elements [start, stop) of the flattened weight, fp32; ``start`` even and a multiple of the block size."""
+    codes = _unpack(weight.packed[start // 2 : -(-stop // 2)])[: stop - start]
+    values = nf4_code(weight.packed.device)[codes]
+    block = torch.arange(start, stop, device=values.device) // BLOCKSIZE
+    return values * weight.absmax[block]
+
+
+def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype | None = None) -> Tensor:
+    """The whole dense weight, in ``dtype`` (default: the weight's own)."""
+    dense = _dequantize_range(weight, 0, weight.numel)
+    return dense.view(weight.shape).to(dtype or weight.dtype)
+
+
+def dequantize_experts(weight: NF4Weight, first: int, last: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Experts [first, last) of an experts weight [E, ...], dense in ``dtype``: [last - first, ...]. Needs each
+    expert's size to be a multiple of the block size (true of every model's expert widths)."""
+    per_expert = weight.shape[1:].numel()
+    if per_expert % BLOCKSIZE:
+        raise ValueError(
+            f"an expert of shape {tuple(weight.shape[1:])} holds {per_expert} elements, not a multiple of the NF4 "
+            f"block size {BLOCKSIZE}: dequantize_nf4 the whole weight instead"
+        )
+    if not 0 <= first <= last <= weight.shape[0]:
+        raise IndexError(f"experts [{first}, {last}) out of range for {weight.shape[0]} experts")
+    dense = _dequantize_range(weight, first * per_expert, last * per_expert)
+    return dense.view(last - first, *weight.shape[1:]).to(dtype or weight.dtype)
+
+
+def to_bitsandbytes(weight: NF4Weight):
+    """(packed uint8 [n/2, 1], ``bitsandbytes.functional.QuantState``): what ``quantize_4bit(w, blocksize=64,
+    quant_type="nf4")`` returns for the same weight (imports bitsandbytes)."""
+    from bitsandbytes.functional import QuantState
+
+    code = nf4_code(weight.packed.device)
+    state = QuantState(
+        absmax=weight.absmax, shape=weight.shape, code=code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=weight.dtype
+    )
+    return weight.packed.unsqueeze(1), state
+
+
+def from_bitsandbytes(packed: Tensor, state) -> NF4Weight:
+    """An ``NF4Weight`` from bitsandbytes' NF4 pair (block size 64; double-quantized absmax is dequantized)."""
+    if state.quant_type != "nf4" or state.blocksize != BLOCKSIZE:
+        raise ValueError(
+            f"moekit reads NF4 with block size {BLOCKSIZE}; got quant_type={state.quant_type!r}, "
+            f"blocksize={state.blocksize}"
+        )
+    absmax = state.absmax
+    if state.nested:
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return NF4Weight(packed.reshape(-1).view(torch.uint8), absmax.float(), torch.Size(state.shape), state.dtype)
