@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import interpreting, new_output, new_output_like  # noqa: F401 (new_output*: the engine's old path)
-from .tuning import wgrad_block_k  # noqa: F401 (the engine's old import path)
+from .numerics import interpreting
 
 
 @triton.jit

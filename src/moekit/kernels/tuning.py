@@ -124,11 +124,6 @@ def wgrad_block_k(dtype_or_size) -> int:
     return 64 if size <= 2 else 32
 
 
-def min_block_n(family: str) -> int:
-    """Smallest BLOCK_N any config of ``family`` may use, on any generation."""
-    return min(c[1] for spaces in _SPACES[family].values() for c in spaces)
-
-
 def _time_config(kernel_call) -> float:
     """Tuning timer (ms): a config that fails to build for this variant (any error) is skipped, not fatal. Under
     the interpreter (tests that force several configs) one timed call."""
