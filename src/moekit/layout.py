@@ -5,8 +5,8 @@ and LoRA factors in one shape.
                     stored transposed; resolved once per module (``experts_layout``)
     Projection      weight as stored ([E, out, in], or [E, in, out] when transposed), bias [E, out] or None,
                     ``LoraFactors`` or None
-    ExpertsCall     layout + up projection + down projection: built once per call by the backend
-                    (``experts_call``); each engine is ``run(call, plan, x, routing_weights) -> [T, H]``
+    ExpertsCall     layout + up projection + down projection: built once per call by the backend; each engine
+                    is ``run(call, plan, x, routing_weights) -> [T, H]``
 """
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ class ExpertsLayout:
     transposed: bool  # weights stored [E, in, out] (gpt-oss) instead of [E, out, in]
 
 
+def in_out(weight: Tensor, transposed: bool) -> Tensor:
+    """A stored expert weight viewed [E, in, out] (no copy)."""
+    return weight if transposed else weight.transpose(1, 2)
+
+
+def out_in(weight: Tensor, transposed: bool) -> Tensor:
+    """A stored expert weight viewed [E, out, in] (no copy)."""
+    return weight.transpose(1, 2) if transposed else weight
+
+
 class Projection(NamedTuple):
     """One projection of the experts: ``y = x W[e]ᵀ (+ b[e]) (+ scale (x A[e]ᵀ) B[e]ᵀ)`` per expert e."""
 
@@ -38,12 +48,7 @@ class Projection(NamedTuple):
     lora: LoraFactors | None = None
 
     def in_out(self, transposed: bool) -> Tensor:
-        """The weight viewed [E, in, out] (no copy)."""
-        return self.weight if transposed else self.weight.transpose(1, 2)
-
-    def out_in(self, transposed: bool) -> Tensor:
-        """The weight viewed [E, out, in] (no copy)."""
-        return self.weight.transpose(1, 2) if transposed else self.weight
+        return in_out(self.weight, transposed)
 
 
 class ExpertsCall(NamedTuple):
@@ -83,14 +88,6 @@ def experts_layout(module: torch.nn.Module) -> ExpertsLayout:
     layout = ExpertsLayout(activation=resolve_activation(module, up_width), transposed=transposed)
     module.__dict__["_moekit_layout"] = layout
     return layout
-
-
-def experts_call(
-    module: torch.nn.Module, layout: ExpertsLayout, up_lora: LoraFactors | None, down_lora: LoraFactors | None
-) -> ExpertsCall:
-    """The call of ``module`` with this call's LoRA factors (``moekit.lora.collect_lora``)."""
-    up, down = projections(module)
-    return ExpertsCall(layout, up._replace(lora=up_lora), down._replace(lora=down_lora))
 
 
 def check_inputs(

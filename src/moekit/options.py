@@ -90,15 +90,6 @@ def check_environment() -> None:
         raise _ENV_ERROR
 
 
-def reload_from_env() -> None:
-    """Read the environment again into ``OPTIONS`` (raises ``OptionsError`` for a bad value)."""
-    global _ENV_ERROR
-    fresh = Options.from_env()
-    _ENV_ERROR = None
-    for field in dataclasses.fields(Options):
-        setattr(OPTIONS, field.name, getattr(fresh, field.name))
-
-
 def parse_assignments(specs: list[str]) -> dict:
     """``FIELD=VALUE`` strings (a tool's ``--option``) -> ``override``'s keyword arguments (VALUE as JSON where it
     parses, else the string)."""

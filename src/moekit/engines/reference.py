@@ -29,14 +29,10 @@ import torch
 from ..activations import accumulation_dtype, map_rows
 from ..grouped import grouped_matmul, grouped_outer, segment_sum
 from ..layout import ExpertsCall
+from ..layout import in_out as _in_out
 from ..plan import DispatchPlan
 
 Tensor = torch.Tensor
-
-
-def _in_out(weight: Tensor, transposed: bool) -> Tensor:
-    """View a stored expert weight as [E, in, out]."""
-    return weight if transposed else weight.transpose(1, 2)
 
 
 def _project(

@@ -91,7 +91,7 @@ from typing import NamedTuple
 import torch
 
 from ..grouped import grouped_matmul, grouped_matmul_runs, grouped_outer, grouped_outer_runs
-from ..layout import ExpertsCall, ExpertsLayout
+from ..layout import ExpertsCall, ExpertsLayout, in_out, out_in
 from ..lora import LoraFactors
 from ..options import OPTIONS
 from ..plan import DispatchPlan
@@ -196,14 +196,16 @@ def _kernel_factors(lora: LoraFactors, dtype: torch.dtype, copy_a: bool) -> tupl
     return factor_a, factor_b
 
 
-def _factor_grad(left: Tensor, right: Tensor, plan: DispatchPlan, param: Tensor, chunks: Tensor, **options) -> Tensor:
+def _factor_grad(
+    left: Tensor, right: Tensor, plan: DispatchPlan, param: Tensor, chunks: Tensor, transposed: bool = False, **options
+) -> Tensor:
     """A LoRA factor's gradient Σ over each expert's rows of leftᵀ right, in ``param``'s dtype and strides. The
     kernel writes a dense buffer, moved into the parameter's strides when they differ (PEFT's B): storing straight
     into B's strides costs one 32-byte sector per element, several times the dense store's time."""
     from ..kernels import new_output, new_output_like, scaled_copy, weight_grad
 
-    transposed = options.pop("transposed", False)
     buffer = new_output(*param.shape, dtype=param.dtype, device=param.device)
+    # the product's [P, Q]; a transposed factor is stored [E, Q, P]
     shape = param.shape[2:0:-1] if transposed else param.shape[1:]
     buffer, _ = weight_grad(
         left, right, plan.tokens_per_expert, plan.num_rows, plan.num_experts, tuple(shape), param.dtype, transposed,
@@ -312,8 +314,7 @@ def _up_forward(layout: ExpertsLayout, plan: DispatchPlan, x: Tensor, weight, bi
         factor_a, factor_b = _kernel_factors(lora, x.dtype, copy_a=True)
         u_up = grouped_gemm(x, factor_a.transpose(1, 2), counts, n, gather=tok, lowrank=True)
         kernel_lora = (u_up, factor_b.transpose(1, 2))
-    weight_in_out = weight if layout.transposed else weight.transpose(1, 2)
-    h, a = up_proj(x, tok, weight_in_out, bias, counts, n, layout.activation, lora=kernel_lora)
+    h, a = up_proj(x, tok, in_out(weight, layout.transposed), bias, counts, n, layout.activation, lora=kernel_lora)
     return h, a, u_up
 
 
@@ -327,13 +328,11 @@ def _down_product(layout, plan, a: Tensor, routing_weights: Tensor, weight, bias
         factor_a, factor_b = _kernel_factors(lora, a.dtype, copy_a=True)
         u_down = grouped_gemm(a, factor_a.transpose(1, 2), plan.tokens_per_expert, plan.num_rows, lowrank=True)
         kernel_lora = (u_down, factor_b.transpose(1, 2))
-    weight_in_out = weight if layout.transposed else weight.transpose(1, 2)
-    rw_flat = routing_weights.reshape(-1)
-    y, on_torch = gemm(
-        a, weight_in_out, plan, kernel_lora, bias=bias, routing_weights=rw_flat, sorted_rows=plan.sorted_rows
-    )
-    epilogue = {"slot_weights": routing_weights, "bias": bias, "expert_of_row": plan.expert_of_row}
-    return y, u_down, epilogue if on_torch else {}
+    epilogue = {"bias": bias, "routing_weights": routing_weights.reshape(-1), "sorted_rows": plan.sorted_rows}
+    y, on_torch = gemm(a, in_out(weight, layout.transposed), plan, kernel_lora, **epilogue)
+    if not on_torch:  # the Triton GEMM applied bias and routing weight
+        return y, u_down, {}
+    return y, u_down, {"slot_weights": routing_weights, "bias": bias, "expert_of_row": plan.expert_of_row}
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -382,7 +381,7 @@ def _activation_backward(layout, plan, grad_out, rows_out, saved: Saved, h, lora
     """dA: ga = dOut[tok] W_down[e]ᵀ (+ v_down A_down[e]), then (w * a, dh written over h, per-row <ga, a>)."""
     from ..kernels import act_grad_backward
 
-    weight_out_in = saved.down_weight.transpose(1, 2) if layout.transposed else saved.down_weight  # [E, H, I]
+    weight_out_in = out_in(saved.down_weight, layout.transposed)  # [E, H, I]
     ga, _ = gemm(grad_out, weight_out_in, plan, lora, gather=plan.token_of_row, row_copy=rows_out)  # [S, I]
     return act_grad_backward(
         grad_out, plan.token_of_row, plan.sorted_rows, saved.routing_weights.reshape(-1), weight_out_in, h,
@@ -412,7 +411,7 @@ def _down_weight_grads(layout, plan, saved: Saved, left, left_index, weighted_a,
     grad_wd = grad_bd = grad_down_b = None
     if need.down_weight or need.down_bias:
         weight = saved.down_weight
-        shape = (weight.shape[2], weight.shape[1]) if layout.transposed else tuple(weight.shape[1:])
+        shape = tuple(out_in(weight, layout.transposed).shape[1:])
         bias_dtype = saved.down_bias.dtype if need.down_bias else None
         grad_wd, grad_bd = base_weight_grad(left, weighted_a, plan, shape, layout.transposed, weight.dtype, chunks,
                                             need.down_weight, bias_dtype, **rows)  # fmt: skip
@@ -445,7 +444,7 @@ def _up_backward(ctx, saved: Saved, dh: Tensor | None, need: Needs, chunks):
         right, right_index = (x.index_select(0, tok), None) if need.up_weight else (x, tok)
         if need.up_weight or need.up_bias:
             weight = saved.up_weight
-            shape = (weight.shape[2], weight.shape[1]) if layout.transposed else tuple(weight.shape[1:])
+            shape = tuple(out_in(weight, layout.transposed).shape[1:])
             bias_dtype = saved.up_bias.dtype if need.up_bias else None
             grad_wu, grad_bu = base_weight_grad(dh, right, plan, shape, layout.transposed, weight.dtype, chunks,
                                                 need.up_weight, bias_dtype, right_index=right_index)  # fmt: skip
@@ -458,9 +457,7 @@ def _input_grad(layout, plan: DispatchPlan, dh: Tensor, saved: Saved, lora) -> T
     """dX = combine over K of dxs = dh W_up[e]ᵀ (+ v_up A_up[e]) [S, H] (transient)."""
     from ..kernels import combine
 
-    weight = saved.up_weight
-    weight_out_in = weight.transpose(1, 2) if layout.transposed else weight
-    dxs, _ = gemm(dh, weight_out_in, plan, lora)
+    dxs, _ = gemm(dh, out_in(saved.up_weight, layout.transposed), plan, lora)
     return combine(dxs, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, saved.x.dtype)
 
 
