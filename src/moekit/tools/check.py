@@ -26,7 +26,7 @@ import torch
 from ..enable import enable, experts_modules
 from ..layout import projections
 from ..lora import DOWN_PARAMS, UP_PARAMS
-from .cli import HelpFormatter
+from .cli import HelpFormatter, positive_int
 from .cli import console as make_console
 
 Tensor = torch.Tensor
@@ -325,16 +325,6 @@ def command(args) -> int:
     return _print_report(console, report, live_adapters=bool(args.adapter or args.lora))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "check",
@@ -351,6 +341,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
         help="device (cuda when available)")  # fmt: skip
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
-    add("--tokens", type=_positive_int, default=64, help="tokens per sequence (batch of 2)")
+    add("--tokens", type=positive_int, default=64, help="tokens per sequence (batch of 2)")
     parser.set_defaults(func=command)
     return parser

@@ -43,7 +43,7 @@ import torch
 
 from ..backend import experts_layout, select_engine
 from ..enable import enable, experts_modules
-from .cli import HelpFormatter, PlainProgress, is_terminal
+from .cli import HelpFormatter, PlainProgress, is_terminal, non_negative_int, positive_float, positive_int
 from .cli import console as make_console
 
 Tensor = torch.Tensor
@@ -625,36 +625,6 @@ def verdict(result: DemoResult) -> tuple[list[str], list[str]]:
 # --- command line ---------------------------------------------------------------------------------------------
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``moekit demo`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
@@ -670,17 +640,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     defaults = DemoConfig()
     add = parser.add_argument
-    add("--steps", type=_positive_int, default=defaults.steps, help="training steps")
+    add("--steps", type=positive_int, default=defaults.steps, help="training steps")
     add("--device", choices=["cpu", "cuda"], default=None, help="device (default: cuda when available, else cpu)")
     add("--dtype", choices=["auto", "float32", "bfloat16"], default=defaults.dtype,
         help="model dtype; auto: bfloat16 on cuda, float32 on cpu")  # fmt: skip
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="sequences a step")
-    add("--seq-len", type=_positive_int, default=defaults.seq_len, help=f"tokens a sequence (at least {PROMPT + 2})")
-    add("--lr", type=_positive_float, default=defaults.lr, help="AdamW learning rate")
+    add("--batch-size", type=positive_int, default=defaults.batch_size, help="sequences a step")
+    add("--seq-len", type=positive_int, default=defaults.seq_len, help=f"tokens a sequence (at least {PROMPT + 2})")
+    add("--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate")
     add("--seed", type=int, default=defaults.seed, help="seed of the model, the LoRA init and the data")
-    add("--baseline-steps", type=_positive_int, default=defaults.baseline_steps,
+    add("--baseline-steps", type=positive_int, default=defaults.baseline_steps,
         help="timed training steps on the default backend")  # fmt: skip
-    add("--threads", type=_non_negative_int, default=None,
+    add("--threads", type=non_negative_int, default=None,
         help="torch CPU threads; 0: torch's own choice (default: 1 on cpu, where the tiny ops gain nothing from "
         "threads and a loaded machine makes them far slower; torch's own choice on cuda)")  # fmt: skip
     add("--json", metavar="PATH", default=None, help="also write the result as JSON to PATH (default: not written)")
