@@ -10,6 +10,7 @@ from .backend import moekit_experts_forward
 from .enable import enable, experts_modules
 from .lora import BACKEND_NAME, hook_peft_when_imported
 from .plan import raise_pending_routing_errors
+from .quant import quantize_experts
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "enable",
     "experts_modules",
     "moekit_experts_forward",
+    "quantize_experts",
     "raise_pending_routing_errors",
 ]
 

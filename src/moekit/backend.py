@@ -25,6 +25,7 @@ from .layout import ExpertsCall, ExpertsLayout, Projection, check_inputs, expert
 from .lora import LoraFactors, LoraWrappers, collect_lora
 from .options import OPTIONS, check_environment
 from .plan import build_plan
+from .quant.tensor import FROZEN_MESSAGE, NF4Tensor
 
 Tensor = torch.Tensor
 
@@ -164,8 +165,9 @@ def _resolve_while_tracing(module: torch.nn.Module) -> tuple[bool, bool, tuple |
 
 @torch.compiler.disable
 def _run_outside_graph(module: torch.nn.Module, up: Projection, down: Projection, *inputs: Tensor) -> Tensor:
-    """``run_engine`` for a custom activation under torch.compile: a Python callable cannot be an op argument, so the
-    call runs eagerly outside the graph (one graph break per call; eager's kernels, autograd as in eager)."""
+    """``run_engine`` for a custom activation, or NF4 weights, under torch.compile: a Python callable cannot be an
+    op argument, nor can the op take a tensor subclass, so the call runs eagerly outside the graph (one graph
+    break per call; the engines' own kernels, autograd as in eager)."""
     return run_engine(ExpertsCall(experts_layout(module), up, down), *inputs)
 
 
@@ -196,10 +198,13 @@ def moekit_experts_forward(
         # back in the hidden states' own dtype (below)
         hidden_states = hidden_states.to(up.weight.dtype)
     check_inputs(up, down, gated, transposed, hidden_states, top_k_index, top_k_weights)
+    quantized = isinstance(up.weight, NF4Tensor) or isinstance(down.weight, NF4Tensor)
+    if quantized and (up.weight.requires_grad or down.weight.requires_grad):
+        raise RuntimeError(f"{type(self).__name__}: {FROZEN_MESSAGE}")
     inputs = (hidden_states, top_k_index, top_k_weights)
     if not compiling:
         out = run_engine(ExpertsCall(experts_layout(self), up, down), *inputs)
-    elif op_layout is not None:
+    elif op_layout is not None and not quantized:
         # Under torch.compile the engines run inside one opaque custom op (their host reads would break the graph)
         out = ops.experts(op_layout, up, down, *inputs)
     else:

@@ -3,6 +3,9 @@
 Both primitives take plan-sorted operands of n rows: n = num_routed (the reference engine) or n = S = T*K with
 the sentinel rows at the tail (the Triton engine; grouped_mm ignores rows past ``offsets[-1]``). Expert e owns
 rows ``offsets[e-1]:offsets[e]``; the per-expert loop (no grouped_mm) reads the counts on the host.
+
+An NF4 weight (``moekit.quant.NF4Tensor``, frozen) takes the per-expert loop, each expert with rows dequantized
+alone just before its product: never more than one expert's dense weight at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 
 from .activations import accumulation_dtype
 from .plan import DispatchPlan
+from .quant.tensor import NF4Tensor
 
 Tensor = torch.Tensor
 
@@ -48,6 +52,8 @@ def _aligned(*tensors: Tensor) -> bool:
 
 def _use_grouped_mm(*tensors: Tensor) -> bool:
     first = tensors[0]
+    if any(isinstance(t, NF4Tensor) for t in tensors):
+        return False
     if any(t.dtype != first.dtype for t in tensors) or not _aligned(*tensors):
         return False
     return _grouped_mm_works(first.device.type, first.device.index, first.dtype)
@@ -71,7 +77,7 @@ def grouped_matmul(rows: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
         return _GROUPED_MM(rows, weight, offs=plan.offsets)
     out = rows.new_empty(n, out_features)
     for expert, start, end in plan.expert_blocks():
-        torch.mm(rows[start:end], weight[expert], out=out[start:end])
+        torch.mm(rows[start:end], weight[expert], out=out[start:end])  # an NF4 expert dequantizes here, alone
     return out
 
 

@@ -1,5 +1,21 @@
-"""Quantized expert weights: NF4 storage with bitsandbytes' numerics (``nf4``)."""
+"""Quantized expert weights: NF4 storage with bitsandbytes' numerics.
 
+    nf4.py      the format: quantize / dequantize, per-expert ranges, conversion to and from bitsandbytes
+    tensor.py   ``NF4Tensor``: the frozen expert parameter (dense shape and dtype outside, NF4 codes inside)
+    experts.py  ``quantize_experts(model, "nf4")``: every experts module in place
+"""
+
+from .experts import quantize_experts
 from .nf4 import NF4Weight, dequantize_experts, dequantize_nf4, from_bitsandbytes, quantize_nf4, to_bitsandbytes
+from .tensor import NF4Tensor
 
-__all__ = ["NF4Weight", "dequantize_experts", "dequantize_nf4", "from_bitsandbytes", "quantize_nf4", "to_bitsandbytes"]
+__all__ = [
+    "NF4Tensor",
+    "NF4Weight",
+    "dequantize_experts",
+    "dequantize_nf4",
+    "from_bitsandbytes",
+    "quantize_experts",
+    "quantize_nf4",
+    "to_bitsandbytes",
+]

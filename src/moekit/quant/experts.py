@@ -1,0 +1,54 @@
+"""``moekit.quantize_experts(model, "nf4")``: every decorated experts module's weights to NF4, in place."""
+
+from __future__ import annotations
+
+import torch
+
+from ..enable import enable, experts_modules
+from .tensor import NF4Tensor
+
+METHODS = ("nf4",)
+
+
+def expert_weight_names(module: torch.nn.Module) -> tuple[str, str]:
+    """(up, down) parameter names of a transformers experts module."""
+    return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"), "down_proj"
+
+
+def quantize_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """An experts module's up and down weights to frozen ``NF4Tensor`` parameters (on their device), each dense
+    weight freed as soon as it is replaced; biases stay as they are. Already quantized weights are left alone."""
+    for name in expert_weight_names(module):
+        weight = getattr(module, name)
+        if isinstance(weight, NF4Tensor):
+            continue
+        if weight.device.type == "meta":
+            raise ValueError(
+                f"{type(module).__name__}.{name} is on the meta device (not loaded yet): quantize after loading, or "
+                "load with from_pretrained(..., quantization_config=moekit.quant.MoekitQuantConfig())"
+            )
+        quantized = NF4Tensor.quantize(weight.detach(), dtype)
+        setattr(module, name, torch.nn.Parameter(quantized, requires_grad=False))
+        del weight
+
+
+def quantize_experts(model: torch.nn.Module, method: str = "nf4", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Quantize every decorated experts module of ``model`` in place and run them on moekit; returns ``model``.
+
+    ``method``: "nf4" (bitsandbytes' NF4 numerics, blocks of 64, fp32 absmax). ``dtype``: the compute dtype the
+    quantized weights stand for (default: each weight's own). Everything outside the experts (attention, router,
+    shared experts, embeddings) and the expert biases are untouched. Quantized experts only run on moekit, so this
+    also does ``moekit.enable(model)``. The quantized weights are frozen: train LoRA adapters on them (PEFT
+    ``target_parameters``); the adapters PEFT saves apply to the original bf16 model.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantize_experts: method must be one of {METHODS}, got {method!r}")
+    modules = experts_modules(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no experts module decorated with transformers' "
+            "@use_experts_implementation, so there is nothing for moekit to quantize"
+        )
+    for module in modules:
+        quantize_module(module, dtype)
+    return enable(model)
