@@ -1,0 +1,279 @@
+"""NF4 expert weights (QLoRA): the parameter, ``moekit.quantize_experts``, and models on it against eager.
+
+(a) ``NF4Tensor`` holds bitsandbytes' codes and scales, looks like the dense weight to everything around it
+    (shape, strides, dtype, ``.to()``, ``state_dict`` / ``load_state_dict``, deepcopy, one expert by index) and
+    refuses anything else with an error naming the op, and a gradient.
+(b) ``quantize_experts`` quantizes every experts module in place and nothing else.
+(c) Models: a tiny model with NF4 experts on moekit equals the same model whose experts hold bitsandbytes'
+    dequantized weights on transformers' eager experts: logits and every LoRA gradient, fp32 rel <= 1e-5, for
+    nemotron_h (plain and latent), qwen3_moe, gpt_oss, mixtral and deepseek_v3; per experts module in bf16
+    (rel <= 1e-2, routing fixed). The reference engine dequantizes one expert at a time.
+(d) PEFT on top: a quantized base asked to train is a clear error; LoRA trains with gradient checkpointing; the
+    adapter saved is a plain PEFT adapter that loads and merges on the original dense model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import experts_factory as ef
+import pytest
+import tiny_models as tm
+import torch
+
+import moekit
+from moekit.enable import experts_modules
+from moekit.options import OPTIONS
+from moekit.quant import NF4Tensor, quantize_experts
+from moekit.quant.experts import expert_weight_names, quantize_module
+from moekit.quant.nf4 import quantize_nf4
+
+bnb = pytest.importorskip("bitsandbytes.functional")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+MODEL_TYPES = ("nemotron_h", "nemotron_h_latent", "qwen3_moe", "gpt_oss", "mixtral", "deepseek_v3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_reference_setup():
+    with tm.torch_threads(1), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OPTIONS, "backend", "")
+        yield
+
+
+def _bnb_dequantized(weight: torch.Tensor) -> torch.Tensor:
+    packed, state = bnb.quantize_4bit(weight.detach(), blocksize=64, quant_type="nf4")
+    return bnb.dequantize_4bit(packed, state).reshape(weight.shape)
+
+
+def _eager_on_dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` (dense) whose expert weights hold bitsandbytes' dequantized NF4 values."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in experts_modules(twin):
+            for name in expert_weight_names(module):
+                getattr(module, name).copy_(_bnb_dequantized(getattr(module, name)))
+    return twin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) the parameter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_codes_are_bitsandbytes(dtype):
+    weight = torch.randn(5, 48, 32).to(dtype)
+    quantized = NF4Tensor.quantize(weight)
+    packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    assert quantized.packed.shape == (5, 48 * 32 // 2) and quantized.absmax.shape == (5, 48 * 32 // 64)
+    assert torch.equal(quantized.packed.reshape(-1), packed.reshape(-1))
+    assert torch.equal(quantized.absmax.reshape(-1), state.absmax)
+    assert torch.equal(quantized.dequantize(), bnb.dequantize_4bit(packed, state).reshape(weight.shape))
+    assert quantized.shape == weight.shape and quantized.dtype == dtype and quantized.stride() == weight.stride()
+
+
+def test_chunked_quantization_equals_one_pass(monkeypatch):
+    weight = torch.randn(7, 32, 64)
+    whole = NF4Tensor.quantize(weight)
+    monkeypatch.setattr("moekit.quant.tensor.QUANTIZE_CHUNK", 2 * 32 * 64)  # two experts at a time
+    chunked = NF4Tensor.quantize(weight)
+    assert torch.equal(whole.packed, chunked.packed) and torch.equal(whole.absmax, chunked.absmax)
+
+
+def test_views_and_experts():
+    weight = torch.randn(4, 24, 16)
+    quantized = NF4Tensor.quantize(weight)
+    dense = quantized.dequantize()
+    view = quantized.transpose(1, 2)
+    assert view.shape == (4, 16, 24) and view.stride() == (384, 1, 16) and view.is_transposed_view
+    assert view.stored_shape == weight.shape
+    assert torch.equal(view.dequantize(), dense.transpose(1, 2))
+    assert torch.equal(view.dequantize_experts(1, 3), dense[1:3].transpose(1, 2))
+    assert torch.equal(quantized[2], dense[2]) and torch.equal(quantized[-1], dense[3])
+    assert torch.equal(view[1], dense[1].t())
+    assert view.transpose(-1, -2).stride() == quantized.stride()
+
+
+def test_module_behaviour():
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(NF4Tensor.quantize(torch.randn(3, 16, 8)), requires_grad=False)
+    assert isinstance(module.weight, torch.nn.Parameter) and not module.weight.requires_grad
+    codes = module.weight.packed.clone()
+    module.to(torch.bfloat16)  # the compute dtype changes, the codes stay
+    assert isinstance(module.weight, NF4Tensor) and module.weight.dtype == torch.bfloat16
+    assert torch.equal(module.weight.packed, codes)
+    twin = copy.deepcopy(module)
+    assert twin.weight.packed.data_ptr() != module.weight.packed.data_ptr()
+    assert torch.equal(twin.weight.dequantize(), module.weight.dequantize())
+
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)["weight"]
+    assert isinstance(saved, NF4Tensor) and torch.equal(saved.packed, codes)
+
+    dense = torch.randn(3, 16, 8)  # a dense checkpoint quantizes on load
+    module.load_state_dict({"weight": dense})
+    assert torch.equal(module.weight.packed, quantize_nf4(dense).packed.view(3, -1))
+    module.load_state_dict({"weight": saved})
+    assert torch.equal(module.weight.packed, codes)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        module.load_state_dict({"weight": torch.randn(3, 8, 16)})
+    with pytest.raises(ValueError, match="shape"):
+        module.weight.copy_(torch.randn(3, 8, 16))
+
+
+def test_refusals():
+    quantized = NF4Tensor.quantize(torch.randn(2, 16, 8))
+    with pytest.raises(RuntimeError, match="frozen"):
+        quantized.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match=r"aten\.add\.Tensor.*moekit"):
+        quantized + 1
+    with pytest.raises(NotImplementedError, match=r"aten\.mm|aten\.matmul|aten\.bmm"):
+        torch.bmm(torch.randn(2, 4, 16), quantized)
+    with pytest.raises(ValueError, match="multiple of the NF4 block size"):
+        NF4Tensor.quantize(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="3-D"):
+        NF4Tensor.quantize(torch.randn(64, 64))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        NF4Tensor.quantize(torch.full((2, 8, 8), float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) quantize_experts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["nemotron_h", "gpt_oss"])
+def test_quantize_experts_touches_only_expert_weights(model_type):
+    model = tm.build(model_type)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert quantize_experts(model) is model
+    quantized = set()
+    for module in experts_modules(model):
+        assert module.config._experts_implementation == moekit.BACKEND_NAME
+        for name in expert_weight_names(module):
+            assert isinstance(getattr(module, name), NF4Tensor)
+    for name, param in model.named_parameters():
+        if isinstance(param, NF4Tensor):
+            quantized.add(name)
+            assert torch.equal(param.packed.reshape(-1), quantize_nf4(before[name]).packed)
+        else:
+            assert torch.equal(param, before[name]), name  # biases, router, attention, embeddings
+    assert quantized and all(name.split(".")[-1] in ("gate_up_proj", "up_proj", "down_proj") for name in quantized)
+    assert len(quantized) == 2 * len(experts_modules(model))
+    codes = {name: p.packed.clone() for name, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+    quantize_experts(model)  # idempotent: already quantized weights are left alone
+    assert all(torch.equal(p.packed, codes[name]) for name, p in model.named_parameters() if name in codes)
+
+
+def test_quantize_experts_errors():
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_experts(tm.build("qwen3_moe"), "int3")
+    with pytest.raises(ValueError, match="no experts module"):
+        quantize_experts(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) models against eager on bitsandbytes' dequantized weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_model_lora_equals_eager_on_dequantized(model_type, monkeypatch):
+    dense = tm.build(model_type)
+    eager = tm.add_lora(_eager_on_dequantized(dense))
+    quantized = tm.add_lora(quantize_experts(copy.deepcopy(dense)))
+    widest = []  # experts dequantized at once by the engine: never more than one
+    original = NF4Tensor.dequantize_experts
+
+    def spy(self, first, last, dtype=None):
+        widest.append(last - first)
+        return original(self, first, last, dtype)
+
+    monkeypatch.setattr(NF4Tensor, "dequantize_experts", spy)
+    input_ids = tm.sample_batch()
+    with tm.RoutingRecorder(quantized) as ours, tm.RoutingRecorder(eager) as theirs:
+        logits, grads = tm.forward_backward(quantized, input_ids, loss="sumsq")
+        want_logits, want_grads = tm.forward_backward(eager, input_ids, loss="sumsq")
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours.calls, theirs.calls, strict=True))
+    assert tm.rel_err(logits, want_logits) <= 1e-5
+    assert set(grads) == set(want_grads) and all("lora_" in name for name in grads)
+    for name, grad in grads.items():
+        assert grad is not None and tm.rel_err(grad, want_grads[name]) <= 1e-5, name
+    assert widest and max(widest) == 1
+
+
+@pytest.mark.parametrize("family", ef.FAMILIES)
+def test_experts_bf16_equal_eager_on_dequantized(family):
+    module = ef.make_experts(family, hidden=64, intermediate=32, num_experts=6, dtype=torch.bfloat16)
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        for name in expert_weight_names(twin):
+            getattr(twin, name).copy_(_bnb_dequantized(getattr(twin, name)))
+    quantize_module(module)
+    inputs = ef.make_inputs(40, 64, 6, 2, dtype=torch.bfloat16)
+    out, grads = ef.run_experts(module, moekit.BACKEND_NAME, *inputs)
+    want_out, want_grads = ef.run_experts(twin, "eager", *inputs)
+    assert tm.rel_err(out, want_out) <= 1e-2
+    for name in ("x", "routing_weights"):
+        assert tm.rel_err(grads[name], want_grads[name]) <= 1e-2, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) PEFT on the quantized base
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_quantized_base_cannot_train():
+    model = quantize_experts(tm.build("qwen3_moe"))
+    module = experts_modules(model)[0]
+    module.gate_up_proj.requires_grad = True
+    with pytest.raises(RuntimeError, match="frozen base"):
+        model(tm.sample_batch())
+    with pytest.raises(RuntimeError, match="frozen base"):
+        model.requires_grad_(True)
+
+
+def test_lora_trains_with_gradient_checkpointing():
+    model = quantize_experts(tm.build("nemotron_h"))
+    peft_model = tm.add_lora(model)
+    peft_model.train()
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable and all(not isinstance(p, NF4Tensor) for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    input_ids = tm.sample_batch(batch=4, seq=16)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = peft_model(input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_saved_adapter_applies_to_the_dense_model(tmp_path):
+    from peft import PeftModel
+
+    dense = tm.build("qwen3_moe")
+    quantized = tm.add_lora(quantize_experts(copy.deepcopy(dense)))
+    quantized.save_pretrained(tmp_path)
+    state = {k: v for k, v in PeftModel.from_pretrained(copy.deepcopy(dense), tmp_path).state_dict().items()
+             if "lora_" in k}  # fmt: skip
+    ours = {k: v for k, v in quantized.state_dict().items() if "lora_" in k}
+    assert set(state) == set(ours) and all(torch.equal(state[k], ours[k]) for k in ours)
+
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(dense), tmp_path)  # eager experts, plain PEFT
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        unmerged = reloaded(input_ids).logits
+        merged = reloaded.merge_and_unload()(input_ids).logits
+        # the adapter on the dequantized base equals the quantized model's output
+        on_dequantized = PeftModel.from_pretrained(_eager_on_dequantized(dense), tmp_path)(input_ids).logits
+        on_quantized = quantized(input_ids).logits
+    assert tm.rel_err(merged, unmerged) <= 1e-5
+    assert tm.rel_err(on_quantized, on_dequantized) <= 1e-5
