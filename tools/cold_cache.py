@@ -5,7 +5,8 @@ reference engine — run by every GPU visit that touches a kernel (``tools/gpu_s
 
 Each shape runs every path through the user's route (transformers experts module, PEFT LoRA r=16 with non-zero B,
 ``moekit.enable``, the engine forced by ``moekit.options.override(backend=...)``): full fine-tuning, frozen base,
-LoRA with the big GEMMs fused and split (the ``lora_gemm`` option), LoRA with a trainable base. Each path runs at
+LoRA with the big GEMMs fused and split (the ``lora_gemm`` option), LoRA with a trainable base, and on NF4 expert
+weights (``moekit.quant``) the frozen base and LoRA (the fp32 truth runs on the same NF4 codes). Each path runs at
 two token counts, so the second is a new tuning key in a process that has tuned others. For each (path, tokens):
 the Triton engine's first call (tuning on its live buffers), its second call (tuned), the reference engine in bf16
 and in fp32. A case passes when the first call's output and every gradient are no worse against fp32 than the
@@ -44,13 +45,15 @@ ODD = {
     )
 }
 SHAPES = {**{name: PRESETS[name] for name in ("nemotron3-nano", "qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b")}, **ODD}
-# path: (LoRA, base trainable, the lora_gemm option)
+# path: (LoRA, base trainable, the lora_gemm option, NF4 experts)
 PATHS = {
-    "full": (False, True, "auto"),
-    "frozen": (False, False, "auto"),
-    "lora-fused": (True, False, "fused"),
-    "lora-split": (True, False, "split"),
-    "lora-trainable": (True, True, "auto"),
+    "full": (False, True, "auto", False),
+    "frozen": (False, False, "auto", False),
+    "lora-fused": (True, False, "fused", False),
+    "lora-split": (True, False, "split", False),
+    "lora-trainable": (True, True, "auto", False),
+    "nf4-frozen": (False, False, "auto", True),
+    "nf4-lora": (True, False, "auto", True),
 }
 
 
@@ -64,11 +67,14 @@ def digest(t: torch.Tensor) -> str:
 
 
 def build(shape: Shape, path: str, dtype: torch.dtype) -> torch.nn.Module:
-    lora, trainable, _ = PATHS[path]
+    lora, trainable, _, nf4 = PATHS[path]
     module = make_experts_module(shape, "cuda", dtype)
     import moekit
+    from moekit.quant.experts import quantize_module
 
     moekit.enable(module)
+    if nf4:
+        quantize_module(module)
     torch.manual_seed(0)  # PEFT initialises its factors from the global generator: same factors in every process
     model = _wrap_lora(module, 16) if lora else module
     module.requires_grad_(trainable)  # after PEFT, which freezes the base

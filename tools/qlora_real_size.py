@@ -1,0 +1,156 @@
+"""QLoRA at real size: a full-width MoE model from its config, NF4 experts, one LoRA training step on one GPU.
+
+    python tools/qlora_real_size.py --model qwen3-30b-a3b [--layers 48] [--tokens 2048] [--rank 16] --out R.json
+
+The model is built on the meta device and materialized one decoder layer at a time on the GPU with random
+weights (std 0.02); each layer's experts are quantized to NF4 (``moekit.quant.experts.quantize_module``) right
+after it is materialized, so no bf16 copy of more than one layer's experts ever exists. Then PEFT LoRA on every
+expert weight (``target_parameters``, rank ``--rank``), gradient checkpointing, and steps of one sequence of
+``--tokens`` tokens: forward, backward and an AdamW step on the adapters. Reported: the GPU's peak during the
+build and during the steps (``torch.cuda.max_memory_allocated``), the resident weights, the adapters' parameter
+bytes, tokens/s of the last steps, and the bf16 model's footprint (its parameter count x 2 bytes, computed, not
+built) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+import moekit
+from moekit.enable import experts_modules
+from moekit.quant.experts import quantize_module
+from moekit.quant.tensor import NF4Tensor
+
+GIB = 1 << 30
+
+
+def qwen3_30b_a3b(layers: int) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def small(layers: int) -> Qwen3MoeConfig:
+    """A narrow stand-in for a quick run of this script on the CPU (``--model small --device cpu``)."""
+    return Qwen3MoeConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+MODELS = {"qwen3-30b-a3b": qwen3_30b_a3b, "small": small}
+
+
+@torch.no_grad()
+def _materialize(module: torch.nn.Module, device: torch.device, generator: torch.Generator) -> None:
+    """Real storage on ``device`` for a meta module's own parameters, random: norms 1, the rest N(0, 0.02²)."""
+    module.to_empty(device=device, recurse=False)
+    for name, param in module.named_parameters(recurse=False):
+        if "norm" in type(module).__name__.lower() or name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+def build_quantized(config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with NF4 experts, built layer by layer on ``device`` (see the module docstring)."""
+    config._experts_implementation = moekit.BACKEND_NAME
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    experts = set(experts_modules(model))
+    for module in model.modules():
+        if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            _materialize(module, device, generator)
+        if module in experts:
+            quantize_module(module)  # this layer's bf16 experts are freed here
+    rotary = model.model.rotary_emb  # buffers computed in __init__: rebuild them on the device
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    assert not any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
+    return moekit.enable(model)
+
+
+def bf16_footprint_gib(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) * 2 / GIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b")
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from peft import LoraConfig, get_peft_model
+
+    device, dtype = torch.device(args.device), torch.bfloat16
+    cuda = device.type == "cuda"
+    reset_peak = torch.cuda.reset_peak_memory_stats if cuda else (lambda: None)
+    peak = (lambda: torch.cuda.max_memory_allocated() / GIB) if cuda else (lambda: float("nan"))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    reset_peak()
+    start = time.perf_counter()
+    model = build_quantized(MODELS[args.model](args.layers), device, dtype)
+    build_s = time.perf_counter() - start
+    build_peak = peak()
+    bf16_model = bf16_footprint_gib(model)
+    nf4_bytes = sum(p.packed.nbytes + p.absmax.nbytes for p in model.parameters() if isinstance(p, NF4Tensor))
+    expert_bf16_bytes = sum(p.numel() * 2 for p in model.parameters() if isinstance(p, NF4Tensor))
+
+    names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[], target_parameters=names)
+    model = get_peft_model(model, lora)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    adapter_bytes = sum(p.nbytes for p in adapters)
+    resident = torch.cuda.memory_allocated() / GIB if cuda else float("nan")
+    optimizer = torch.optim.AdamW(adapters, lr=1e-4)
+    generator = torch.Generator(device=device).manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device, generator=generator)
+    reset_peak()
+    times, losses = [], []
+    for _ in range(args.steps):
+        sync()
+        begin = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - begin)
+        losses.append(loss.item())
+    step_peak = peak()
+    step_s = sum(times[1:]) / max(len(times) - 1, 1)
+    result = {
+        "card": torch.cuda.get_device_name() if cuda else "cpu",
+        "model": args.model, "layers": args.layers, "tokens": args.tokens, "rank": args.rank,
+        "build_s": round(build_s, 1), "build_peak_gib": round(build_peak, 2),
+        "resident_gib": round(resident, 2), "step_peak_gib": round(step_peak, 2),
+        "nf4_expert_gib": round(nf4_bytes / GIB, 2), "bf16_expert_gib": round(expert_bf16_bytes / GIB, 2),
+        "adapter_gib": round(adapter_bytes / GIB, 2), "bf16_model_gib": round(bf16_model, 2),
+        "step_s": round(step_s, 3), "tokens_per_s": round(args.tokens / step_s, 1), "losses": losses,
+        "finite": all(torch.isfinite(torch.tensor(losses)).tolist()),
+    }  # fmt: skip
+    for key, value in result.items():
+        print(f"{key:>16}: {value}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
