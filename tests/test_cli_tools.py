@@ -339,3 +339,130 @@ def test_check_catches_a_wrong_engine(monkeypatch, capsys):
     monkeypatch.setattr(moekit.engines.reference.DownProjection, "forward", staticmethod(wrong))
     assert main(["check", "--tiny", "olmoe", "--tokens", "16"]) == 1
     assert "experts output differs from grouped_mm" in capsys.readouterr().out
+
+
+# --- NF4 experts (QLoRA) ----------------------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """One torch thread: the CPU NF4 steps are many tiny ops, which OpenMP threads on a loaded machine slow down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _wrong_on_nf4(monkeypatch):
+    """Make the reference engine's projections 1% off wherever the weight is NF4 (the dense path stays right)."""
+    from moekit.quant.tensor import NF4Tensor
+
+    original = moekit.engines.reference._project
+
+    def wrong(rows, weight, *args):
+        out = original(rows, weight, *args)
+        return out * 1.01 if isinstance(weight, NF4Tensor) else out
+
+    monkeypatch.setattr(moekit.engines.reference, "_project", wrong)
+
+
+def test_bench_nf4_rows_on_cpu(tmp_path, capsys, one_thread):
+    """--quant nf4 on the CPU: with --modes left out, fwd and lora; each mode gets a moekit+nf4 row beside
+    grouped_mm and moekit, with its weight bytes, its ratio to moekit's dense row and a value check marked ok."""
+    json_path = tmp_path / "records.json"
+    argv = ["bench", "--device", "cpu", "--quant", "nf4", "--tokens", "16", "--lora-rank", "4", "--json",
+            str(json_path)]  # fmt: skip
+    assert main(argv) == 0
+    output = capsys.readouterr().out
+    records = json.loads(json_path.read_text())
+    assert [(r["mode"], r["impl"]) for r in records] == [
+        (mode, impl) for mode in ("fwd", "lora") for impl in ("grouped_mm", "moekit", "moekit+nf4")
+    ]
+    for record in records:
+        assert RECORD_KEYS <= record.keys() and record["ms"] > 0
+        dense = 16 * (256 * 256 + 256 * 128) * 4  # the tiny preset's gate_up and down weights in float32
+        assert record["expert_weight_bytes_dense"] == dense
+        if record["impl"] != "moekit+nf4":
+            assert record["quant"] == "none" and record["expert_weight_bytes"] == dense and "check" not in record
+            continue
+        elements = dense // 4
+        assert record["quant"] == "nf4" and record["expert_weight_bytes"] == elements // 2 + 4 * (elements // 64)
+        check = record["check"]
+        assert check["ok"] and check["max_rel_err"] <= check["tolerance"] == 1e-4, check
+        names = {"output"} | ({"d hidden", "d routing weights"} if record["mode"] == "lora" else set())
+        names |= {f"d {f}[default] {p}" for f in ("lora_A", "lora_B") for p in ("gate_up_proj", "down_proj")
+                  if record["mode"] == "lora"}  # fmt: skip
+        assert set(check["errors"]) == names
+    rows = [line for line in output.splitlines() if "moekit+nf4 │" in line]
+    assert len(rows) == 2 and all("ok " in row and "(0.14× of float32)" in row for row in rows)
+    assert "÷ dense" in output and "weights MiB" in output and "values" in output
+    assert "benchmarked: 6/6 tiny T=16 lora r=4 moekit+nf4: " in output
+
+
+def test_bench_nf4_value_check_shows_a_wrong_result(monkeypatch, one_thread):
+    """A fast wrong NF4 result is marked WRONG: the check compares against dense weights, not against itself."""
+    from rich.console import Console
+
+    shape = bench.Shape("small", 64, 32, 4, 2, gated=True, act="silu")
+    case = bench.build_case(shape, "moekit+nf4", "lora", 16, "cpu", torch.float32, lora_rank=4)
+    assert bench.check_values(case, 4, torch.float32)["ok"]
+    _wrong_on_nf4(monkeypatch)
+    check = bench.check_values(case, 4, torch.float32)
+    assert not check["ok"] and 1e-2 < check["errors"]["output"] < 1e-1, check  # both projections 1% off
+    record = {"shape": "small", "tokens": 16, "mode": "lora", "impl": "moekit+nf4", "ms": 2.0, "tflops": 1.0,
+              "peak_gib": float("nan"), "step_gib": float("nan"), "lora_rank": 4, "quant": "nf4", "dtype": "float32",
+              "expert_weight_bytes": 100, "expert_weight_bytes_dense": 400, "check": check}  # fmt: skip
+    console = Console(record=True, width=300)
+    console.print(bench._table([record], None, "cpu"))
+    assert "WRONG" in console.export_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quant", "nf4", "--modes", "full,frozen"],
+         "--quant nf4 times the fwd and lora modes only (full fine-tuning is impossible on a frozen NF4 base)"),
+        (["--quant", "nf4", "--impls", "grouped_mm"], "--quant nf4 times moekit on NF4 experts, and --impls grouped_mm names none of moekit,"),
+    ],
+)  # fmt: skip
+def test_bench_nf4_argument_errors(argv, message, capsys):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    out = capsys.readouterr().out
+    assert message in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_bad_quant_is_one_line(capsys):
+    for command in (["bench"], ["check", "--tiny", "qwen3_moe"]):
+        assert main([*command, "--quant", "int4"]) == 2
+        err = capsys.readouterr().err
+        assert "argument --quant: invalid choice: 'int4' (choose from 'none', 'nf4')" in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_check_nf4_tiny_passes(lora, capsys):
+    argv = ["check", "--tiny", "qwen3_moe", "--quant", "nf4", "--tokens", "16", *(["--lora"] if lora else [])]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "on the 4 NF4 expert weights dequantized (moekit on the NF4 codes)" in out
+    assert out.strip().splitlines()[-1] == ("OK: 2 MoE layers match and the adapters are live." if lora else
+                                             "OK: 2 MoE layers match.")  # fmt: skip
+
+
+def test_check_model_already_nf4():
+    """A model whose experts are NF4 already: checked on the dequantized weights; its NF4 weights stay after."""
+    from moekit.quant import NF4Tensor, quantize_experts
+    from moekit.tools.check import run_check
+
+    model = add_lora(quantize_experts(build("mixtral")))
+    before = {n: p for n, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+    report = run_check(model, tokens=16)
+    assert report.ok, report.problems
+    assert len(before) == 4 and all(p is before[n] for n, p in model.named_parameters() if n in before)
+    assert {n for n, p in model.named_parameters() if isinstance(p, NF4Tensor)} == set(before)
+    assert all(layer.grad_error > 0 for layer in report.layers)  # LoRA and input gradients were compared
+
+
+def test_check_nf4_catches_a_wrong_engine(monkeypatch, capsys):
+    _wrong_on_nf4(monkeypatch)
+    assert main(["check", "--tiny", "olmoe", "--quant", "nf4", "--tokens", "16"]) == 1
+    out = capsys.readouterr().out
+    assert "experts output differs from grouped_mm" in out

@@ -11,12 +11,20 @@ LoRA: input and routing-weight gradients only, the cost LoRA adds to).
 
 A moekit impl runs with ``moekit.options.OPTIONS.backend`` set for its steps only (``moekit-reference``,
 ``moekit-triton`` force that engine; ``moekit`` lets moekit choose), never through the environment.
+
+NF4 (``--quant nf4``): a moekit impl with the suffix ``+nf4`` (``moekit+nf4``, ``moekit-triton+nf4``) runs on the
+same experts module with its weights quantized to frozen NF4 (``moekit.quant.experts.quantize_module``), in the
+fwd and lora modes (full fine-tuning is impossible on the frozen NF4 base). Its records also carry the expert
+weights' bytes (NF4 codes + absmax against the dense weights) and a value check: the step's output, input and
+routing-weight gradients and LoRA gradients against moekit's reference engine in float32 on a dense module
+holding ``weight.dequantize()`` and the same LoRA factors.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib.util
 import json
@@ -63,6 +71,12 @@ PRESETS = {
 
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-reference", "moekit-triton")
 MODES = ("fwd", "full", "lora", "frozen")
+QUANTS = ("none", "nf4")
+NF4_SUFFIX = "+nf4"  # a moekit impl on NF4 expert weights: "moekit+nf4", "moekit-triton+nf4"
+NF4_MODES = ("fwd", "lora")  # full: the NF4 base is frozen; frozen: not what --quant nf4 measures
+# The value check of an NF4 row: max relative error (max |got - want| / max |want|) per compared tensor.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+CHECK_AGAINST = "moekit-reference float32 on the dequantized weights"
 
 
 def make_experts_module(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -116,8 +130,16 @@ def make_routing(shape: Shape, tokens: int, device: str, dtype: torch.dtype, see
     return hidden, index, values.softmax(-1).to(dtype)
 
 
+def split_impl(impl: str) -> tuple[str, str]:
+    """``"moekit-triton+nf4"`` -> ``("moekit-triton", "nf4")``; ``"grouped_mm"`` -> ``("grouped_mm", "none")``."""
+    if impl.endswith(NF4_SUFFIX):
+        return impl[: -len(NF4_SUFFIX)], "nf4"
+    return impl, "none"
+
+
 def engine_of(impl: str) -> str | None:
     """The ``OPTIONS.backend`` a moekit impl runs under ("" lets moekit choose); None for transformers' own."""
+    impl = split_impl(impl)[0]
     if not impl.startswith("moekit"):
         return None
     return impl.split("-", 1)[1] if "-" in impl else ""
@@ -126,6 +148,7 @@ def engine_of(impl: str) -> str | None:
 def _select(module: torch.nn.Module, impl: str) -> None:
     """Put ``module`` on ``impl``. A forced moekit engine is not set here: run its calls under
     ``moekit.options.override(backend=engine_of(impl))``, as ``make_step``'s steps do."""
+    impl = split_impl(impl)[0]
     if impl.startswith("moekit"):
         import moekit
 
@@ -214,12 +237,63 @@ def add_case_arguments(parser: argparse.ArgumentParser, preset: str = "nemotron3
     parser.add_argument("--lora-rank", type=int, default=16)
 
 
-def make_step(
+@dataclass
+class Case:
+    """One configuration, built once: its experts module, the model called (the module, or PEFT around it),
+    routing and upstream gradient. ``step()`` is one benchmark step, ``values()`` one step's results."""
+
+    impl: str
+    mode: str
+    module: torch.nn.Module
+    model: torch.nn.Module
+    hidden: torch.Tensor
+    index: torch.Tensor
+    weights: torch.Tensor
+    upstream: torch.Tensor
+
+    def step(self) -> None:
+        """A forward, or a forward + backward that clears the gradients; a moekit impl's engine is set for it."""
+        with _engine_scope(self.impl):
+            if self.mode == "fwd":
+                with torch.no_grad():
+                    self.model(self.hidden, self.index, self.weights)
+            else:
+                out = self.model(self.hidden, self.index, self.weights)
+                out.backward(self.upstream)
+                self._clear_grads()
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """One step's output and gradients (of the hidden states, the routing weights and every LoRA factor)."""
+        with _engine_scope(self.impl):
+            if self.mode == "fwd":
+                with torch.no_grad():
+                    return {"output": self.model(self.hidden, self.index, self.weights).detach()}
+            out = self.model(self.hidden, self.index, self.weights)
+            out.backward(self.upstream)
+        found = {"output": out.detach(), "d hidden": self.hidden.grad, "d routing weights": self.weights.grad}
+        for module in self.model.modules():  # PEFT's ParamWrappers: "d lora_A[default] gate_up_proj", ...
+            for factor in ("lora_A", "lora_B"):
+                for adapter, layer in (getattr(module, factor, None) or {}).items():
+                    name = f"d {factor}[{adapter}] {getattr(module, 'parameter_name', '?')}"
+                    found[name] = layer.weight.grad
+        self._clear_grads()
+        return {name: value for name, value in found.items() if value is not None}
+
+    def _clear_grads(self) -> None:
+        self.hidden.grad = self.weights.grad = None
+        for param in self.model.parameters():
+            param.grad = None
+
+
+def build_case(
     shape: Shape, impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, lora_rank: int = 16
-) -> Callable[[], None]:
-    """One benchmark step of a configuration (a forward, or a forward + backward that clears the gradients),
-    with its module, routing and upstream gradient built once; a moekit impl's engine is set for each step."""
+) -> Case:
+    """A configuration's ``Case``; an impl ending in ``+nf4`` runs on NF4 expert weights (quantized before PEFT)."""
     module = make_experts_module(shape, device, dtype)
+    if split_impl(impl)[1] == "nf4":
+        from ..quant.experts import quantize_module
+
+        quantize_module(module)
     _select(module, impl)
     model = module
     if mode == "lora":
@@ -231,20 +305,94 @@ def make_step(
         hidden.requires_grad_(True)
         weights.requires_grad_(True)
     upstream = torch.randn_like(hidden)
+    return Case(impl, mode, module, model, hidden, index, weights, upstream)
 
-    def step() -> None:
-        with _engine_scope(impl):
-            if mode == "fwd":
-                with torch.no_grad():
-                    model(hidden, index, weights)
-            else:
-                out = model(hidden, index, weights)
-                out.backward(upstream)
-                hidden.grad = weights.grad = None
-                for param in model.parameters():
-                    param.grad = None
 
-    return step
+def make_step(
+    shape: Shape, impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, lora_rank: int = 16
+) -> Callable[[], None]:
+    """One benchmark step of a configuration (a forward, or a forward + backward that clears the gradients),
+    with its module, routing and upstream gradient built once; a moekit impl's engine is set for each step."""
+    return build_case(shape, impl, mode, tokens, device, dtype, lora_rank).step
+
+
+def expert_weight_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes the experts module's up and down weights take as held, bytes they would take dense in their dtype);
+    an NF4 weight holds its codes (half a byte an element) and its fp32 absmax (one per 64 elements)."""
+    from ..quant.experts import expert_weight_names
+    from ..quant.tensor import NF4Tensor
+
+    held = dense = 0
+    for name in expert_weight_names(module):
+        weight = getattr(module, name)
+        dense += weight.numel() * weight.element_size()
+        if isinstance(weight, NF4Tensor):
+            held += weight.packed.numel() * weight.packed.element_size()
+            held += weight.absmax.numel() * weight.absmax.element_size()
+        else:
+            held += weight.numel() * weight.element_size()
+    return held, dense
+
+
+def _dense_reference(case: Case, lora_rank: int) -> Case:
+    """The same configuration in float32 on moekit's reference engine, on a dense module holding the NF4 weights'
+    ``dequantize()`` (and the same biases, LoRA factors, routing and upstream gradient)."""
+    from ..quant.experts import expert_weight_names
+    from ..quant.tensor import NF4Tensor
+
+    module = copy.deepcopy(case.module)
+    for name in expert_weight_names(module):
+        weight = getattr(module, name)
+        if isinstance(weight, NF4Tensor):
+            setattr(module, name, torch.nn.Parameter(weight.dequantize().float(), requires_grad=False))
+    module.float()
+    _select(module, "moekit")
+    model = module
+    if case.mode == "lora":
+        model = _wrap_lora(module, lora_rank)
+        lora = {name: value for name, value in case.model.state_dict().items() if "lora_" in name}
+        loaded = model.load_state_dict(lora, strict=False)
+        missing = [name for name in loaded.missing_keys if "lora_" in name]
+        if loaded.unexpected_keys or missing or not lora:
+            raise RuntimeError(f"the dense reference did not take the LoRA factors: {loaded}")
+    else:
+        module.requires_grad_(False)
+    grad = case.mode != "fwd"
+    hidden = case.hidden.detach().float().requires_grad_(grad)
+    weights = case.weights.detach().float().requires_grad_(grad)
+    return Case("moekit-reference", case.mode, module, model, hidden, case.index, weights, case.upstream.float())
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (in float64); NaN anywhere is an infinite error."""
+    got, want = got.detach().double(), want.detach().double()
+    if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
+        return float("inf")
+    scale = want.abs().max().item() if want.numel() else 0.0
+    diff = (got - want).abs().max().item() if want.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def check_values(case: Case, lora_rank: int, dtype: torch.dtype) -> dict:
+    """The value check of an NF4 case: its output and gradients against ``_dense_reference``; a JSON-ready dict
+    with the largest relative error, the tolerance for ``dtype``, ok, and the error of every compared tensor."""
+    tolerance = CHECK_TOLERANCE.get(dtype, 3e-2)
+    try:
+        got = case.values()
+        reference = _dense_reference(case, lora_rank)
+        want = reference.values()
+        del reference
+    except (RuntimeError, ValueError, NotImplementedError) as error:
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:200], "tolerance": tolerance,
+                "against": CHECK_AGAINST}  # fmt: skip
+    if got.keys() != want.keys():
+        missing = sorted(set(got) ^ set(want))
+        return {"ok": False, "error": f"different results: {', '.join(missing)}", "tolerance": tolerance,
+                "against": CHECK_AGAINST}  # fmt: skip
+    errors = {name: _rel_err(got[name], want[name]) for name in want}
+    worst = max(errors.values(), default=0.0)
+    return {"ok": worst <= tolerance, "max_rel_err": worst, "tolerance": tolerance, "errors": errors,
+            "against": CHECK_AGAINST}  # fmt: skip
 
 
 def _time_case(
@@ -259,7 +407,8 @@ def _time_case(
     repeats: int = 10,
     card: str | None = None,
 ) -> dict:
-    step = make_step(shape, impl, mode, tokens, device, dtype, lora_rank)
+    case = build_case(shape, impl, mode, tokens, device, dtype, lora_rank)
+    step = case.step
     for _ in range(warmup):
         step()
     resident = float("nan")
@@ -287,7 +436,11 @@ def _time_case(
         "peak_gib": peak,
         # What one step allocates on top of the resident weights and inputs: activations, transients, gradients.
         "step_gib": peak - resident,
+        "quant": split_impl(impl)[1],
     }
+    record["expert_weight_bytes"], record["expert_weight_bytes_dense"] = expert_weight_bytes(case.module)
+    if record["quant"] != "none":
+        record["check"] = check_values(case, lora_rank, dtype)  # after the timing: no part of its memory
     return record
 
 
@@ -304,6 +457,8 @@ def dense_matmul_tflops(device: str = "cuda", size: int = 8192, dtype: torch.dty
 # --- the `moekit bench` command -------------------------------------------------------------------------------
 
 CPU_PRESET = "tiny"
+DEFAULT_MODES = ("fwd", "full")
+DEFAULT_NF4_MODES = ("fwd", "lora")
 PEERS = ("liger",)  # other projects' kernels, run when installed
 # How each device's steps are timed, for the table's caption.
 TIMING = {
@@ -363,6 +518,17 @@ def _argument_problem(args, device: str) -> str | None:
     ):
         if problem:
             return problem
+    if args.quant == "nf4":
+        if not any(mode in NF4_MODES for mode in args.modes):
+            return (
+                f"--quant nf4 times the {' and '.join(NF4_MODES)} modes only (full fine-tuning is impossible on a "
+                f"frozen NF4 base), and --modes {','.join(args.modes)} has neither"
+            )
+        if not any(split_impl(impl)[0].startswith("moekit") for impl in args.impls):
+            return (
+                f"--quant nf4 times moekit on NF4 experts, and --impls {','.join(args.impls)} names none of moekit, "
+                "moekit-reference, moekit-triton"
+            )
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu"
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
@@ -392,13 +558,24 @@ def _table(records: list[dict], dense: float | None, device: str = "cuda") -> ri
     from rich.table import Table
 
     timing = TIMING["cuda" if device.startswith("cuda") else "cpu"]
-    table = Table(title="expert layer benchmark", caption=f"ms: {timing}")
+    quantized = any(r.get("quant", "none") != "none" for r in records)
+    caption = f"ms: {timing}"
+    if quantized:
+        caption += (
+            f"; +nf4: on NF4 expert weights; ÷ dense: its ms over the same impl's on the dense weights; values: "
+            f"max rel. error against {CHECK_AGAINST}"
+        )
+    table = Table(title="expert layer benchmark", caption=caption)
     # "÷ frozen": a LoRA step over the same impl's frozen-base step (same shape and tokens), when both ran
     frozen = {(r["shape"], r["tokens"], r["impl"]): r["ms"] for r in records if r["mode"] == "frozen" and "ms" in r}
     columns = ["shape", "tokens", "mode", "impl", "ms", "TFLOP/s", "% dense", "peak GiB", "step GiB", "× grouped_mm"]
-    for column in columns + (["÷ frozen"] if frozen else []):  # a terminal too narrow folds values, never cuts them
+    columns += ["÷ frozen"] if frozen else []
+    columns += ["÷ dense", "weights MiB", "values"] if quantized else []
+    for column in columns:  # a terminal too narrow folds values, never cuts them
         table.add_column(column, justify="left" if column in ("shape", "mode", "impl") else "right", overflow="fold")
     baselines = {_case_key(r): r["ms"] for r in records if r["impl"] == "grouped_mm" and "ms" in r}
+    # "÷ dense": an NF4 row over the same moekit impl's row on the dense weights (same case)
+    dense_ms = {(*_case_key(r), r["impl"]): r["ms"] for r in records if "ms" in r}
     for r in records:
         mode = f"lora r={r['lora_rank']}" if r.get("lora_rank") else r["mode"]
         if "ms" not in r:
@@ -406,15 +583,45 @@ def _table(records: list[dict], dense: float | None, device: str = "cuda") -> ri
             continue
         baseline = baselines.get(_case_key(r))
         frozen_ms = frozen.get((r["shape"], r["tokens"], r["impl"])) if r["mode"] == "lora" else None
-        table.add_row(
+        cells = [
             r["shape"], str(r["tokens"]), mode, r["impl"], f"{r['ms']:.3f}", _rate(r["tflops"]),
             f"{100 * r['tflops'] / dense:.0f}%" if dense else "-",
             "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}",
             "-" if r["step_gib"] != r["step_gib"] else f"{r['step_gib']:.2f}",
             f"{baseline / r['ms']:.2f}" if baseline else "-",
-            *([f"{r['ms'] / frozen_ms:.2f}" if frozen_ms else "-"] if frozen else []),
-        )  # fmt: skip
+        ]  # fmt: skip
+        if frozen:
+            cells.append(f"{r['ms'] / frozen_ms:.2f}" if frozen_ms else "-")
+        if quantized:
+            cells.extend(_quant_cells(r, dense_ms))
+        table.add_row(*cells)
     return table
+
+
+def _mib(count: float) -> str:
+    mib = count / 2**20
+    return f"{mib:.1f}" if mib >= 10 else f"{mib:.3f}"
+
+
+def _quant_cells(record: dict, dense_ms: dict) -> list[str]:
+    """The "÷ dense", "weights MiB" and "values" cells of a row in a run with NF4 rows."""
+    held = record.get("expert_weight_bytes")
+    if record.get("quant", "none") == "none":
+        return ["-", _mib(held) if held else "-", "-"]
+    base = split_impl(record["impl"])[0]
+    over = dense_ms.get((*_case_key(record), base))
+    weights = "-"
+    if held:
+        weights = f"{_mib(held)} ({held / record['expert_weight_bytes_dense']:.2f}× of {record.get('dtype', 'dense')})"
+    check = record.get("check") or {}
+    if "max_rel_err" in check:
+        verdict = "[green]ok[/]" if check["ok"] else "[bold red]WRONG[/]"
+        values = f"{verdict} {check['max_rel_err']:.1e} (tol {check['tolerance']:.0e})"
+    elif check:
+        values = f"[bold red]FAILED[/] {check.get('error', '')}"
+    else:
+        values = "-"
+    return [f"{record['ms'] / over:.2f}" if over else "-", weights, values]
 
 
 def plot(records: list[dict], path: str) -> None:
@@ -455,6 +662,18 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(figure)
 
 
+def _impls(args, mode: str) -> list[str]:
+    """The impls of one mode's cases: ``--impls``, and with ``--quant nf4`` (fwd and lora) each moekit impl's NF4
+    twin right after it."""
+    quant = getattr(args, "quant", "none")
+    impls = []
+    for impl in args.impls:
+        impls.append(impl)
+        if quant != "none" and mode in NF4_MODES and impl.startswith("moekit"):
+            impls.append(impl + NF4_SUFFIX)
+    return impls
+
+
 def _cases(args, shapes: list[Shape], tokens: list[int]) -> list[tuple]:
     return [
         (shape, count, mode, rank, impl)
@@ -462,7 +681,7 @@ def _cases(args, shapes: list[Shape], tokens: list[int]) -> list[tuple]:
         for count in tokens
         for mode in args.modes
         for rank in (args.lora_rank if mode == "lora" else [None])
-        for impl in args.impls
+        for impl in _impls(args, mode)
     ]
 
 
@@ -514,8 +733,15 @@ def _run_cases(console, cases: list[tuple], device: str, dtype: torch.dtype, car
     return records
 
 
+def _default_modes(args) -> None:
+    """``--modes`` left out: fwd,full; fwd,lora with ``--quant nf4`` (what NF4 experts can run)."""
+    if args.modes is None:
+        args.modes = list(DEFAULT_NF4_MODES if getattr(args, "quant", "none") != "none" else DEFAULT_MODES)
+
+
 def run_bench(args) -> int:
     console = make_console()
+    _default_modes(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     problem = _argument_problem(args, device)
     if problem:
@@ -523,6 +749,11 @@ def run_bench(args) -> int:
         return 2
     on_cpu = not device.startswith("cuda")
     shapes = _shapes(args, on_cpu)
+    if args.quant != "none" and any(mode not in NF4_MODES for mode in args.modes):
+        console.print(
+            f"--quant {args.quant}: NF4 rows for the {' and '.join(NF4_MODES)} modes only (full fine-tuning is "
+            f"impossible on a frozen NF4 base)", markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
     if on_cpu:
         console.print(
             "[bold yellow]Running on the CPU: these numbers say nothing about GPU speed; they only show the "
@@ -594,10 +825,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--act", choices=["relu2", "relu", "silu", "gelu", "gpt_oss"],
         help="custom shape: the activation (default: silu with --gated, relu2 without)")  # fmt: skip
     add("--tokens", type=positive, help="comma-separated token counts (default: 8192; 256 on cpu)")
-    add("--modes", type=_csv(str, "modes"), default="fwd,full", help=f"comma-separated modes: {', '.join(MODES)}")
+    add("--modes", type=_csv(str, "modes"),
+        help=f"comma-separated modes: {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)}) — "
+        f"{','.join(DEFAULT_NF4_MODES)} with --quant nf4")  # fmt: skip
     add("--lora-rank", type=positive, default="16", help="comma-separated LoRA ranks (lora mode)")
     add("--impls", type=_csv(str, "impls"), default="grouped_mm,moekit",
         help=f"comma-separated implementations: {', '.join(IMPLS + PEERS)}")  # fmt: skip
+    add("--quant", choices=QUANTS, default="none",
+        help="nf4: also time each moekit impl on NF4 expert weights (QLoRA: frozen base, quantized with "
+        "moekit.quant; rows 'IMPL+nf4', fwd and lora modes) beside the dense rows, with the expert weights' bytes "
+        f"and a value check against {CHECK_AGAINST}")  # fmt: skip
     add("--device", choices=["cpu", "cuda"], help="device (default: cuda when available, else cpu)")
     add("--json", metavar="PATH", help="write the records to this JSON file (default: not written)")
     add("--plot", metavar="PATH", help="draw a grouped bar chart to this PNG (default: not drawn)")

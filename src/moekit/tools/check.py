@@ -9,6 +9,12 @@ MoE fine-tunes silently useless:
 - the adapter's trainable parameters are fewer than its config implies (frozen or missing expert adapters);
 - an expert that received tokens gets no gradient in its adapter.
 
+NF4 experts (``moekit.quantize_experts(model, "nf4")``, or ``--quant nf4``): transformers' backends cannot run on
+NF4 codes, so the default-backend pass runs on the same model with each NF4 expert weight swapped for a frozen dense
+parameter holding ``weight.dequantize()`` (put back afterwards); moekit runs on the NF4 weights. The NF4 base is
+frozen, so besides the LoRA factors' gradients the check compares the gradients that reach each experts module's
+inputs (hidden states, routing weights) where they require one.
+
 Exit status 0 when everything holds, 1 with a plain-language explanation when not.
 """
 
@@ -26,6 +32,8 @@ import torch
 from ..enable import enable, experts_modules
 from ..layout import projections
 from ..lora import DOWN_PARAMS, UP_PARAMS
+from ..quant.experts import expert_weight_names
+from ..quant.tensor import NF4Tensor
 from .cli import HelpFormatter, positive_int
 from .cli import console as make_console
 
@@ -116,8 +124,37 @@ def diagnose_adapter(model: torch.nn.Module, report: CheckReport) -> None:
         )
 
 
-def _run(model: torch.nn.Module, input_ids: Tensor, implementation: str, modules: list[torch.nn.Module]):
-    """Forward + backward with ``implementation``; per experts module: (output, routed ids, grads of its params)."""
+def _nf4_weights(modules: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, str]]:
+    """(experts module, parameter name) of every NF4 expert weight."""
+    return [(m, n) for m in modules for n in expert_weight_names(m) if isinstance(getattr(m, n, None), NF4Tensor)]
+
+
+@contextlib.contextmanager
+def dequantized(modules: list[torch.nn.Module]):
+    """Within the context, every NF4 expert weight of ``modules`` is a frozen dense parameter holding its
+    ``dequantize()``, on which transformers' backends run; the NF4 parameters are put back afterwards."""
+    swapped = []
+    try:
+        for module, name in _nf4_weights(modules):
+            weight = getattr(module, name)
+            swapped.append((module, name, weight))
+            setattr(module, name, torch.nn.Parameter(weight.dequantize(), requires_grad=False))
+        yield
+    finally:
+        for module, name, weight in reversed(swapped):
+            setattr(module, name, weight)
+
+
+def _run(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    implementation: str,
+    modules: list[torch.nn.Module],
+    input_grads: dict[int, dict[str, Tensor]] | None = None,
+):
+    """Forward + backward with ``implementation``; per experts module: (output, routed ids, grads of its params).
+    ``input_grads``: also collect, per experts module, the gradients of its hidden-state and routing-weight inputs
+    (those that require one), as ``{"d hidden": ..., "d routing weights": ...}``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if implementation == "moekit":
         enable(model)
@@ -126,9 +163,16 @@ def _run(model: torch.nn.Module, input_ids: Tensor, implementation: str, modules
     outputs: dict[int, Tensor] = {}
     routes: dict[int, Tensor] = {}
 
+    def keep(number, name, grad):
+        input_grads.setdefault(number, {})[name] = grad.detach().float().clone()
+
     def record(number, module, args, result):
         outputs[number] = result.detach().float().clone()
         routes[number] = args[1].detach().clone()
+        if input_grads is not None:
+            for name, tensor in (("d hidden", args[0]), ("d routing weights", args[2])):
+                if tensor.requires_grad:
+                    tensor.register_hook(functools.partial(keep, number, name))
 
     handles = [m.register_forward_hook(functools.partial(record, i)) for i, m in enumerate(modules)]
     try:
@@ -185,12 +229,15 @@ def run_check(model: torch.nn.Module, *, tokens: int = 64, batch: int = 2, seed:
     """Compare moekit with transformers' default experts backend on one batch; see the module docstring."""
     report = CheckReport()
     is_peft = hasattr(model, "peft_config")
+    modules = experts_modules(model)
+    quantized = bool(_nf4_weights(modules))
     if is_peft:
         diagnose_adapter(model, report)
     else:
-        for module in experts_modules(model):
-            module.requires_grad_(True)  # full fine-tune: compare the expert weights' gradients
-    modules = experts_modules(model)
+        for module in modules:  # full fine-tune: compare the expert weights' gradients (NF4 ones are frozen)
+            for param in module.parameters():
+                if not isinstance(param, NF4Tensor):
+                    param.requires_grad_(True)
     base = model.get_base_model() if is_peft else model
     default = base.config._experts_implementation
     if default in (None, "moekit"):
@@ -199,13 +246,24 @@ def run_check(model: torch.nn.Module, *, tokens: int = 64, batch: int = 2, seed:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=generator).to(device)
 
-    theirs, _ = _run(model, input_ids, default, modules)
-    their_grads = [_layer_grads(model, m) for m in modules]
-    ours, routes = _run(model, input_ids, "moekit", modules)
+    their_inputs: dict[int, dict[str, Tensor]] | None = {} if quantized else None
+    our_inputs: dict[int, dict[str, Tensor]] | None = {} if quantized else None
+    with dequantized(modules):  # NF4 experts: transformers' backend runs on their dequantized weights
+        theirs, _ = _run(model, input_ids, default, modules, their_inputs)
+        their_grads = [_layer_grads(model, m) for m in modules]
+    ours, routes = _run(model, input_ids, "moekit", modules, our_inputs)
     our_grads = [_layer_grads(model, m) for m in modules]
+    if quantized:
+        for number in range(len(modules)):
+            their_grads[number].update(their_inputs.get(number, {}))
+            our_grads[number].update(our_inputs.get(number, {}))
     dtype = next(modules[0].parameters()).dtype if modules else torch.float32
     tolerance = TOLERANCE.get(dtype, 3e-2)
-    report.notes.append(f"compared against experts_implementation={default!r}; tolerance {tolerance:g} ({dtype})")
+    against = f"experts_implementation={default!r}"
+    if quantized:
+        count = len(_nf4_weights(modules))
+        against += f" on the {count} NF4 expert weights dequantized (moekit on the NF4 codes)"
+    report.notes.append(f"compared against {against}; tolerance {tolerance:g} ({dtype})")
 
     names = {id(m): n.removeprefix("base_model.model.").replace(".base_layer", "") for n, m in model.named_modules()}
     for number, module in enumerate(modules):
@@ -246,6 +304,13 @@ def _load(args) -> torch.nn.Module:
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     model.to(args.device)
+    if getattr(args, "quant", "none") != "none":
+        from ..quant import quantize_experts
+
+        try:
+            quantize_experts(model, args.quant)  # before any adapter: LoRA on the frozen NF4 base (QLoRA)
+        except ValueError as error:
+            raise ValueError(f"--quant {args.quant}: {error}") from None
     if args.adapter:
         from peft import PeftModel
 
@@ -342,5 +407,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="device (cuda when available)")  # fmt: skip
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     add("--tokens", type=positive_int, default=64, help="tokens per sequence (batch of 2)")
+    add("--quant", default="none", choices=["none", "nf4"],
+        help="nf4: quantize the model's expert weights to frozen NF4 (moekit.quantize_experts) before any adapter, "
+        "and check moekit on them against transformers on their dequantized values; a model whose experts are "
+        "NF4 already is checked that way with none too")  # fmt: skip
     parser.set_defaults(func=command)
     return parser

@@ -43,6 +43,8 @@ import torch
 
 from ..backend import experts_layout, select_engine
 from ..enable import enable, experts_modules
+from ..quant.experts import expert_weight_names, quantize_module
+from ..quant.tensor import NF4Tensor
 from .cli import HelpFormatter, PlainProgress, is_terminal, non_negative_int, positive_float, positive_int
 from .cli import console as make_console
 
@@ -138,10 +140,53 @@ def add_lora(model: torch.nn.Module, seed: int = 0):
         return get_peft_model(model, config)
 
 
-def build_lora_model(seed: int, device: torch.device | str, dtype: torch.dtype):
+QUANT_CHOICES = ("none", "nf4")
+
+
+def quantize_model_experts(model: torch.nn.Module, quant: str = "nf4") -> torch.nn.Module:
+    """Every experts module's weights to frozen NF4 in place (``moekit.quant.experts.quantize_module``)."""
+    if quant not in QUANT_CHOICES[1:]:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    for module in experts_modules(model):
+        quantize_module(module)
+    return model
+
+
+def dequantize_model_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every NF4 expert weight of ``model`` in place by a frozen dense parameter holding
+    ``weight.dequantize()``: the same values, on which transformers' own backends (and PEFT's ΔW) run."""
+    for module in experts_modules(model):
+        for name in expert_weight_names(module):
+            weight = getattr(module, name)
+            if isinstance(weight, NF4Tensor):
+                setattr(module, name, torch.nn.Parameter(weight.dequantize(), requires_grad=False))
+    return model
+
+
+def expert_weight_stats(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements, bytes as held) of every experts module's up and down weights; an NF4 weight counts its codes
+    (half a byte an element) and its fp32 absmax (one per 64 elements)."""
+    elements = held = 0
+    for module in experts_modules(model):
+        for name in expert_weight_names(module):
+            weight = getattr(module, name)
+            elements += weight.numel()
+            if isinstance(weight, NF4Tensor):
+                held += weight.packed.numel() * weight.packed.element_size()
+                held += weight.absmax.numel() * weight.absmax.element_size()
+            else:
+                held += weight.numel() * weight.element_size()
+    return elements, held
+
+
+def build_lora_model(seed: int, device: torch.device | str, dtype: torch.dtype, quant: str = "none"):
     """The demo model with LoRA on its experts, in ``dtype`` on ``device``; the trainable LoRA factors stay in
-    fp32, as PEFT keeps them by default (autocast_adapter_dtype)."""
-    model = add_lora(build_model(seed), seed=seed).to(device=device, dtype=dtype)
+    fp32, as PEFT keeps them by default (autocast_adapter_dtype). ``quant="nf4"``: the expert weights are
+    quantized to frozen NF4 before PEFT wraps them (QLoRA); their compute dtype follows ``dtype``."""
+    base = build_model(seed)
+    if quant != "none":
+        quantize_model_experts(base, quant)
+    model = add_lora(base, seed=seed).to(device=device, dtype=dtype)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
@@ -190,6 +235,9 @@ class DemoConfig:
     # setting on cuda. 0: torch's own setting.
     threads: int | None = None
     progress: bool = True  # a progress bar on a terminal; plain progress lines through ``log`` elsewhere
+    # "nf4": the expert weights quantized to frozen NF4 before PEFT (QLoRA); the default-backend copy then holds
+    # their dequantized values (transformers' backends cannot run on NF4), so the two still compute the same thing.
+    quant: str = "none"
 
 
 @dataclass
@@ -221,6 +269,9 @@ class DemoResult:
     train_losses: list[float] = field(default_factory=list, repr=False)
     # The default-backend copy's losses on the same batches (its first baseline_steps + 1 steps).
     default_train_losses: list[float] = field(default_factory=list, repr=False)
+    quant: str = "none"  # "nf4": moekit's experts are NF4; the default backend's copy holds the dequantized weights
+    expert_weight_elements: int = 0  # elements of every experts module's up and down weights
+    expert_weight_bytes: int = 0  # their bytes as moekit's model holds them (NF4: codes + absmax)
 
     @property
     def loss_drop(self) -> float:
@@ -387,8 +438,9 @@ class _Models:
 
 def _build(config: DemoConfig, device: torch.device, dtype: torch.dtype) -> _Models:
     """The moekit model, its default-backend copy and the batches, checked to run where they should."""
-    model = build_lora_model(config.seed, device, dtype)
+    model = build_lora_model(config.seed, device, dtype, config.quant)
     default_model = copy.deepcopy(model)  # identical weights, its own config object
+    dequantize_model_experts(default_model)  # NF4 experts: the copy holds their dequantized values
     enable(model)
     generator = torch.Generator().manual_seed(config.seed + 2)
     batches = [
@@ -406,6 +458,33 @@ def _build(config: DemoConfig, device: torch.device, dtype: torch.dtype) -> _Mod
     return _Models(model, default_model, default_backend, batches, eval_batch)
 
 
+def _copy_trained_weights(source, target) -> None:
+    """``target.load_state_dict(source.state_dict())``, except NF4 expert weights: they are frozen (training never
+    changes them) and the dense copy already holds their dequantized values."""
+    state = source.state_dict()
+    dense = {name: value for name, value in state.items() if not isinstance(value, NF4Tensor)}
+    result = target.load_state_dict(dense, strict=len(dense) == len(state))
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"the default-backend copy has no parameters {unexpected}")
+
+
+def _bytes(count: float) -> str:
+    """1,234,567 -> '1.18 MiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f} B"
+
+
+def expert_weights_text(quant: str, elements: int, held: int) -> str:
+    """'NF4 648.00 KiB (bf16 2.25 MiB, fp32 4.50 MiB: 0.28× of bf16)': the expert weights as held, against what
+    the same elements take dense."""
+    bf16, fp32 = 2 * elements, 4 * elements
+    name = "dense" if quant == "none" else quant.upper()
+    return f"{name} {_bytes(held)} (bf16 {_bytes(bf16)}, fp32 {_bytes(fp32)}: {held / bf16:.2f}× of bf16)"
+
+
 def _log_intro(log, config: DemoConfig, models: _Models, engine: str, where: str) -> None:
     trainable = sum(p.numel() for p in models.moekit.parameters() if p.requires_grad)
     total = sum(p.numel() for p in models.moekit.parameters())
@@ -413,10 +492,17 @@ def _log_intro(log, config: DemoConfig, models: _Models, engine: str, where: str
         f"moekit demo: NemotronH-style hybrid {'/'.join(LAYERS)} · hidden {HIDDEN} · {NUM_EXPERTS} relu² experts "
         f"top-{TOP_K} (intermediate {MOE_INTERMEDIATE}) · vocab {VOCAB}"
     )
+    quantized = " (NF4, frozen: QLoRA)" if config.quant == "nf4" else ""
     log(
-        f"  LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {', '.join(lora_target_parameters(models.moekit))}: "
+        f"  LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {', '.join(lora_target_parameters(models.moekit))}{quantized}: "
         f"{trainable:,} trainable of {total:,} parameters"
     )
+    if config.quant != "none":
+        elements, held = expert_weight_stats(models.moekit)
+        log(
+            f"  expert weights: {expert_weights_text(config.quant, elements, held)}; "
+            f"the {models.default_backend} copy holds them dequantized"
+        )
     log(
         f"  task: Fibonacci mod {MODULUS} (x[t] = x[t-1] + x[t-2]), {config.batch_size}×{config.seq_len} tokens "
         f"a step, AdamW lr {config.lr}"
@@ -495,6 +581,8 @@ def run_demo(config: DemoConfig | None = None, *, log=None) -> DemoResult:
     config = config or DemoConfig()
     if config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
+    if config.quant not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {config.quant!r}")
     log = log or (lambda line: print(line, flush=True))
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -514,8 +602,9 @@ def run_demo(config: DemoConfig | None = None, *, log=None) -> DemoResult:
         # 2./3. Fine-tune, and time both backends.
         run = _train(config, models, device, log)
         # 4. After training: held-out loss, and the trained LoRA on the default backend vs moekit.
-        models.default.load_state_dict(models.moekit.state_dict())
+        _copy_trained_weights(models.moekit, models.default)
         max_logit_diff_end, loss_end, accuracy_end = _compare(models, dtype, fp32_error_moekit, fp32_error_default)
+        weight_elements, weight_bytes = expert_weight_stats(models.moekit)
 
     tokens_per_step = config.batch_size * config.seq_len
     return DemoResult(
@@ -543,6 +632,9 @@ def run_demo(config: DemoConfig | None = None, *, log=None) -> DemoResult:
         fp32_error_default=fp32_error_default,
         train_losses=run.losses,
         default_train_losses=run.default_losses,
+        quant=config.quant,
+        expert_weight_elements=weight_elements,
+        expert_weight_bytes=weight_bytes,
     )
 
 
@@ -574,8 +666,9 @@ def report(result: DemoResult, console=None) -> None:
 
     console = console or make_console()
     backend = result.default_backend
+    experts = f", {result.quant.upper()} experts" if result.quant != "none" else ""
     table = Table(
-        title=f"moekit demo: {result.steps} steps on {_where(result.device, result.dtype, result.threads)}",
+        title=f"moekit demo: {result.steps} steps on {_where(result.device, result.dtype, result.threads)}{experts}",
         title_justify="left",
         min_width=60,
     )
@@ -590,9 +683,15 @@ def report(result: DemoResult, console=None) -> None:
     table.add_row(
         f"train tokens/s, moekit ({result.moekit_engine})", f"{result.tokens_per_s_moekit:,.0f}  (×{speedup:.2f})"
     )
-    table.add_row(f"train tokens/s, {backend}", f"{result.tokens_per_s_default:,.0f}  (transformers default)")
+    dense = ", dequantized experts" if result.quant != "none" else ""
+    table.add_row(f"train tokens/s, {backend}", f"{result.tokens_per_s_default:,.0f}  (transformers default{dense})")
     _logit_rows(table, result)
     table.add_row(f"max |Δtrain loss| vs {backend}", f"{result.max_train_loss_diff:.2e}  (same batches, same start)")
+    if result.quant != "none":
+        table.add_row(
+            "expert weights, moekit",
+            expert_weights_text(result.quant, result.expert_weight_elements, result.expert_weight_bytes),
+        )
     console.print(table)
 
 
@@ -653,6 +752,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--threads", type=non_negative_int, default=None,
         help="torch CPU threads; 0: torch's own choice (default: 1 on cpu, where the tiny ops gain nothing from "
         "threads and a loaded machine makes them far slower; torch's own choice on cuda)")  # fmt: skip
+    add("--quant", choices=QUANT_CHOICES, default=defaults.quant,
+        help="expert weights: none (dense), or nf4 (QLoRA: quantized to frozen NF4 before PEFT adds LoRA; the "
+        "default-backend copy holds the dequantized weights)")  # fmt: skip
     add("--json", metavar="PATH", default=None, help="also write the result as JSON to PATH (default: not written)")
     add("--no-progress", action="store_true", help="no progress bar (or progress lines, when not on a terminal)")
     parser.set_defaults(func=command)
@@ -688,6 +790,7 @@ def command(args: argparse.Namespace) -> int:
         baseline_steps=args.baseline_steps,
         threads=args.threads,
         progress=not args.no_progress,
+        quant=args.quant,
     )
     result = run_demo(config)
     report(result)
