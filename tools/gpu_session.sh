@@ -29,6 +29,9 @@
 #                                             the bench table for older code (OLD_SRC holds its src: `git archive REV
 #                                             src | tar -x -C .ab_old`) and this code, alternating processes of one
 #                                             call (tools/ab_bench.py; AB_IMPLS, default grouped_mm,moekit-triton)
+#   bash tools/gpu_session.sh OUT quant       NF4 experts: cold-cache first calls of the NF4 paths, the NF4 LoRA
+#                                             bench, Qwen3-30B-A3B at full size (tools/qlora_real_size.py) and the
+#                                             loading path (tools/measure_loading.py); each its own timeout
 #   bash tools/gpu_session.sh OUT curves      the CUDA demo and 50-step LoRA loss curves against transformers
 #
 # Every visit that touches a kernel runs native, gpu and cold. Each section runs under `timeout` (SECTION_TIMEOUT
@@ -108,6 +111,26 @@ ab)
     --json "$out/ab_$t.json" -- --preset "$presets" --tokens 8192,32768 --modes fwd,full,lora,frozen \
     --lora-rank 16 --impls "${AB_IMPLS:-grouped_mm,moekit-triton}" 2>&1 | tee "$out/ab_$t.log"
   ;;
+quant)
+  # NF4 experts in one call: first calls (cold cache) of the NF4 paths at the four shapes, the NF4 LoRA step beside
+  # bf16 LoRA and grouped_mm + PEFT (tuned by the cold section), Qwen3-30B-A3B at full size, the loading path
+  cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
+  export MOEKIT_CACHE_DIR=$cache
+  timeout "${COLD_TIMEOUT:-130}" python tools/cold_cache.py --shapes "$presets_all" --paths nf4-frozen,nf4-lora \
+    --tokens 2048,8192 --json "$out/cold_nf4.json" > "$out/cold_nf4.log" 2>&1
+  echo "cold cache (NF4 paths): exit $? ($(tail -1 "$out/cold_nf4.log"))" | tee -a "$out/card.txt"
+  grep -E "WRONG|False|Error" "$out/cold_nf4.log" | head -10
+  timeout "${BENCH_TIMEOUT:-170}" python -m moekit bench --preset "$presets_all" --tokens 8192,32768 --modes lora \
+    --lora-rank 16 --impls grouped_mm,moekit-triton --quant nf4 --json "$out/bench_nf4.json" > "$out/bench_nf4.log" 2>&1
+  echo "bench --quant nf4: exit $?" | tee -a "$out/card.txt"
+  timeout "${REAL_TIMEOUT:-130}" python tools/qlora_real_size.py --model qwen3-30b-a3b --layers 48 --tokens 2048 \
+    --rank 16 --out "$out/real_size.json" > "$out/real_size.log" 2>&1
+  echo "real size: exit $?" | tee -a "$out/card.txt"
+  timeout "${LOAD_TIMEOUT:-90}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
+    > "$out/loading.log" 2>&1
+  echo "loading: exit $?" | tee -a "$out/card.txt"
+  tail -45 "$out/bench_nf4.log"; tail -18 "$out/real_size.log"; tail -12 "$out/loading.log"
+  ;;
 curves)
   timeout "$limit" python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress \
     --json "$out/demo_cuda.json" 2>&1 | tail -18 | tee "$out/demo.log"
@@ -116,7 +139,7 @@ curves)
   grep lr "$out/curves.log"
   ;;
 *)
-  echo "unknown part '$part': native, gpu, configs, cold, bench, lora, ab or curves (see the head of this file)"
+  echo "unknown part '$part': native, gpu, configs, cold, bench, lora, ab, quant or curves (see the head of this file)"
   exit 2
   ;;
 esac

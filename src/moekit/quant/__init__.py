@@ -6,10 +6,12 @@
 """
 
 from .experts import quantize_experts
+from .hf import MoekitQuantConfig
 from .nf4 import NF4Weight, dequantize_experts, dequantize_nf4, from_bitsandbytes, quantize_nf4, to_bitsandbytes
 from .tensor import NF4Tensor
 
 __all__ = [
+    "MoekitQuantConfig",
     "NF4Tensor",
     "NF4Weight",
     "dequantize_experts",

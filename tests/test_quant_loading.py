@@ -1,0 +1,334 @@
+"""Loading a dense checkpoint straight into NF4 experts: ``from_pretrained(..., quantization_config=MoekitQuantConfig())``.
+
+(a) For qwen3_moe, nemotron_h, mixtral (per-expert checkpoints, merged by transformers' converters) and gpt_oss
+    (fused checkpoint): each expert weight is quantized once, as it loads, into the codes and scales
+    ``NF4Tensor.quantize`` gives the checkpoint's weight; everything else equals the checkpoint; the logits equal
+    those of the same checkpoint loaded plainly then ``moekit.quantize_experts`` (bf16 rel <= 1e-2, fp32 <= 1e-5);
+    the experts run on moekit, the model is quantized as transformers means it and its quantized base is frozen.
+(b) ``linear="nf4"``: the nn.Linear layers become bitsandbytes ``Linear4bit`` with bitsandbytes' own codes (lm_head
+    and routers stay dense) and the model runs on the CPU; without bitsandbytes, a clear error.
+(c) PEFT LoRA on the experts trains a step on the loaded model; the adapter it saves is a plain PEFT adapter of the
+    dense model; the quantized model itself refuses to be saved; ``dequantize`` gives the dense model back.
+(d) The config: registered with transformers, serializable, bad values refused with clear errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tiny_models as tm
+import torch
+from transformers import AutoModelForCausalLM
+
+import moekit
+from moekit.enable import experts_modules
+from moekit.options import OPTIONS
+from moekit.quant import MoekitQuantConfig, NF4Tensor, quantize_experts
+from moekit.quant import hf as moekit_hf
+from moekit.quant.experts import expert_weight_names
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+MODEL_TYPES = ("qwen3_moe", "nemotron_h", "gpt_oss", "mixtral")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_reference_setup():
+    with tm.torch_threads(1), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(OPTIONS, "backend", "")
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """checkpoint(model_type, dtype) -> the directory of a tiny random model saved by ``save_pretrained`` (cached)."""
+    saved = {}
+
+    def get(model_type: str, dtype: torch.dtype = torch.bfloat16):
+        if (model_type, dtype) not in saved:
+            path = tmp_path_factory.mktemp(f"{model_type}-{str(dtype).removeprefix('torch.')}")
+            tm.build(model_type, dtype=dtype).save_pretrained(path)
+            saved[model_type, dtype] = path
+        return saved[model_type, dtype]
+
+    return get
+
+
+def _load(path, dtype=torch.bfloat16, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **kwargs)
+
+
+def _expert_weights(model) -> dict[str, torch.Tensor]:
+    names = set(moekit_hf._expert_weight_names(model))
+    return {name: p for name, p in model.named_parameters() if name in names}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) experts quantized on load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_loads_into_nf4_experts(model_type, checkpoint, monkeypatch):
+    path = checkpoint(model_type)
+    quantized_on_load = []
+    original = moekit_hf.quantize_weight_to
+
+    def spy(weight, device, dtype=None):
+        quantized_on_load.append(tuple(weight.shape))
+        return original(weight, device, dtype)
+
+    monkeypatch.setattr(moekit_hf, "quantize_weight_to", spy)
+    model = _load(path, quantization_config=MoekitQuantConfig(), device_map="cpu")
+    plain = _load(path)
+
+    experts = _expert_weights(model)
+    assert len(experts) == 2 * len(experts_modules(model)) == len(quantized_on_load)  # each once, while loading
+    plain_params = dict(plain.named_parameters())
+    assert [name for name, _ in model.named_parameters()] == list(plain_params)
+    for name, param in model.named_parameters():
+        want = plain_params[name]
+        if name in experts:
+            assert isinstance(param, NF4Tensor) and isinstance(param, torch.nn.Parameter) and not param.requires_grad
+            assert param.dtype == torch.bfloat16 and param.shape == want.shape and param.device.type == "cpu"
+            reference = NF4Tensor.quantize(want.detach())
+            assert torch.equal(param.packed, reference.packed) and torch.equal(param.absmax, reference.absmax), name
+        else:
+            assert not isinstance(param, NF4Tensor)
+            assert param.dtype == want.dtype and torch.equal(param, want), name
+    plain_buffers = dict(plain.named_buffers())
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, plain_buffers[name]), name
+
+    # what transformers and PEFT look at
+    assert model.is_quantized and model.quantization_method == "moekit"
+    assert isinstance(model.hf_quantizer, moekit_hf.MoekitHfQuantizer) and model.hf_quantizer.is_trainable
+    assert isinstance(model.config.quantization_config, MoekitQuantConfig)
+    assert not getattr(model, "is_loaded_in_4bit", False)
+    assert all(m.config._experts_implementation == moekit.BACKEND_NAME for m in experts_modules(model))
+    # the model's converters that build expert weights merged them in host memory
+    builders = [c for c in getattr(model, "_weight_conversions", []) if moekit_hf._targets(c, list(experts))]
+    assert all(c.force_cpu for c in builders)
+    assert builders or model_type == "gpt_oss"  # gpt-oss checkpoints hold fused expert weights already
+
+    quantize_experts(plain)
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        logits, want = model(input_ids).logits, plain(input_ids).logits
+    assert torch.isfinite(logits).all() and tm.rel_err(logits, want) <= 1e-2
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
+def test_fp32_checkpoint(model_type, checkpoint):
+    path = checkpoint(model_type, torch.float32)
+    model = _load(path, torch.float32, quantization_config=MoekitQuantConfig())  # no device_map: the CPU
+    plain = quantize_experts(_load(path, torch.float32))
+    for name, param in _expert_weights(model).items():
+        want = plain.get_parameter(name)
+        assert param.dtype == torch.float32 and torch.equal(param.packed, want.packed), name
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        assert tm.rel_err(model(input_ids).logits, plain(input_ids).logits) <= 1e-5
+
+
+def test_compute_dtype_and_device_map(checkpoint):
+    model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig(compute_dtype="float32"))
+    assert all(p.dtype == torch.float32 for p in _expert_weights(model).values())  # codes of the bf16 weights
+    quantizer = moekit_hf.MoekitHfQuantizer(MoekitQuantConfig())
+    quantizer.validate_environment(device_map={"": "cpu", "model.layers.1": "cuda:1", "lm_head": 0})
+    assert quantizer.target_device("model.layers.1.mlp.experts.down_proj") == torch.device("cuda:1")
+    assert quantizer.target_device("model.layers.10.mlp.experts.down_proj") == torch.device("cpu")
+    with pytest.raises(ValueError, match="disk"):
+        quantizer.validate_environment(device_map={"": "cpu", "model.layers.1": "disk"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) linear="nf4": bitsandbytes Linear4bit in the same load
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
+def test_linear_nf4(model_type, checkpoint):
+    bnb = pytest.importorskip("bitsandbytes")
+    path = checkpoint(model_type)
+    model = _load(path, quantization_config=MoekitQuantConfig(linear="nf4"), device_map="cpu")
+    plain = _load(path)
+    converted = 0
+    for name, module in plain.named_modules():
+        if type(module) is not torch.nn.Linear:
+            continue
+        got = model.get_submodule(name)
+        if name == "lm_head":
+            assert type(got) is torch.nn.Linear and torch.equal(got.weight, module.weight)
+            continue
+        assert isinstance(got, bnb.nn.Linear4bit), name
+        weight = got.weight
+        packed, state = bnb.functional.quantize_4bit(
+            module.weight.detach(), blocksize=weight.blocksize, quant_type="nf4"
+        )
+        assert torch.equal(weight.data.reshape(-1), packed.reshape(-1)), name  # bitsandbytes' own codes
+        with torch.no_grad():  # the reference: the dense model on bitsandbytes' dequantized weights
+            module.weight.copy_(bnb.functional.dequantize_4bit(packed, state).reshape(module.weight.shape))
+        converted += 1
+    assert converted >= 4
+    assert all(isinstance(p, NF4Tensor) for p in _expert_weights(model).values())
+    assert model.is_loaded_in_4bit and model.is_quantized
+
+    quantize_experts(plain)
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        logits, want = model(input_ids).logits, plain(input_ids).logits
+    assert torch.isfinite(logits).all() and tm.rel_err(logits, want) <= 1e-2
+
+
+def test_routers_stay_dense_with_linear_nf4():
+    model = tm.build("qwen2_moe")  # its shared-expert gate is an nn.Linear beside the experts
+    assert moekit_hf._router_linears(model) == [
+        f"model.layers.{i}.mlp.shared_expert_gate" for i in range(model.config.num_hidden_layers)
+    ]
+
+
+def test_linear_nf4_without_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        MoekitQuantConfig(linear="nf4")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) PEFT, saving, dequantize
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_and_saves_a_plain_adapter(checkpoint, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    path = checkpoint("qwen3_moe")
+    model = _load(path, quantization_config=MoekitQuantConfig(), device_map="cpu")
+    codes = {name: p.packed.clone() for name, p in _expert_weights(model).items()}
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=tm.lora_target_parameters(model))  # fmt: skip
+    peft_model = moekit.enable(get_peft_model(model, config))
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name and not isinstance(p, NF4Tensor) for name, p in trainable.items())
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    peft_model.train()
+    input_ids = tm.sample_batch(batch=2, seq=16)
+    loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    moved = [name for name, p in trainable.items() if not torch.equal(p, before[name])]
+    assert any("experts" in name and "lora_B" in name for name in moved)  # the experts' adapters learn
+    after = {name.removeprefix("base_model.model.").replace("base_layer.", ""): p.packed
+             for name, p in peft_model.named_parameters() if isinstance(p, NF4Tensor)}  # fmt: skip
+    assert set(after) == set(codes) and all(torch.equal(after[name], codes[name]) for name in codes)
+
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)  # no base weights, no NF4 codes
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    dense = PeftModel.from_pretrained(_load(path), adapter)  # plain PEFT on the dense checkpoint, eager experts
+    ours = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    theirs = {k: v for k, v in dense.state_dict().items() if "lora_" in k}
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_quantized_model_is_not_saved(checkpoint, tmp_path):
+    model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig())
+    with pytest.warns(UserWarning, match="cannot be saved"), pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "quantized")
+
+
+def test_dequantize(checkpoint):
+    model = _load(checkpoint("gpt_oss"), quantization_config=MoekitQuantConfig())
+    expected = {name: p.dequantize() for name, p in _expert_weights(model).items()}
+    model = model.dequantize()
+    assert not model.is_quantized and not hasattr(model, "hf_quantizer")
+    for name, param in _expert_weights(model).items():
+        assert not isinstance(param, NF4Tensor) and torch.equal(param, expected[name])
+    with torch.no_grad():
+        assert torch.isfinite(model(tm.sample_batch()).logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) the config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_config_is_registered_and_serializable(checkpoint, tmp_path):
+    from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+    config = MoekitQuantConfig(linear="nf4", compute_dtype=torch.bfloat16, linear_skip_modules=["o_proj"])
+    as_dict = json.loads(json.dumps(config.to_dict()))
+    assert as_dict["compute_dtype"] == "bfloat16" and as_dict["quant_method"] == "moekit"
+    again = AutoQuantizationConfig.from_dict(as_dict)
+    assert isinstance(again, MoekitQuantConfig) and again.to_dict() == config.to_dict()
+    assert isinstance(AutoHfQuantizer.from_config(config), moekit_hf.MoekitHfQuantizer)
+
+    # a checkpoint whose config.json names moekit (moekit never writes quantized weights) is quantized as it loads
+    path = checkpoint("mixtral")
+    model = _load(path, quantization_config=MoekitQuantConfig())
+    copied = tmp_path / "named"
+    shutil.copytree(path, copied)
+    model.config.save_pretrained(copied)
+    assert json.loads((copied / "config.json").read_text())["quantization_config"]["quant_method"] == "moekit"
+    again = _load(copied)
+    assert again.is_quantized and all(isinstance(p, NF4Tensor) for p in _expert_weights(again).values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"experts": "int3"}, ValueError, r"experts must be one of \('nf4',\), got 'int3'"),
+        ({"linear": "int8"}, ValueError, "linear must be one of"),
+        ({"compute_dtype": torch.int8}, ValueError, "compute_dtype must be a floating-point"),
+        ({"compute_dtype": "float17"}, ValueError, "compute_dtype must be a floating-point"),
+        ({"linear_skip_modules": ["o_proj"]}, ValueError, "only with linear='nf4'"),
+        ({"linear": "nf4", "linear_skip_modules": "o_proj"}, ValueError, "list of module names"),
+        ({"quant_method": "bitsandbytes"}, ValueError, "quant_method must be 'moekit'"),
+        ({"bits": 4}, TypeError, r"unknown option\(s\) \['bits'\]"),
+    ],
+    ids=["experts", "linear", "dtype", "dtype-name", "skip-without-linear", "skip-str", "method", "unknown"],
+)
+def test_bad_config_values(kwargs, error, match):
+    if kwargs.get("linear") == "nf4":
+        pytest.importorskip("bitsandbytes")
+    with pytest.raises(error, match=match):
+        MoekitQuantConfig(**kwargs)
+
+
+def test_model_without_experts_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no experts module"):
+        _load(tmp_path, quantization_config=MoekitQuantConfig())
+
+
+def test_import_does_not_import_bitsandbytes():
+    code = (
+        "import sys, moekit\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
+        "assert AUTO_QUANTIZATION_CONFIG_MAPPING['moekit'] is moekit.quant.MoekitQuantConfig\n"
+        "assert AUTO_QUANTIZER_MAPPING['moekit'].__name__ == 'MoekitHfQuantizer'\n"
+        "moekit.quant.MoekitQuantConfig()\n"
+        "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_expert_weight_names_cover_every_module(checkpoint):
+    model = _load(checkpoint("nemotron_h"), quantization_config=MoekitQuantConfig())
+    for module in experts_modules(model):
+        assert expert_weight_names(module) == ("up_proj", "down_proj")  # non-gated relu² experts
+        assert all(isinstance(getattr(module, n), NF4Tensor) for n in expert_weight_names(module))
