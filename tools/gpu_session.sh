@@ -116,17 +116,17 @@ quant)
   # bf16 LoRA and grouped_mm + PEFT (tuned by the cold section), Qwen3-30B-A3B at full size, the loading path
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
   export MOEKIT_CACHE_DIR=$cache
-  timeout "${COLD_TIMEOUT:-130}" python tools/cold_cache.py --shapes "$presets_all" --paths nf4-frozen,nf4-lora \
+  timeout "${COLD_TIMEOUT:-120}" python tools/cold_cache.py --shapes "$presets_all" --paths nf4-frozen,nf4-lora \
     --tokens 2048,8192 --json "$out/cold_nf4.json" > "$out/cold_nf4.log" 2>&1
   echo "cold cache (NF4 paths): exit $? ($(tail -1 "$out/cold_nf4.log"))" | tee -a "$out/card.txt"
   grep -E "WRONG|False|Error" "$out/cold_nf4.log" | head -10
-  timeout "${BENCH_TIMEOUT:-170}" python -m moekit bench --preset "$presets_all" --tokens 8192,32768 --modes lora \
+  timeout "${BENCH_TIMEOUT:-190}" python -m moekit bench --preset qwen3-30b-a3b,nemotron3-nano,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 --modes lora \
     --lora-rank 16 --impls grouped_mm,moekit-triton --quant nf4 --json "$out/bench_nf4.json" > "$out/bench_nf4.log" 2>&1
   echo "bench --quant nf4: exit $?" | tee -a "$out/card.txt"
-  timeout "${REAL_TIMEOUT:-130}" python tools/qlora_real_size.py --model qwen3-30b-a3b --layers 48 --tokens 2048 \
-    --rank 16 --out "$out/real_size.json" > "$out/real_size.log" 2>&1
+  timeout "${REAL_TIMEOUT:-120}" python tools/qlora_real_size.py --model qwen3-30b-a3b --layers 48 --tokens 2048 \
+    --rank 16 --steps 3 --out "$out/real_size.json" > "$out/real_size.log" 2>&1
   echo "real size: exit $?" | tee -a "$out/card.txt"
-  timeout "${LOAD_TIMEOUT:-90}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
+  timeout "${LOAD_TIMEOUT:-100}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
     > "$out/loading.log" 2>&1
   echo "loading: exit $?" | tee -a "$out/card.txt"
   tail -45 "$out/bench_nf4.log"; tail -18 "$out/real_size.log"; tail -12 "$out/loading.log"
