@@ -89,7 +89,9 @@ def _lora_blocker(name: str, factors: LoraFactors | None, hidden: Tensor) -> str
 def triton_blocker(
     hidden: Tensor, layout: ExpertsLayout, up_lora: LoraFactors | None = None, down_lora: LoraFactors | None = None
 ) -> str | None:
-    """Why the Triton engine cannot run this call, or None when it can (the one list of what the kernels cover)."""
+    """Why the Triton engine cannot run this call, or None when it can (the one list of what the kernels cover).
+    Expert weights in NF4 (``moekit.quant.NF4Tensor``) are covered: the kernels dequantize each weight tile as they
+    load it."""
     if not triton_available(hidden.device):
         return (
             f"hidden_states is on {hidden.device.type}; the Triton engine needs triton and a CUDA GPU of compute "

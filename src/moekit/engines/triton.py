@@ -59,6 +59,15 @@ summed over a model's layers is GBs at r=64): the backward makes s·B again from
 projection's just before its first use, and drops each after its last (the forward too): s·B_down after the down
 projection's gradients, s·B_up after v_up. A frozen base costs no base weight-gradient kernel.
 
+NF4 weights (``moekit.quant.NF4Tensor``, a frozen base as in QLoRA): packed 4-bit codes with one fp32 scale per 64
+elements of the weight as stored; ``in_out`` / ``out_in`` are metadata-only transposes of them. Every GEMM that
+reads such a weight (up_proj, the forward down-projection, dA's GEMM, dX) runs on the Triton kernels, never on
+grouped_mm (which cannot read codes): the main loop dequantizes each [BLOCK_K, BLOCK_N] weight tile as it loads it
+(codebook value × block scale in fp32, rounded to the operand dtype as the reference's dequantization rounds;
+``kernels.nf4``), so no dequantized copy of any expert weight exists, not even of one expert, and the weights are
+read at a quarter of bf16's bytes. No weight gradient is asked for (frozen); bias and LoRA-factor gradients are
+those of a dense base.
+
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing
 T·K·H-sized is cached. The dA kernel writes dh over h (in place: each element of h is read by the program that
@@ -95,6 +104,7 @@ from ..layout import ExpertsCall, ExpertsLayout, in_out, out_in
 from ..lora import LoraFactors
 from ..options import OPTIONS
 from ..plan import DispatchPlan
+from ..quant.tensor import NF4Tensor
 
 Tensor = torch.Tensor
 
@@ -131,11 +141,12 @@ def gemm(
     whether torch's grouped_mm ran it). ``row_copy``: rows[gather] already copied in plan order.
 
     grouped_mm takes the plain products: plan-ordered rows (no gather), no epilogue, and a LoRA term only where it
-    is split (``lora_gemm_split``). The caller then applies ``epilogue`` (the Triton kernel's bias /
-    routing_weights / sorted_rows) itself. Everything else is the Triton ``grouped_gemm``, LoRA in its loop."""
+    is split (``lora_gemm_split``), of a dense weight. The caller then applies ``epilogue`` (the Triton kernel's
+    bias / routing_weights / sorted_rows) itself. Everything else is the Triton ``grouped_gemm``, LoRA in its loop;
+    an NF4 weight always (grouped_mm cannot read its codes)."""
     from ..kernels import grouped_gemm, lora_add
 
-    plain = rows if gather is None else row_copy
+    plain = None if isinstance(weight_in_out, NF4Tensor) else (rows if gather is None else row_copy)
     split = lora is None or lora_gemm_split(rows.shape[1])
     if plain is not None and split and _on_grouped_mm(plain, weight_in_out, plan, grouped_matmul_runs):
         out = grouped_matmul(plain, weight_in_out, plan)

@@ -9,9 +9,11 @@ One idea per module:
   tuning_cache.py  tuned configs persisted on disk, shared between processes
   launch.py        repeat launches straight to the compiled kernel (skips triton's per-call argument binding)
   activation.py    activation forward / derivative helpers switched on ``Activation.kernel_id``
-  up_proj.py       gather + grouped GEMM (+ fused LoRA u @ Bᵀ) + bias + activation epilogue (stores h and a)
+  nf4.py           NF4 weights as a GEMM operand: a weight tile dequantized in the main loop's loads (``W_NF4``)
+  up_proj.py       gather + grouped GEMM (+ fused LoRA u @ Bᵀ) + bias + activation epilogue (stores h and a);
+                   dense or NF4 W_up
   grouped_gemm.py  the grouped GEMM (+ fused LoRA) + bias + routing weight epilogue: the forward down-projection,
-                   dX, dA's GEMM and the LoRA low-rank products u = rows @ A[e]ᵀ / rows @ B[e]
+                   dX, dA's GEMM (dense or NF4 weights) and the LoRA low-rank products u = rows @ A[e]ᵀ / rows @ B[e]
   lora_add.py      out += u @ L[e] in place: the LoRA term of a split LoRA GEMM (a row-tile sweep over the columns)
   combine.py       deterministic fp32 gather-sum over K through the inverse permutation
   act_grad.py      dA: gathered dOut @ W_down (+ LoRA) on ``grouped_gemm``, then a row pass: activation backward,

@@ -7,7 +7,8 @@ Its uses: the forward down-projection (A = a [n, I], B = W_down viewed [E, I, H]
 out is the weighted expert output, which the combine kernel sums over K); dX (A = dL/dh [n, W], B = W_up viewed
 [E, W, H], no bias, no weight); dA's GEMM (A = dOut rows gathered through token_of_row inside the loads, B = W_down
 viewed [E, H, I], see act_grad.py). Operands are read through strides, so stored [E, out, in] and transposed
-[E, in, out] weights both work without copies. Accumulation in fp32, one rounding to the output dtype.
+[E, in, out] weights both work without copies. Accumulation in fp32, one rounding to the output dtype. An NF4
+weight (``W_NF4``) is read as codes and scales, each tile dequantized in the main loop's loads (``kernels.nf4``).
 
 LoRA (``lora=(u, L)``): after the main loop the rank's reduction adds u[r] @ L[e] (u [n, R] plan rows, L viewed
 [E, R, N]) into the same accumulator, before bias and routing weight; with one rank step its tiles are loaded
@@ -23,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .nf4 import nf4_expert, weight_operands
 from .numerics import as_operand, dot_loop, dot_precision, mma, new_output, to_dtype
 from .tiling import (
     block_e,
@@ -40,12 +42,12 @@ from .tuning import Autotuned
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, gather_ptr, w_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr,
+    a_ptr, gather_ptr, w_ptr, ws_ptr, code_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr,
     n_rows, E, N, K, M_BUCKET, R,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
     stride_um, stride_ur, stride_le, stride_lr, stride_ln,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    LORA_PRELOAD: tl.constexpr,
+    LORA_PRELOAD: tl.constexpr, W_NF4: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -61,7 +63,13 @@ def _grouped_gemm_kernel(
 
     a_rows = source_rows(gather_ptr, rows64, GATHER)  # A rows are token rows a[gather[r]] when GATHER
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    w_nf4, w_cols = None, n_mask
+    if W_NF4:  # NF4 codes (w_ptr) and scales (ws_ptr) of the expert; the tile by its first element's offset in it
+        w_codes, w_scales = nf4_expert(w_ptr, ws_ptr, expert, stride_we)
+        w_nf4 = (w_codes, w_scales, code_ptr, stride_wn)
+        w_ptrs, w_cols = pid_n * BLOCK_N * stride_wn, N - pid_n * BLOCK_N
+    else:
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
     if HAS_LORA:  # u plan rows [n, R], L [R, N] through strides
         offs_r = tl.arange(0, BLOCK_R)
         u_ptrs = u_ptr + rows64[:, None] * stride_um + offs_r[None, :] * stride_ur
@@ -71,7 +79,7 @@ def _grouped_gemm_kernel(
             lt = tl.load(l_ptrs, mask=(offs_r < R)[:, None] & n_mask[None, :], other=0.0)
             lt = as_operand(lt, ut.dtype)  # held through the main loop: in the operand dtype, not A's own
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = dot_loop(acc, a_ptrs, w_ptrs, None, n_mask, offs_k, K, stride_ak, stride_wk, PRECISION, BLOCK_K)
+    acc = dot_loop(acc, a_ptrs, w_ptrs, None, w_cols, offs_k, K, stride_ak, stride_wk, PRECISION, BLOCK_K, w_nf4, W_NF4)
 
     if HAS_LORA:  # + u @ L[e] into the same accumulator, before bias and routing weight
         if LORA_PRELOAD:
@@ -89,7 +97,7 @@ def _grouped_gemm_kernel(
     tl.store(out_ptrs, to_dtype(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD"]
+_KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD", "W_NF4"]
 _KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=_KEY)
 _LOWRANK = Autotuned(_grouped_gemm_kernel, "lowrank", key=_KEY)
 
@@ -100,6 +108,7 @@ def grouped_gemm(
 ):  # fmt: skip
     """rows [n, K] (plan-sorted; or any rows taken through ``gather`` [n]) @ weight[e] [K, N] (+ u @ L[e] with
     ``lora=(u [n, R], L [E, R, N])``) (+ bias[e]) (* routing weight per row) -> [n, N].
+    ``weight_in_out`` may be an NF4 view (``moekit.quant.NF4Tensor``): its tiles are dequantized in the loads.
     ``lowrank``: N is a LoRA rank (small): BLOCK_N fitted to it."""
     num_experts, k_dim, n_dim = weight_in_out.shape
     out = new_output(n, n_dim, dtype=rows.dtype, device=rows.device)
@@ -111,6 +120,7 @@ def grouped_gemm(
     idx = sorted_rows if scale else counts
     u, lw = lora if has_lora else (out, out)
     rank = u.shape[1] if has_lora else 0
+    w, ws, code, w_nf4 = weight_operands(weight_in_out, n_dim)
     if lowrank:
         kernel, extra = _LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}
     else:
@@ -120,13 +130,13 @@ def grouped_gemm(
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(n_dim, meta["BLOCK_N"]),)
 
     kernel.get(rows.dtype)[grid](
-        rows, gather if gather is not None else counts, weight_in_out, b, rw, idx, out, counts, u, lw,
+        rows, gather if gather is not None else counts, w, ws, code, b, rw, idx, out, counts, u, lw,
         n, num_experts, n_dim, k_dim, rows_bucket(n, num_experts), rank,
         rows.stride(0), rows.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, out.stride(0),
         *(u.stride() if has_lora else (0, 0)), *(lw.stride() if has_lora else (0, 0, 0)),
         GATHER=gather is not None, HAS_BIAS=has_bias, SCALE=scale, HAS_LORA=has_lora, BLOCK_R=rank_block(rank),
-        LORA_PRELOAD=one_rank_step(rank),
+        LORA_PRELOAD=one_rank_step(rank), W_NF4=w_nf4,
         PRECISION=dot_precision(rows.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8, **extra,
     )  # fmt: skip
     return out

@@ -1,8 +1,9 @@
 """How the kernels compute: the dot's precision, operand and output rounding, and the buffers they fill.
 
 Every GEMM accumulates in fp32 (``mma`` one step, ``dot_loop`` / ``dot_loop_pair`` a whole reduction: a main loop
-over K or a LoRA term's loop over R) and rounds once to the output dtype (``to_dtype``), to nearest even as the
-GPU's cast does, also under the interpreter (whose casts truncate and whose dot mishandles bf16 operands).
+over K, whose weight tiles may be NF4 codes dequantized as they load (``kernels.nf4``), or a LoRA term's loop over
+R) and rounds once to the output dtype (``to_dtype``), to nearest even as the GPU's cast does, also under the
+interpreter (whose casts truncate and whose dot mishandles bf16 operands).
 fp32 operands use the exact (ieee) dot, never tf32, so results match the reference to ~1e-5.
 
 ``new_output`` / ``new_output_like`` allocate the buffers a kernel must fully write; with
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..options import OPTIONS
+from .nf4 import nf4_tile
 
 
 def interpreting() -> bool:
@@ -85,33 +87,47 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def dot_loop(acc, a_ptrs, b_ptrs, a_rows_mask, b_cols_mask, offs_k, K, stride_ak, stride_bk,
-             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, nf4=None, W_NF4: tl.constexpr = 0):  # fmt: skip
     """acc + A @ B over a reduction of length K in steps of BLOCK_K (``offs_k`` = arange(BLOCK_K)): A tiles
     [BLOCK_M, BLOCK_K] at ``a_ptrs`` (rows masked by ``a_rows_mask``, or unmasked when it is None), B tiles
     [BLOCK_K, BLOCK_N] at ``b_ptrs`` (columns masked by ``b_cols_mask``); both step along K by their stride.
-    A GEMM's main loop over K, or a LoRA term's loop over the rank R."""
+    A GEMM's main loop over K, or a LoRA term's loop over the rank R.
+
+    ``W_NF4`` (a ``kernels.nf4`` mode; 0: dense B): B is an NF4 weight read by ``nf4_tile``, ``nf4`` its expert's
+    (codes, scales, byte table, column stride), ``b_ptrs`` the int32 in-expert offset of the tile's first element
+    and ``b_cols_mask`` the number of the tile's columns in range."""
     acc, _ = dot_loop_pair(
         acc, acc, a_ptrs, b_ptrs, b_ptrs, a_rows_mask, b_cols_mask, b_cols_mask, offs_k, K, stride_ak, stride_bk,
-        PRECISION, BLOCK_K, False,
+        PRECISION, BLOCK_K, False, nf4, W_NF4,
     )  # fmt: skip
     return acc
 
 
 @triton.jit
 def dot_loop_pair(acc, acc2, a_ptrs, b_ptrs, b2_ptrs, a_rows_mask, b_cols_mask, b2_cols_mask, offs_k, K, stride_ak,
-                  stride_bk, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, PAIR: tl.constexpr):  # fmt: skip
+                  stride_bk, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, PAIR: tl.constexpr,
+                  nf4=None, W_NF4: tl.constexpr = 0):  # fmt: skip
     """``dot_loop`` into acc, and with PAIR also acc2 + A @ B2 from the same A tiles (B2 tiles at ``b2_ptrs``,
-    columns masked by ``b2_cols_mask``, the same strides as B): the gate and up halves of a gated layout."""
+    columns masked by ``b2_cols_mask``, the same strides and, with ``W_NF4``, the same codes as B): the gate and
+    up halves of a gated layout."""
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         if a_rows_mask is None:
             at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         else:
             at = tl.load(a_ptrs, mask=a_rows_mask[:, None] & k_mask[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_mask[None, :], other=0.0)
+        if W_NF4:
+            bt = nf4_tile(nf4[0], nf4[1], nf4[2], b_ptrs, K - k * BLOCK_K, b_cols_mask, stride_bk, nf4[3],
+                          BLOCK_K, acc.shape[1], W_NF4)  # fmt: skip
+        else:
+            bt = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_mask[None, :], other=0.0)
         acc = mma(at, bt, acc, PRECISION)
         if PAIR:
-            b2t = tl.load(b2_ptrs, mask=k_mask[:, None] & b2_cols_mask[None, :], other=0.0)
+            if W_NF4:
+                b2t = nf4_tile(nf4[0], nf4[1], nf4[2], b2_ptrs, K - k * BLOCK_K, b2_cols_mask, stride_bk, nf4[3],
+                               BLOCK_K, acc2.shape[1], W_NF4)  # fmt: skip
+            else:
+                b2t = tl.load(b2_ptrs, mask=k_mask[:, None] & b2_cols_mask[None, :], other=0.0)
             acc2 = mma(at, b2t, acc2, PRECISION)
             b2_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak

@@ -15,7 +15,8 @@ BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it holds the gate and the mat
 (concatenated: j and I + j, two accumulators; interleaved: 2j and 2j + 1, one accumulator over the dense
 2·BLOCK_N columns, split in registers after the main loop), so the activation is applied in registers.
 ``h`` is stored (rounded to the input dtype) for backward and ``a`` is computed from the rounded h, as the
-reference does.
+reference does. An NF4 W_up (``W_NF4``) is read as codes and scales, each tile dequantized in the main loop's
+loads (``kernels.nf4``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .activation import act_fn, gated_forward
+from .nf4 import nf4_expert, weight_operands
 from .numerics import dot_loop_pair, dot_precision, mma, new_output, to_dtype
 from .tiling import block_e, cdiv, gemm_program, num_row_tiles, one_rank_step, rank_block, rows_bucket, tile_rows
 from .tuning import Autotuned
@@ -31,13 +33,13 @@ from .tuning import Autotuned
 
 @triton.jit
 def _up_proj_kernel(
-    x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, a_ptr, counts_ptr, u_ptr, lb_ptr,
+    x_ptr, tok_ptr, w_ptr, ws_ptr, code_ptr, b_ptr, h_ptr, a_ptr, counts_ptr, u_ptr, lb_ptr,
     n_rows, E, N, K, M_BUCKET, R,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_hm, stride_am,
     stride_um, stride_ur, stride_lbe, stride_lbr, stride_lbn,
     up_off, alpha, limit,
     ACT: tl.constexpr, GATED: tl.constexpr, COL_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRELOAD: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, LORA_PRELOAD: tl.constexpr, W_NF4: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -54,13 +56,20 @@ def _up_proj_kernel(
 
     tok = tl.load(tok_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
     # Columns of W_up the "g" accumulator runs over: the gate (or only) columns offs_n, or, interleaved, the
     # contiguous 2·BLOCK_N columns holding gate and up of offs_n (one dense tile; split in registers after the
     # loop: strided loads would cost the main loop its vectorised copies)
     col_w = pid_n * BLOCK_N * COL_STRIDE + tl.arange(0, BLOCK_N * COL_STRIDE)
     w_mask = col_w < N * COL_STRIDE
-    wg_ptrs = w_base + offs_k[:, None] * stride_wk + col_w[None, :].to(tl.int64) * stride_wn
+    w_nf4, wg_cols, wu_cols = None, w_mask, n_mask
+    if W_NF4:  # NF4 codes (w_ptr) and scales (ws_ptr) of the expert; a tile by its first element's offset in it
+        w_codes, w_scales = nf4_expert(w_ptr, ws_ptr, expert, stride_we)
+        w_nf4 = (w_codes, w_scales, code_ptr, stride_wn)
+        wg_ptrs = pid_n * BLOCK_N * COL_STRIDE * stride_wn
+        wg_cols, wu_cols = (N - pid_n * BLOCK_N) * COL_STRIDE, N - pid_n * BLOCK_N
+    else:
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        wg_ptrs = w_base + offs_k[:, None] * stride_wk + col_w[None, :].to(tl.int64) * stride_wn
     wu_ptrs = wg_ptrs + up_off * stride_wn  # concatenated gated layout only
 
     if HAS_LORA:  # B_up read as [R, W] through strides, same columns as W_up
@@ -79,8 +88,8 @@ def _up_proj_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N * COL_STRIDE), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g, acc_u = dot_loop_pair(
-        acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, None, w_mask, n_mask, offs_k, K, stride_xk, stride_wk,
-        PRECISION, BLOCK_K, PAIR,
+        acc_g, acc_u, x_ptrs, wg_ptrs, wu_ptrs, None, wg_cols, wu_cols, offs_k, K, stride_xk, stride_wk,
+        PRECISION, BLOCK_K, PAIR, w_nf4, W_NF4,
     )  # fmt: skip
 
     if HAS_LORA:  # + u @ B_up[e]ᵀ into the same accumulators, before bias and activation
@@ -117,12 +126,14 @@ def _up_proj_kernel(
     tl.store(a_ptr + rows64[:, None] * stride_am + offs_n[None, :], to_dtype(a, dtype), mask=out_mask)
 
 
-_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD"])
-_GATED = Autotuned(_up_proj_kernel, "gated", key=["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD"])
+_KEY = ["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD", "W_NF4"]
+_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=_KEY)
+_GATED = Autotuned(_up_proj_kernel, "gated", key=_KEY)
 
 
 def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=None):
-    """h [n, W], a [n, I] for plan rows [0, n). ``weight_in_out`` is W_up viewed [E, H, W] (any strides).
+    """h [n, W], a [n, I] for plan rows [0, n). ``weight_in_out`` is W_up viewed [E, H, W] (any strides; an NF4
+    view, ``moekit.quant.NF4Tensor``, is dequantized tile by tile in the loads).
     ``lora``: (u [n, R] plan rows, B_up viewed [E, R, W]) adds u @ B_up[e]ᵀ to h (scaling folded into B)."""
     num_experts, hidden, width = weight_in_out.shape
     gated = activation.gated
@@ -136,6 +147,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     else:
         col_stride, up_off = 1, inner
     kernel = _GATED if gated else _PLAIN
+    w, ws, code, w_nf4 = weight_operands(weight_in_out, inner * col_stride, up_off if gated and col_stride == 1 else 0)
 
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(inner, meta["BLOCK_N"]),)
@@ -148,14 +160,14 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     # configs fault with an illegal address on an H200 (triton 3.6); the loop after the main loop is correct.
     preload = one_rank_step(rank) and col_stride == 1
     kernel.get(x.dtype)[grid](
-        x, token_of_row, weight_in_out, b, h, a, counts, u, lb,
+        x, token_of_row, w, ws, code, b, h, a, counts, u, lb,
         n, num_experts, inner, hidden, rows_bucket(n, num_experts), rank,
         x.stride(0), x.stride(1), *weight_in_out.stride(),
         b.stride(0) if has_bias else 0, b.stride(1) if has_bias else 0, h.stride(0), a.stride(0),
         *(u.stride() if has_lora else (0, 0)), *(lb.stride() if has_lora else (0, 0, 0)),
         up_off, float(activation.alpha), float(activation.limit),
         ACT=activation.kernel_id, GATED=gated, COL_STRIDE=col_stride, HAS_BIAS=has_bias,
-        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=preload,
+        HAS_LORA=has_lora, BLOCK_R=rank_block(rank), LORA_PRELOAD=preload, W_NF4=w_nf4,
         PRECISION=dot_precision(x.dtype), BLOCK_E=block_e(num_experts), GROUP_M=8,
     )  # fmt: skip
     return h, a
