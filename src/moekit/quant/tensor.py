@@ -139,6 +139,14 @@ class NF4Tensor(Tensor):
         return handler(func, *args, **kwargs)
 
 
+def held_bytes(weight: Tensor) -> int:
+    """The bytes a weight takes as held: an NF4 weight's codes and scales (half a byte an element, one fp32 per 64
+    elements), a dense weight's elements."""
+    if isinstance(weight, NF4Tensor):
+        return weight.packed.nbytes + weight.absmax.nbytes
+    return weight.numel() * weight.element_size()
+
+
 FROZEN_MESSAGE = (
     "NF4 expert weights are a frozen base (QLoRA): they cannot require a gradient. Train LoRA adapters on them "
     "(peft LoraConfig(target_parameters=[...])), or train the bf16 model instead."
@@ -207,7 +215,9 @@ def _copy(func, dst, src, non_blocking=False):
             "copying NF4 expert weights into a dense tensor: take src.dequantize() to get the dense weight"
         )
     if tuple(src.shape) != tuple(dst.shape):
-        raise ValueError(f"cannot copy a tensor of shape {tuple(src.shape)} into NF4 weights of shape {tuple(dst.shape)}")
+        raise ValueError(
+            f"cannot copy a tensor of shape {tuple(src.shape)} into NF4 weights of shape {tuple(dst.shape)}"
+        )
     if not isinstance(src, NF4Tensor):
         stored = src.transpose(1, 2) if dst.is_transposed_view else src
         src = NF4Tensor.quantize(stored.to(dst.packed.device))
@@ -233,4 +243,3 @@ def nf4_code_on(device: torch.device) -> Tensor:
 
 
 _CODES: dict[str, Tensor] = {}
-

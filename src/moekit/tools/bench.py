@@ -320,17 +320,13 @@ def expert_weight_bytes(module: torch.nn.Module) -> tuple[int, int]:
     """(bytes the experts module's up and down weights take as held, bytes they would take dense in their dtype);
     an NF4 weight holds its codes (half a byte an element) and its fp32 absmax (one per 64 elements)."""
     from ..quant.experts import expert_weight_names
-    from ..quant.tensor import NF4Tensor
+    from ..quant.tensor import held_bytes
 
     held = dense = 0
     for name in expert_weight_names(module):
         weight = getattr(module, name)
         dense += weight.numel() * weight.element_size()
-        if isinstance(weight, NF4Tensor):
-            held += weight.packed.numel() * weight.packed.element_size()
-            held += weight.absmax.numel() * weight.absmax.element_size()
-        else:
-            held += weight.numel() * weight.element_size()
+        held += held_bytes(weight)
     return held, dense
 
 

@@ -44,7 +44,7 @@ import torch
 from ..backend import experts_layout, select_engine
 from ..enable import enable, experts_modules
 from ..quant.experts import expert_weight_names, quantize_module
-from ..quant.tensor import NF4Tensor
+from ..quant.tensor import NF4Tensor, held_bytes
 from .cli import HelpFormatter, PlainProgress, is_terminal, non_negative_int, positive_float, positive_int
 from .cli import console as make_console
 
@@ -171,11 +171,7 @@ def expert_weight_stats(model: torch.nn.Module) -> tuple[int, int]:
         for name in expert_weight_names(module):
             weight = getattr(module, name)
             elements += weight.numel()
-            if isinstance(weight, NF4Tensor):
-                held += weight.packed.numel() * weight.packed.element_size()
-                held += weight.absmax.numel() * weight.absmax.element_size()
-            else:
-                held += weight.numel() * weight.element_size()
+            held += held_bytes(weight)
     return elements, held
 
 
