@@ -1,0 +1,119 @@
+"""One data-parallel training step per case, under ``torchrun --nproc-per-node 2`` (gloo, CPU), against one process.
+
+    torchrun --nproc-per-node 2 tests/distributed_worker.py OUT.json [CASE ...]
+
+A case is MODEL_TYPE:WRAP:TRAINING[:ENGINE] — WRAP ``ddp`` (DistributedDataParallel) or ``fsdp2`` (``fully_shard``
+on every decoder layer, then the root); TRAINING ``lora`` (PEFT LoRA on both expert weights and the attention's
+q/v projections, every factor random), ``qlora`` (the same on NF4 experts) or ``full`` (every parameter trains); ENGINE ``reference`` (default) or
+``triton`` (the Triton kernels through TRITON_INTERPRET=1). Each rank takes its half of one global batch; every rank
+also runs the same step in one process on the whole batch. Rank 0 writes, per case, the relative error
+(max|a - b| / max|b|) of the loss and of the worst trainable gradient (FSDP2's sharded gradients gathered whole)
+against that single-process run, and how many gradients were compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no GPU here
+os.environ.setdefault("MOEKIT_TRITON_AUTOTUNE", "0")
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_models as tm
+
+import moekit
+from moekit.options import override
+
+GLOBAL_BATCH = 4
+
+
+def build(model_type: str, training: str) -> torch.nn.Module:
+    """The same tiny model on every rank (seeded), on moekit; LoRA factors random, so every term is live."""
+    from peft import LoraConfig, get_peft_model
+
+    model = moekit.enable(tm.build(model_type))
+    if training == "full":
+        return model
+    if training == "qlora":
+        moekit.quantize_experts(model)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=tm.lora_target_parameters(model)
+    )
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(10_000)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
+def step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            grad = param.grad
+            grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+            grads[name.removeprefix("module.")] = grad.detach().clone()
+    return loss.detach(), grads
+
+
+def run_case(case: str, rank: int, world: int) -> dict:
+    model_type, wrap, training, *rest = case.split(":")
+    engine = rest[0] if rest else "reference"
+    input_ids = tm.sample_batch(batch=GLOBAL_BATCH, seq=12)
+    per_rank = GLOBAL_BATCH // world
+    with override(backend=engine):
+        want_loss, want_grads = step(build(model_type, training), input_ids)
+        model = build(model_type, training)
+        if wrap == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        elif wrap == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in decoder_layers(model):
+                fully_shard(layer)
+            fully_shard(model)
+        else:
+            raise ValueError(f"unknown wrap {wrap!r}")
+        loss, grads = step(model, input_ids[rank * per_rank : (rank + 1) * per_rank])
+    dist.all_reduce(loss)
+    loss = loss / world
+    missing = sorted(set(want_grads) ^ set(grads))
+    worst = max((tm.rel_err(grads[name], want) for name, want in want_grads.items() if name in grads), default=1.0)
+    return {
+        "case": case,
+        "loss_err": tm.rel_err(loss, want_loss),
+        "grad_err": worst,
+        "grads": len(grads),
+        "mismatched_names": missing,
+    }
+
+
+def main() -> None:
+    out_path, cases = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    results = [run_case(case, rank, world) for case in cases]
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
