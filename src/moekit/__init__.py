@@ -1,7 +1,8 @@
 """moekit: fast, correct Mixture-of-Experts expert layers for Hugging Face transformers.
 
 ``import moekit`` registers the experts backend "moekit" in transformers' experts interface and hooks PEFT's
-parameter-LoRA wrapper (a no-op for modules not on moekit) when PEFT is imported, without importing it. ``moekit.enable(model)`` selects it everywhere.
+parameter-LoRA wrapper (a no-op for modules not on moekit) when PEFT is imported, without importing it. ``moekit.enable(model)`` selects it everywhere;
+``moekit.quantize_experts(model, "nf4")`` holds the expert weights in NF4 (QLoRA; ``moekit.quant``).
 """
 
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
