@@ -6,8 +6,9 @@ The model is built on the meta device and materialized one decoder layer at a ti
 weights (std 0.02); each layer's experts are quantized to NF4 (``moekit.quant.experts.quantize_module``) right
 after it is materialized, so no bf16 copy of more than one layer's experts ever exists. Then PEFT LoRA on every
 expert weight (``target_parameters``, rank ``--rank``), gradient checkpointing, and steps of one sequence of
-``--tokens`` tokens: forward, backward and an AdamW step on the adapters. Reported: the GPU's peak during the
-build and during the steps (``torch.cuda.max_memory_allocated``), the resident weights, the adapters' parameter
+``--tokens`` tokens: forward, backward and an AdamW step on the adapters (``--adapter-dtype``: PEFT's fp32 factors
+or bf16 ones). Reported: the GPU's peak during the build, during the steps and during the first forward and
+backward, before the optimizer's states exist (``torch.cuda.max_memory_allocated``), the resident weights, the adapters' parameter
 bytes, tokens/s of the last steps, and the bf16 model's footprint (its parameter count x 2 bytes, computed, not
 built) beside it.
 """
@@ -90,6 +91,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--adapter-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the LoRA factors' dtype (fp32: PEFT's default, autocast_adapter_dtype)",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -111,7 +118,7 @@ def main() -> None:
 
     names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[], target_parameters=names)
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora, autocast_adapter_dtype=args.adapter_dtype == "fp32")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
@@ -122,12 +129,14 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device, generator=generator)
     reset_peak()
-    times, losses = [], []
+    times, losses, backward_peak = [], [], 0.0
     for _ in range(args.steps):
         sync()
         begin = time.perf_counter()
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
+        if not times:  # the first forward + backward: before the optimizer's states exist
+            backward_peak = peak()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -140,6 +149,7 @@ def main() -> None:
         "model": args.model, "layers": args.layers, "tokens": args.tokens, "rank": args.rank,
         "build_s": round(build_s, 1), "build_peak_gib": round(build_peak, 2),
         "resident_gib": round(resident, 2), "step_peak_gib": round(step_peak, 2),
+        "first_backward_peak_gib": round(backward_peak, 2), "adapter_dtype": args.adapter_dtype,
         "nf4_expert_gib": round(nf4_bytes / GIB, 2), "bf16_expert_gib": round(expert_bf16_bytes / GIB, 2),
         "adapter_gib": round(adapter_bytes / GIB, 2), "bf16_model_gib": round(bf16_model, 2),
         "step_s": round(step_s, 3), "tokens_per_s": round(args.tokens / step_s, 1), "losses": losses,
