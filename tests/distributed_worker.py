@@ -28,6 +28,9 @@ import tiny_models as tm
 
 import moekit
 from moekit.options import override
+from moekit.quant import NF4Tensor
+
+DDP = torch.nn.parallel.DistributedDataParallel
 
 GLOBAL_BATCH = 4
 
@@ -79,7 +82,10 @@ def run_case(case: str, rank: int, world: int) -> dict:
         want_loss, want_grads = step(build(model_type, training), input_ids)
         model = build(model_type, training)
         if wrap == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
+            # NF4 experts are frozen and identical on every rank: DDP's start-up broadcast skips them
+            quantized = [name for name, param in model.named_parameters() if isinstance(param, NF4Tensor)]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, quantized)
+            model = DDP(model)
         elif wrap == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 

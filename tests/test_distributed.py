@@ -3,7 +3,8 @@
 DistributedDataParallel and FSDP2 (``fully_shard`` per decoder layer, then the root), with PEFT LoRA on the experts
 and the attention and with full fine-tuning, for NemotronH (non-gated relu², latent MoE) and Qwen3-MoE: the loss
 and every trainable gradient (FSDP2's shards gathered) equal one process's on the same global batch (fp32,
-relative error <= 1e-5); one FSDP2 case runs the Triton kernels through the interpreter. One ``torchrun`` launch runs
+relative error <= 1e-5); one FSDP2 case runs the Triton kernels through the interpreter; DDP also trains LoRA on NF4
+experts (QLoRA), their frozen codes left out of DDP's start-up broadcast. One ``torchrun`` launch runs
 every case (tests/distributed_worker.py).
 """
 
@@ -23,7 +24,7 @@ CASES = [
     for model_type in ("nemotron_h_latent", "qwen3_moe")
     for wrap in ("ddp", "fsdp2")
     for training in ("lora", "full")
-] + ["qwen3_moe:fsdp2:lora:triton"]
+] + ["qwen3_moe:fsdp2:lora:triton", "nemotron_h_latent:ddp:qlora", "qwen3_moe:ddp:qlora"]
 
 
 @pytest.fixture(scope="module")
