@@ -76,13 +76,13 @@ def _expert_weights(model) -> dict[str, torch.Tensor]:
 def test_loads_into_nf4_experts(model_type, checkpoint, monkeypatch):
     path = checkpoint(model_type)
     quantized_on_load = []
-    original = moekit_hf.quantize_weight_to
+    original = NF4Tensor.quantize.__func__
 
-    def spy(weight, device, dtype=None):
+    def spy(cls, weight, dtype=None, device=None):
         quantized_on_load.append(tuple(weight.shape))
-        return original(weight, device, dtype)
+        return original(cls, weight, dtype, device)
 
-    monkeypatch.setattr(moekit_hf, "quantize_weight_to", spy)
+    monkeypatch.setattr(NF4Tensor, "quantize", classmethod(spy))
     model = _load(path, quantization_config=MoekitQuantConfig(), device_map="cpu")
     plain = _load(path)
 

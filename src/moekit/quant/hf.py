@@ -47,9 +47,8 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..enable import enable, experts_modules
-from . import tensor as _tensor
 from .experts import METHODS, expert_weight_names, quantize_module
-from .nf4 import BLOCKSIZE, quantize_nf4
+from .nf4 import BLOCKSIZE
 from .tensor import NF4Tensor
 
 QUANT_METHOD = "moekit"
@@ -210,30 +209,6 @@ def _targets(converter, names: list[str]) -> bool:
     return False
 
 
-def quantize_weight_to(weight: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> NF4Tensor:
-    """``NF4Tensor.quantize(weight.to(device), dtype)`` without ``weight`` ever whole on ``device`` (when it is
-    elsewhere): a few experts at a time go there and are quantized there. The same bits as ``NF4Tensor.quantize``,
-    which runs the same chunks (blocks never straddle experts)."""
-    device = _normalize_device(device)
-    if weight.dim() != 3:
-        raise ValueError(f"NF4 expert weights are 3-D [num_experts, a, b]; got shape {tuple(weight.shape)}")
-    num_experts, per_expert = weight.shape[0], weight.shape[1] * weight.shape[2]
-    if per_expert % BLOCKSIZE:
-        raise ValueError(
-            f"an expert of shape {tuple(weight.shape[1:])} holds {per_expert} elements, not a multiple of the NF4 "
-            f"block size {BLOCKSIZE}, so its blocks would straddle experts"
-        )
-    packed = torch.empty(num_experts, per_expert // 2, dtype=torch.uint8, device=device)
-    absmax = torch.empty(num_experts, per_expert // BLOCKSIZE, dtype=torch.float32, device=device)
-    step = max(1, _tensor.QUANTIZE_CHUNK // per_expert)
-    for first in range(0, num_experts, step):
-        chunk = quantize_nf4(weight[first : first + step].to(device).contiguous())
-        packed[first : first + step] = chunk.packed.view(-1, per_expert // 2)
-        absmax[first : first + step] = chunk.absmax.view(-1, per_expert // BLOCKSIZE)
-        del chunk
-    return NF4Tensor(packed, absmax, weight.shape, dtype or weight.dtype)
-
-
 class MoekitQuantize(ConversionOps):
     """The quantize op transformers runs on a loaded parameter that ``param_needs_quantization``: an expert weight to
     a frozen ``NF4Tensor`` parameter on its target device; an nn.Linear weight to bitsandbytes (linear="nf4")."""
@@ -252,7 +227,7 @@ class MoekitQuantize(ConversionOps):
             module, leaf = get_module_from_name(model, name)
             if _is_expert_weight(module, leaf):
                 dtype = quantizer.quantization_config.torch_compute_dtype or value.dtype
-                quantized = quantize_weight_to(value, quantizer.target_device(name), dtype)
+                quantized = NF4Tensor.quantize(value, dtype, quantizer.target_device(name))
                 result[name] = torch.nn.Parameter(quantized, requires_grad=False)
             else:
                 linear[name] = value

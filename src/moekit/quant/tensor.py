@@ -54,9 +54,13 @@ class NF4Tensor(Tensor):
 
     # ------------------------------------------------------------------------------------ building and reading
     @classmethod
-    def quantize(cls, weight: Tensor, dtype: torch.dtype | None = None) -> NF4Tensor:
-        """An experts weight [E, a, b] (as stored, floating point, finite; a·b a multiple of 64) in NF4, on its
-        device; ``dtype``: the compute dtype it stands for (default: the weight's)."""
+    def quantize(
+        cls, weight: Tensor, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> NF4Tensor:
+        """An experts weight [E, a, b] (as stored, floating point, finite; a·b a multiple of 64) in NF4 on
+        ``device`` (default: the weight's); ``dtype``: the compute dtype it stands for (default: the weight's).
+        A few experts at a time are moved to ``device`` and quantized there, so a weight held elsewhere is never
+        whole on ``device``, and the temporaries (an fp32 copy, int64 codes) stay bounded."""
         if weight.dim() != 3:
             raise ValueError(f"NF4 expert weights are 3-D [num_experts, a, b]; got shape {tuple(weight.shape)}")
         per_expert = weight.shape[1] * weight.shape[2]
@@ -65,12 +69,13 @@ class NF4Tensor(Tensor):
                 f"an expert of shape {tuple(weight.shape[1:])} holds {per_expert} elements, not a multiple of the "
                 f"NF4 block size {BLOCKSIZE}, so its blocks would straddle experts"
             )
+        device = weight.device if device is None else torch.device(device)
         num_experts = weight.shape[0]
-        packed = torch.empty(num_experts, per_expert // 2, dtype=torch.uint8, device=weight.device)
-        absmax = torch.empty(num_experts, per_expert // BLOCKSIZE, dtype=torch.float32, device=weight.device)
-        step = max(1, QUANTIZE_CHUNK // per_expert)  # experts per chunk: bounded temporaries (fp32, int64 codes)
+        packed = torch.empty(num_experts, per_expert // 2, dtype=torch.uint8, device=device)
+        absmax = torch.empty(num_experts, per_expert // BLOCKSIZE, dtype=torch.float32, device=device)
+        step = max(1, QUANTIZE_CHUNK // per_expert)  # experts per chunk
         for first in range(0, num_experts, step):
-            chunk = quantize_nf4(weight[first : first + step].contiguous())
+            chunk = quantize_nf4(weight[first : first + step].to(device).contiguous())
             packed[first : first + step] = chunk.packed.view(-1, per_expert // 2)
             absmax[first : first + step] = chunk.absmax.view(-1, per_expert // BLOCKSIZE)
         return cls(packed, absmax, weight.shape, dtype or weight.dtype)
