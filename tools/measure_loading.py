@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 import moekit
 from moekit.quant import MoekitQuantConfig, NF4Tensor
+from moekit.quant.tensor import held_bytes
 
 GIB = 1 << 30
 
@@ -147,10 +148,8 @@ def param_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers as stored (NF4: codes and scales; bitsandbytes: codes + state)."""
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if isinstance(tensor, NF4Tensor):
-            total += tensor.packed.nbytes + tensor.absmax.nbytes
-        else:
-            total += tensor.nbytes
+        total += held_bytes(tensor)
+        if not isinstance(tensor, NF4Tensor):
             state = getattr(tensor, "quant_state", None)
             if state is not None and getattr(state, "absmax", None) is not None:
                 total += state.absmax.nbytes

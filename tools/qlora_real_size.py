@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 import moekit
 from moekit.enable import experts_modules
 from moekit.quant.experts import quantize_module
-from moekit.quant.tensor import NF4Tensor
+from moekit.quant.tensor import NF4Tensor, held_bytes
 
 GIB = 1 << 30
 
@@ -113,7 +113,7 @@ def main() -> None:
     build_s = time.perf_counter() - start
     build_peak = peak()
     bf16_model = bf16_footprint_gib(model)
-    nf4_bytes = sum(p.packed.nbytes + p.absmax.nbytes for p in model.parameters() if isinstance(p, NF4Tensor))
+    nf4_bytes = sum(held_bytes(p) for p in model.parameters() if isinstance(p, NF4Tensor))
     expert_bf16_bytes = sum(p.numel() * 2 for p in model.parameters() if isinstance(p, NF4Tensor))
 
     names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -143,7 +143,8 @@ def main() -> None:
         times.append(time.perf_counter() - begin)
         losses.append(loss.item())
     step_peak = peak()
-    step_s = sum(times[1:]) / max(len(times) - 1, 1)
+    timed = times[1:] or times  # after the first step, which compiles and tunes
+    step_s = sum(timed) / len(timed)
     result = {
         "card": torch.cuda.get_device_name() if cuda else "cpu",
         "model": args.model, "layers": args.layers, "tokens": args.tokens, "rank": args.rank,

@@ -8,11 +8,14 @@ from .layout import experts_layout
 from .lora import BACKEND_NAME
 
 
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an experts module decorated by transformers' @use_experts_implementation."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "config")
+
+
 def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every experts module in ``model`` that goes through transformers' experts interface."""
-    return [
-        m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed") and hasattr(m, "config")
-    ]
+    return [m for m in model.modules() if is_experts_module(m)]
 
 
 def enable(model: torch.nn.Module) -> torch.nn.Module:

@@ -46,7 +46,7 @@ from transformers.quantizers.base import HfQuantizer, get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..enable import enable, experts_modules
+from ..enable import enable, experts_modules, is_experts_module
 from .experts import METHODS, expert_weight_names, quantize_module
 from .nf4 import BLOCKSIZE
 from .tensor import NF4Tensor
@@ -156,13 +156,8 @@ class MoekitQuantConfig(QuantizationConfigMixin):
         return None if self.compute_dtype is None else getattr(torch, self.compute_dtype)
 
 
-def _is_experts_module(module: torch.nn.Module) -> bool:
-    # the test of moekit.enable.experts_modules, for one module
-    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "config")
-
-
 def _is_expert_weight(module: torch.nn.Module, name: str) -> bool:
-    return _is_experts_module(module) and name in expert_weight_names(module)
+    return is_experts_module(module) and name in expert_weight_names(module)
 
 
 def _expert_weight_names(model: torch.nn.Module) -> list[str]:
