@@ -104,6 +104,18 @@ def dot_loop(acc, a_ptrs, b_ptrs, a_rows_mask, b_cols_mask, offs_k, K, stride_ak
 
 
 @triton.jit
+def _load_b(b_ptrs, k_mask, k_left, b_cols_mask, stride_bk, nf4, BK: tl.constexpr, BN: tl.constexpr,
+            W_NF4: tl.constexpr):  # fmt: skip
+    """One B tile [BK, BN] of a main loop: a plain masked load, or an NF4 weight's tile (``nf4_tile``; then
+    ``b_ptrs`` is its first element's offset and ``b_cols_mask`` its columns in range, ``k_left`` its rows)."""
+    if W_NF4:
+        bt = nf4_tile(nf4[0], nf4[1], nf4[2], b_ptrs, k_left, b_cols_mask, stride_bk, nf4[3], BK, BN, W_NF4)
+    else:
+        bt = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_mask[None, :], other=0.0)
+    return bt
+
+
+@triton.jit
 def dot_loop_pair(acc, acc2, a_ptrs, b_ptrs, b2_ptrs, a_rows_mask, b_cols_mask, b2_cols_mask, offs_k, K, stride_ak,
                   stride_bk, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, PAIR: tl.constexpr,
                   nf4=None, W_NF4: tl.constexpr = 0):  # fmt: skip
@@ -116,18 +128,11 @@ def dot_loop_pair(acc, acc2, a_ptrs, b_ptrs, b2_ptrs, a_rows_mask, b_cols_mask, 
             at = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
         else:
             at = tl.load(a_ptrs, mask=a_rows_mask[:, None] & k_mask[None, :], other=0.0)
-        if W_NF4:
-            bt = nf4_tile(nf4[0], nf4[1], nf4[2], b_ptrs, K - k * BLOCK_K, b_cols_mask, stride_bk, nf4[3],
-                          BLOCK_K, acc.shape[1], W_NF4)  # fmt: skip
-        else:
-            bt = tl.load(b_ptrs, mask=k_mask[:, None] & b_cols_mask[None, :], other=0.0)
+        bt = _load_b(b_ptrs, k_mask, K - k * BLOCK_K, b_cols_mask, stride_bk, nf4, BLOCK_K, acc.shape[1], W_NF4)
         acc = mma(at, bt, acc, PRECISION)
         if PAIR:
-            if W_NF4:
-                b2t = nf4_tile(nf4[0], nf4[1], nf4[2], b2_ptrs, K - k * BLOCK_K, b2_cols_mask, stride_bk, nf4[3],
-                               BLOCK_K, acc2.shape[1], W_NF4)  # fmt: skip
-            else:
-                b2t = tl.load(b2_ptrs, mask=k_mask[:, None] & b2_cols_mask[None, :], other=0.0)
+            b2t = _load_b(b2_ptrs, k_mask, K - k * BLOCK_K, b2_cols_mask, stride_bk, nf4, BLOCK_K, acc2.shape[1],
+                          W_NF4)  # fmt: skip
             acc2 = mma(at, b2t, acc2, PRECISION)
             b2_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak

@@ -29,7 +29,6 @@ def quantize_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -
             )
         quantized = NF4Tensor.quantize(weight.detach(), dtype)
         setattr(module, name, torch.nn.Parameter(quantized, requires_grad=False))
-        del weight
 
 
 def quantize_experts(model: torch.nn.Module, method: str = "nf4", dtype: torch.dtype | None = None) -> torch.nn.Module:
