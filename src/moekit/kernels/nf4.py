@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.tensor import NF4Tensor, nf4_code_on
+from ..quant.nf4 import nf4_code
+from ..quant.tensor import NF4Tensor
 
 # The kernels' W_NF4 constexpr: how the B operand is read
 DENSE = 0  # a plain tensor: tl.load
@@ -62,7 +63,7 @@ def byte_table(device: torch.device) -> torch.Tensor:
     key = str(device)
     table = _BYTE_TABLES.get(key)
     if table is None:
-        code = nf4_code_on(device)
+        code = nf4_code(device)
         byte = torch.arange(256, device=device)
         table = _BYTE_TABLES[key] = torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1).contiguous()
     return table

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .nf4 import BLOCKSIZE, NF4Weight, dequantize_experts, nf4_code, quantize_nf4
+from .nf4 import BLOCKSIZE, NF4Weight, dequantize_experts, quantize_nf4
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -236,15 +236,3 @@ def _copy(func, dst, src, non_blocking=False):
 @_handles(aten.is_same_size.default)
 def _is_same_size(func, t, other):
     return tuple(t.shape) == tuple(other.shape)
-
-
-def nf4_code_on(device: torch.device) -> Tensor:
-    """The NF4 codebook on ``device`` (cached per device: the kernels read it as a 16-entry table)."""
-    key = str(device)
-    table = _CODES.get(key)
-    if table is None:
-        table = _CODES[key] = nf4_code(device)
-    return table
-
-
-_CODES: dict[str, Tensor] = {}
