@@ -183,15 +183,20 @@ def test_bench_table_puts_lora_over_its_frozen_base():
     assert rows[("frozen", "moekit-triton")].endswith("-")
 
 
-def _ab_bench():
+def _tool(name: str):
+    """A script of tools/ as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "ab_bench.py"
-    spec = importlib.util.spec_from_file_location("ab_bench", path)
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _ab_bench():
+    return _tool("ab_bench")
 
 
 def test_ab_bench_summary_and_variant_check(tmp_path):
@@ -466,3 +471,28 @@ def test_check_nf4_catches_a_wrong_engine(monkeypatch, capsys):
     assert main(["check", "--tiny", "olmoe", "--quant", "nf4", "--tokens", "16"]) == 1
     out = capsys.readouterr().out
     assert "experts output differs from grouped_mm" in out
+
+
+def test_qlora_real_size_chunked_loss_is_the_models_loss():
+    """tools/qlora_real_size.py's chunked cross-entropy (one chunk's logits at a time) gives the model's own causal LM
+    loss and the same adapter gradients, on its small Qwen3-MoE stand-in with NF4 experts and LoRA."""
+    tool = _tool("qlora_real_size")
+    model = tool.build_quantized(tool.small(2), torch.device("cpu"), torch.float32)
+    lora = LoraConfig(r=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for loss_fn in (lambda: model(input_ids=input_ids, labels=input_ids).loss,
+                    lambda: tool.chunked_loss(model, input_ids, chunk=8)):  # fmt: skip
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (want, want_grads), (got, got_grads) = grads
+    assert torch.allclose(got, want, rtol=1e-5, atol=0), (got, want)
+    assert len(got_grads) == len(want_grads) > 0
+    assert all(torch.allclose(g, w, rtol=1e-4, atol=1e-7) for g, w in zip(got_grads, want_grads))

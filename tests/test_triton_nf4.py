@@ -228,35 +228,42 @@ def _tiles(codes, scales, table, out, expert, rows, cols, stride_we, stride_r, s
     tl.store(out + offs_r[:, None] * tl.num_programs(1) * BC + offs_c[None, :], tile)  # the whole tile, edges too
 
 
+@pytest.mark.parametrize("tile", [(16, 16), (32, 64), (64, 128)], ids=str)
 @pytest.mark.parametrize("strides", ["stored", "transposed"])
-@pytest.mark.parametrize("shape", [(2, 48, 64), (3, 64, 33), (2, 33, 64), (1, 21, 64 * 3)], ids=str)
-def test_nf4_tile_reads_every_view(shape, strides):
-    """``nf4_tile`` over an expert's whole [a, b] view in tiles off the edges: the dequantized weight's values and
-    0 past the edges, in each mode ``nf4_mode`` picks (byte pairs along columns, along rows, or one element at a
-    time) and forced to the per-element mode."""
+@pytest.mark.parametrize("shape", [(2, 48, 64), (3, 64, 33), (2, 33, 64), (1, 21, 64 * 3), (2, 40, 96)], ids=str)
+def test_nf4_tile_reads_every_view(shape, strides, tile):
+    """``nf4_tile`` over an expert's whole [a, b] view in tiles off the edges: the dequantized weight's values, and
+    finite values past the edges (0 one element at a time), in each mode ``nf4_mode`` picks (byte pairs along
+    columns or along rows where the stored rows are whole blocks of 64, else one element at a time) and forced to
+    the per-element mode; tiles narrower and wider than a block."""
     weight = NF4Tensor.quantize(torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(DEVICE))
     view = weight if strides == "stored" else weight.transpose(1, 2)
     dense = view.dequantize()
-    # pairs wherever the stored rows have even length (then every pair starts at an even offset)
     pairs = nf4_kernels.COLUMN_PAIRS if strides == "stored" else nf4_kernels.ROW_PAIRS
     rows, cols = view.shape[1:]
     picked = nf4_kernels.nf4_mode(view, cols)
-    assert picked == (pairs if shape[2] % 2 == 0 else nf4_kernels.ELEMENTS)
+    assert picked == (pairs if shape[2] % 64 == 0 else nf4_kernels.ELEMENTS)
     codes, scales, table, _ = nf4_kernels.weight_operands(view, cols)
-    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))
+    br, bc = tile
+    grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
     for mode in {picked, nf4_kernels.ELEMENTS}:
         for expert in range(view.shape[0]):
-            out = torch.full((grid[0] * 16, grid[1] * 16), float("nan"), device=DEVICE)
-            _tiles[grid](codes, scales, table, out, expert, rows, cols, *view.stride(), MODE=mode, BR=16, BC=16)
+            out = torch.full((grid[0] * br, grid[1] * bc), float("nan"), device=DEVICE)
+            _tiles[grid](codes, scales, table, out, expert, rows, cols, *view.stride(), MODE=mode, BR=br, BC=bc)
             assert torch.equal(out[:rows, :cols], dense[expert]), (mode, expert)
-            assert torch.equal(out[rows:], torch.zeros_like(out[rows:])), (mode, expert)  # past the edges: 0
-            assert torch.equal(out[:, cols:], torch.zeros_like(out[:, cols:])), (mode, expert)
+            assert bool(out.isfinite().all()), (mode, expert)  # the zero-padded A tile cancels them
+            if mode == nf4_kernels.ELEMENTS:
+                assert not out[rows:].any() and not out[:, cols:].any(), (mode, expert)
 
 
 def test_tuning_keys_tell_nf4_from_dense():
-    """A quantized and a dense call of the same shape never share a tuned config blindly."""
+    """A quantized and a dense call of the same shape never share a tuned config: NF4 weights tune over their own
+    spaces (row tiles of 256 among them), and the read mode is in every key."""
     import importlib
 
     up_proj, grouped_gemm = (importlib.import_module(f"moekit.kernels.{name}") for name in ("up_proj", "grouped_gemm"))
-    for kernel in (up_proj._PLAIN, up_proj._GATED, grouped_gemm._KERNEL):
-        assert "W_NF4" in kernel.key
+    for (_, nf4), kernel in up_proj._KERNELS.items():
+        assert "W_NF4" in kernel.key and kernel.family.endswith("_nf4") == nf4
+    assert grouped_gemm._KERNEL.family == "gemm" and grouped_gemm._KERNEL_NF4.family == "gemm_nf4"
+    assert "W_NF4" in grouped_gemm._KERNEL_NF4.key
+    assert any(config[0] == 256 for config in tuning._SPACES["gemm_nf4"]["hopper"])

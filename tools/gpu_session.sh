@@ -29,9 +29,10 @@
 #                                             the bench table for older code (OLD_SRC holds its src: `git archive REV
 #                                             src | tar -x -C .ab_old`) and this code, alternating processes of one
 #                                             call (tools/ab_bench.py; AB_IMPLS, default grouped_mm,moekit-triton)
-#   bash tools/gpu_session.sh OUT quant       NF4 experts: cold-cache first calls of the NF4 paths, the NF4 LoRA
-#                                             bench, Qwen3-30B-A3B at full size (tools/qlora_real_size.py) and the
-#                                             loading path (tools/measure_loading.py); each its own timeout
+#   bash tools/gpu_session.sh OUT quant       NF4 experts: native NF4 kernel tests, cold-cache first calls of the NF4
+#                                             paths, the NF4 LoRA bench, Qwen3-30B-A3B at full size
+#                                             (tools/qlora_real_size.py) and the loading path (tools/measure_loading.py);
+#                                             each its own timeout; QUANT_PARTS picks sections (see the part)
 #   bash tools/gpu_session.sh OUT curves      the CUDA demo and 50-step LoRA loss curves against transformers
 #
 # Every visit that touches a kernel runs native, gpu and cold. Each section runs under `timeout` (SECTION_TIMEOUT
@@ -112,24 +113,58 @@ ab)
     --lora-rank 16 --impls "${AB_IMPLS:-grouped_mm,moekit-triton}" 2>&1 | tee "$out/ab_$t.log"
   ;;
 quant)
-  # NF4 experts in one call: first calls (cold cache) of the NF4 paths at the four shapes, the NF4 LoRA step beside
-  # bf16 LoRA and grouped_mm + PEFT (tuned by the cold section), Qwen3-30B-A3B at full size, the loading path
+  # NF4 experts, sections QUANT_PARTS (default all, in this order; a call fits about three):
+  #   tests    tests/test_triton_nf4.py natively at tile configs 0, 1 and 3 of the NF4 spaces (row tiles of 128 and
+  #            256, wide column tiles); a failure stops the part
+  #   cold     first calls (cold cache) of the NF4 paths at the four shapes, T = 2048 then 8192
+  #   bench    the NF4 LoRA step beside bf16 LoRA and grouped_mm + PEFT, T = 8192 and 32768 (tuned by cold)
+  #   real     Qwen3-30B-A3B at full size (tools/qlora_real_size.py)
+  #   loading  the loading path (tools/measure_loading.py)
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
   export MOEKIT_CACHE_DIR=$cache
-  timeout "${COLD_TIMEOUT:-120}" python tools/cold_cache.py --shapes "$presets_all" --paths nf4-frozen,nf4-lora \
-    --tokens 2048,8192 --json "$out/cold_nf4.json" > "$out/cold_nf4.log" 2>&1
-  echo "cold cache (NF4 paths): exit $? ($(tail -1 "$out/cold_nf4.log"))" | tee -a "$out/card.txt"
-  grep -E "WRONG|False|Error" "$out/cold_nf4.log" | head -10
-  timeout "${BENCH_TIMEOUT:-190}" python -m moekit bench --preset qwen3-30b-a3b,nemotron3-nano,gpt-oss-20b,mixtral-8x7b --tokens 8192,32768 --modes lora \
-    --lora-rank 16 --impls grouped_mm,moekit-triton --quant nf4 --json "$out/bench_nf4.json" > "$out/bench_nf4.log" 2>&1
-  echo "bench --quant nf4: exit $?" | tee -a "$out/card.txt"
-  timeout "${REAL_TIMEOUT:-120}" python tools/qlora_real_size.py --model qwen3-30b-a3b --layers 48 --tokens 2048 \
-    --rank 16 --steps 3 --out "$out/real_size.json" > "$out/real_size.log" 2>&1
-  echo "real size: exit $?" | tee -a "$out/card.txt"
-  timeout "${LOAD_TIMEOUT:-100}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
-    > "$out/loading.log" 2>&1
-  echo "loading: exit $?" | tee -a "$out/card.txt"
-  tail -45 "$out/bench_nf4.log"; tail -18 "$out/real_size.log"; tail -12 "$out/loading.log"
+  for section in $(echo "${QUANT_PARTS:-tests,cold,bench,real,loading}" | tr ',' ' '); do
+    case "$section" in
+    tests)
+      for config in 0 1 3; do
+        MOEKIT_TRITON_AUTOTUNE=config:$config timeout "${TESTS_TIMEOUT:-150}" python -m pytest -m triton -q -n 8 \
+          -p no:cacheprovider tests/test_triton_nf4.py > "$out/nf4_tests_$config.log" 2>&1
+        rc=$?
+        echo "native NF4 tests, config $config: exit $rc ($(tail -1 "$out/nf4_tests_$config.log"))" | tee -a "$out/card.txt"
+        grep -E "^(FAILED|ERROR)" "$out/nf4_tests_$config.log" | head -10
+        [ $rc -eq 0 ] || exit 1
+      done
+      ;;
+    cold)
+      timeout "${COLD_TIMEOUT:-240}" python tools/cold_cache.py --shapes "$presets_all" --paths nf4-frozen,nf4-lora \
+        --tokens 2048,8192 --json "$out/cold_nf4.json" > "$out/cold_nf4.log" 2>&1
+      echo "cold cache (NF4 paths): exit $? ($(tail -1 "$out/cold_nf4.log"))" | tee -a "$out/card.txt"
+      grep -E "WRONG|False|Error" "$out/cold_nf4.log" | head -10
+      ;;
+    bench)
+      timeout "${BENCH_TIMEOUT:-240}" python -m moekit bench --preset "${BENCH_PRESETS:-$presets_all}" \
+        --tokens 8192,32768 --modes lora --lora-rank 16 --impls grouped_mm,moekit-triton --quant nf4 \
+        --json "$out/bench_nf4.json" > "$out/bench_nf4.log" 2>&1
+      echo "bench --quant nf4: exit $?" | tee -a "$out/card.txt"
+      tail -45 "$out/bench_nf4.log"
+      ;;
+    real)
+      timeout "${REAL_TIMEOUT:-150}" python tools/qlora_real_size.py --model qwen3-30b-a3b --layers 48 --tokens 2048 \
+        --rank 16 --steps 3 ${REAL_ARGS:-} --out "$out/real_size.json" > "$out/real_size.log" 2>&1
+      echo "real size: exit $?" | tee -a "$out/card.txt"
+      tail -18 "$out/real_size.log"
+      ;;
+    loading)
+      timeout "${LOAD_TIMEOUT:-100}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
+        > "$out/loading.log" 2>&1
+      echo "loading: exit $?" | tee -a "$out/card.txt"
+      tail -12 "$out/loading.log"
+      ;;
+    *)
+      echo "unknown quant section '$section': tests, cold, bench, real or loading"
+      exit 2
+      ;;
+    esac
+  done
   ;;
 curves)
   timeout "$limit" python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress \

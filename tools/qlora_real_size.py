@@ -7,7 +7,9 @@ weights (std 0.02); each layer's experts are quantized to NF4 (``moekit.quant.ex
 after it is materialized, so no bf16 copy of more than one layer's experts ever exists. Then PEFT LoRA on every
 expert weight (``target_parameters``, rank ``--rank``), gradient checkpointing, and steps of one sequence of
 ``--tokens`` tokens: forward, backward and an AdamW step on the adapters (``--adapter-dtype``: PEFT's fp32 factors
-or bf16 ones). Reported: the GPU's peak during the build, during the steps and during the first forward and
+or bf16 ones). The loss (``--loss``) is the model's own (``labels=``: fp32 logits over the whole vocabulary, and
+their copies in the loss) or the same next-token cross-entropy from the decoder's output in chunks of 256 tokens,
+each chunk's lm_head and loss recomputed in backward (``chunked_loss``). Reported: the GPU's peak during the build, during the steps and during the first forward and
 backward, before the optimizer's states exist (``torch.cuda.max_memory_allocated``), the resident weights, the adapters' parameter
 bytes, tokens/s of the last steps, and the bf16 model's footprint (its parameter count x 2 bytes, computed, not
 built) beside it.
@@ -80,6 +82,27 @@ def build_quantized(config, device: torch.device, dtype: torch.dtype) -> torch.n
     return moekit.enable(model)
 
 
+def chunked_loss(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The causal LM loss of ``model(input_ids=input_ids, labels=input_ids).loss`` (mean next-token cross-entropy)
+    with the logits of ``chunk`` tokens at a time: the lm_head and the fp32 loss of each chunk run under
+    checkpointing, so backward holds one chunk's logits, not [T, vocab] in fp32 with its copies."""
+    from torch.utils.checkpoint import checkpoint
+
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.model(input_ids=input_ids).last_hidden_state[:, :-1]  # position t predicts token t + 1
+    targets = input_ids[:, 1:]
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = causal_lm.lm_head(h).float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+
+    total = sum(
+        checkpoint(chunk_loss, hidden[:, i : i + chunk], targets[:, i : i + chunk], use_reentrant=False)
+        for i in range(0, targets.shape[1], chunk)
+    )
+    return total / targets.numel()
+
+
 def bf16_footprint_gib(model: torch.nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) * 2 / GIB
 
@@ -97,6 +120,8 @@ def main() -> None:
         default="fp32",
         help="the LoRA factors' dtype (fp32: PEFT's default, autocast_adapter_dtype)",
     )
+    parser.add_argument("--loss", choices=("chunked", "model"), default="chunked",
+                        help="chunked: the cross-entropy in chunks of 256 tokens (chunked_loss); model: labels=")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -133,7 +158,10 @@ def main() -> None:
     for _ in range(args.steps):
         sync()
         begin = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if args.loss == "chunked":
+            loss = chunked_loss(model, input_ids)
+        else:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         if not times:  # the first forward + backward: before the optimizer's states exist
             backward_peak = peak()
@@ -150,7 +178,7 @@ def main() -> None:
         "model": args.model, "layers": args.layers, "tokens": args.tokens, "rank": args.rank,
         "build_s": round(build_s, 1), "build_peak_gib": round(build_peak, 2),
         "resident_gib": round(resident, 2), "step_peak_gib": round(step_peak, 2),
-        "first_backward_peak_gib": round(backward_peak, 2), "adapter_dtype": args.adapter_dtype,
+        "first_backward_peak_gib": round(backward_peak, 2), "adapter_dtype": args.adapter_dtype, "loss": args.loss,
         "nf4_expert_gib": round(nf4_bytes / GIB, 2), "bf16_expert_gib": round(expert_bf16_bytes / GIB, 2),
         "adapter_gib": round(adapter_bytes / GIB, 2), "bf16_model_gib": round(bf16_model, 2),
         "step_s": round(step_s, 3), "tokens_per_s": round(args.tokens / step_s, 1), "losses": losses,

@@ -99,6 +99,7 @@ def _grouped_gemm_kernel(
 
 _KEY = ["N", "K", "M_BUCKET", "GATHER", "HAS_BIAS", "SCALE", "HAS_LORA", "R", "LORA_PRELOAD", "W_NF4"]
 _KERNEL = Autotuned(_grouped_gemm_kernel, "gemm", key=_KEY)
+_KERNEL_NF4 = Autotuned(_grouped_gemm_kernel, "gemm_nf4", key=_KEY)
 _LOWRANK = Autotuned(_grouped_gemm_kernel, "lowrank", key=_KEY)
 
 
@@ -124,7 +125,7 @@ def grouped_gemm(
     if lowrank:
         kernel, extra = _LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}
     else:
-        kernel, extra = _KERNEL, {}
+        kernel, extra = _KERNEL_NF4 if w_nf4 else _KERNEL, {}
 
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(n_dim, meta["BLOCK_N"]),)

@@ -58,6 +58,20 @@ _SPACES = {
         "ampere": [(128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 3)],
         "interpret": [(16, 16, 16, 4, 1)],
     },
+    # NF4 B operands (kernels/nf4.py): each B tile costs ~4-5 instructions an element to dequantize, once per
+    # program, so row tiles of 256 halve that per multiply-add; compiled for sm_90 without spills
+    "gemm_nf4": {
+        "hopper": [(128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                   (64, 128, 64, 4, 4)],
+        "ampere": [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+        "interpret": [(16, 16, 16, 4, 1)],
+    },
+    "gated_nf4": {
+        "hopper": [(128, 64, 64, 8, 4), (256, 64, 64, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 3),
+                   (64, 128, 64, 4, 4)],
+        "ampere": [(128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 3)],
+        "interpret": [(16, 16, 16, 4, 1)],
+    },
     # dA: the activation-backward epilogue holds several tiles at once; these compile without spills on sm_90
     "actgrad": {
         "hopper": [(128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4)],

@@ -127,8 +127,12 @@ def _up_proj_kernel(
 
 
 _KEY = ["N", "K", "M_BUCKET", "HAS_LORA", "R", "LORA_PRELOAD", "W_NF4"]
-_PLAIN = Autotuned(_up_proj_kernel, "gemm", key=_KEY)
-_GATED = Autotuned(_up_proj_kernel, "gated", key=_KEY)
+_KERNELS = {  # (gated, NF4 weight) -> the kernel with its tuning space
+    (False, False): Autotuned(_up_proj_kernel, "gemm", key=_KEY),
+    (True, False): Autotuned(_up_proj_kernel, "gated", key=_KEY),
+    (False, True): Autotuned(_up_proj_kernel, "gemm_nf4", key=_KEY),
+    (True, True): Autotuned(_up_proj_kernel, "gated_nf4", key=_KEY),
+}
 
 
 def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=None):
@@ -146,8 +150,8 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
         col_stride, up_off = 2, 1
     else:
         col_stride, up_off = 1, inner
-    kernel = _GATED if gated else _PLAIN
     w, ws, code, w_nf4 = weight_operands(weight_in_out, inner * col_stride, up_off if gated and col_stride == 1 else 0)
+    kernel = _KERNELS[gated, bool(w_nf4)]
 
     def grid(meta):
         return (num_row_tiles(n, num_experts, meta["BLOCK_M"]) * cdiv(inner, meta["BLOCK_N"]),)
