@@ -216,16 +216,18 @@ def test_no_tensor_of_the_dense_weight_size(monkeypatch, wide_tiles):
 
 
 @triton.jit
-def _tiles(codes, scales, table, out, expert, rows, cols, stride_we, stride_r, stride_c,
+def _tiles(codes, scales, table, out, rows, cols, stride_we, stride_r, stride_c,
            MODE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    """out (the tile grid's padded [rows, cols]) = expert ``expert`` of an NF4 view, through ``nf4_tile`` in
-    [BR, BC] tiles."""
-    row, col = tl.program_id(0) * BR, tl.program_id(1) * BC
+    """out [E, the tile grid's padded rows, cols] = the experts of an NF4 view, through ``nf4_tile`` in [BR, BC]
+    tiles (grid: row tiles, column tiles, experts)."""
+    row, col, expert = tl.program_id(0) * BR, tl.program_id(1) * BC, tl.program_id(2)
     codes_e, scales_e = nf4_expert(codes, scales, expert, stride_we)
     tile = nf4_tile(codes_e, scales_e, table, row * stride_r + col * stride_c, rows - row, cols - col, stride_r,
                     stride_c, BR, BC, MODE)  # fmt: skip
     offs_r, offs_c = row + tl.arange(0, BR), col + tl.arange(0, BC)
-    tl.store(out + offs_r[:, None] * tl.num_programs(1) * BC + offs_c[None, :], tile)  # the whole tile, edges too
+    padded_rows, padded_cols = tl.num_programs(0) * BR, tl.num_programs(1) * BC
+    plane = out + expert.to(tl.int64) * padded_rows * padded_cols
+    tl.store(plane + offs_r[:, None] * padded_cols + offs_c[None, :], tile)  # the whole tile, edges too
 
 
 @pytest.mark.parametrize("tile", [(16, 16), (32, 64), (64, 128)], ids=str)
@@ -245,15 +247,14 @@ def test_nf4_tile_reads_every_view(shape, strides, tile):
     assert picked == (pairs if shape[2] % 64 == 0 else nf4_kernels.ELEMENTS)
     codes, scales, table, _ = nf4_kernels.weight_operands(view, cols)
     br, bc = tile
-    grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc))
+    grid = (triton.cdiv(rows, br), triton.cdiv(cols, bc), view.shape[0])
     for mode in {picked, nf4_kernels.ELEMENTS}:
-        for expert in range(view.shape[0]):
-            out = torch.full((grid[0] * br, grid[1] * bc), float("nan"), device=DEVICE)
-            _tiles[grid](codes, scales, table, out, expert, rows, cols, *view.stride(), MODE=mode, BR=br, BC=bc)
-            assert torch.equal(out[:rows, :cols], dense[expert]), (mode, expert)
-            assert bool(out.isfinite().all()), (mode, expert)  # the zero-padded A tile cancels them
-            if mode == nf4_kernels.ELEMENTS:
-                assert not out[rows:].any() and not out[:, cols:].any(), (mode, expert)
+        out = torch.full((view.shape[0], grid[0] * br, grid[1] * bc), float("nan"), device=DEVICE)
+        _tiles[grid](codes, scales, table, out, rows, cols, *view.stride(), MODE=mode, BR=br, BC=bc)
+        assert torch.equal(out[:, :rows, :cols], dense), mode
+        assert bool(out.isfinite().all()), mode  # the zero-padded A tile cancels them
+        if mode == nf4_kernels.ELEMENTS:
+            assert not out[:, rows:].any() and not out[:, :, cols:].any(), mode
 
 
 def test_tuning_keys_tell_nf4_from_dense():
