@@ -8,7 +8,10 @@ q/v projections, every factor random), ``qlora`` (the same on NF4 experts) or ``
 ``triton`` (the Triton kernels through TRITON_INTERPRET=1). Each rank takes its half of one global batch; every rank
 also runs the same step in one process on the whole batch. Rank 0 writes, per case, the relative error
 (max|a - b| / max|b|) of the loss and of the worst trainable gradient (FSDP2's sharded gradients gathered whole)
-against that single-process run, and how many gradients were compared.
+against that single-process run, and how many gradients were compared; for FSDP2 on NF4 experts also how many NF4
+parameters there are and how many are held sharded (a DTensor over an ``NF4Tensor`` of this rank's experts), how
+many experts calls ran, and in how many every expert weight read was an ``NF4Tensor`` of all experts (the
+all-gather's, not a dense copy).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_models as tm
 
 import moekit
+from moekit.enable import experts_modules
 from moekit.options import override
 from moekit.quant import NF4Tensor
+from moekit.quant.experts import expert_weight_names
 
 DDP = torch.nn.parallel.DistributedDataParallel
 
@@ -59,6 +64,27 @@ def build(model_type: str, training: str) -> torch.nn.Module:
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model.layers
+
+
+def watch_nf4(model: torch.nn.Module, world: int) -> dict[str, int]:
+    """FSDP2 on NF4 experts: ``nf4_params``, the NF4 parameters; ``nf4_sharded``, those held as a DTensor over an
+    ``NF4Tensor`` of 1/world of the experts; ``nf4_calls`` and ``nf4_gathered_calls`` (counted by the forward): the
+    experts calls, and those whose expert weights were each an ``NF4Tensor`` of all experts."""
+    from torch.distributed.tensor import DTensor
+
+    locals_ = [(p.to_local() if isinstance(p, DTensor) else p, p.shape[0]) for p in model.parameters()]
+    nf4 = [(local, experts) for local, experts in locals_ if isinstance(local, NF4Tensor)]
+    sharded = [local for local, experts in nf4 if local.shape[0] * world == experts]
+    counts = {"nf4_params": len(nf4), "nf4_sharded": len(sharded), "nf4_calls": 0, "nf4_gathered_calls": 0}
+
+    def check(module, args):
+        weights = [getattr(module, name) for name in expert_weight_names(module)]
+        counts["nf4_calls"] += 1
+        counts["nf4_gathered_calls"] += all(type(w) is NF4Tensor and w.shape[0] == tm.NUM_EXPERTS for w in weights)
+
+    for module in experts_modules(model):
+        module.register_forward_pre_hook(check)
+    return counts
 
 
 def step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -94,6 +120,7 @@ def run_case(case: str, rank: int, world: int) -> dict:
             fully_shard(model)
         else:
             raise ValueError(f"unknown wrap {wrap!r}")
+        nf4 = watch_nf4(model, world) if (wrap, training) == ("fsdp2", "qlora") else {}
         loss, grads = step(model, input_ids[rank * per_rank : (rank + 1) * per_rank])
     dist.all_reduce(loss)
     loss = loss / world
@@ -105,6 +132,7 @@ def run_case(case: str, rank: int, world: int) -> dict:
         "grad_err": worst,
         "grads": len(grads),
         "mismatched_names": missing,
+        **nf4,
     }
 
 

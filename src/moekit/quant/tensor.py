@@ -12,6 +12,14 @@ it, ``load_state_dict`` of a dense weight quantizes into it, and a transposed vi
 (e, i, j) of any view sits at the flat offset ``e·stride(0) + i·stride(1) + j·stride(2)`` of the weight as
 stored, which is how the kernels address its codes. Anything else raises, naming the op, rather than computing on
 bytes. One expert (``weight[e]``) dequantizes, so code that loops over experts (transformers' eager) still works.
+
+FSDP2 (``fully_shard``, FSDP-QLoRA) shards it along the experts (dim 0): each rank holds whole experts, i.e. rows of
+``packed`` and ``absmax`` (the ops FSDP2 shards with, split / new_zeros / slice / copy_ / view(-1) / as_strided,
+act on those rows), and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes and scales as they
+are into an ``NF4Tensor`` of every expert, which the engines read (no dense copy is made; the weight is frozen, so
+no gradient is reduce-scattered). The number of experts must be a multiple of the FSDP world size: a padded shard's
+all-gather inputs must have the dense shard's padded shape, which codes and scales cannot have. ``view(-1)`` gives
+the flat 1-D NF4Tensor FSDP2 keeps of a shard, held only (every other op on it raises).
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 
 class NF4Tensor(Tensor):
-    """A 3-D expert weight [E, a, b] in NF4 (see the module docstring). Build it with ``NF4Tensor.quantize``."""
+    """A 3-D expert weight [E, a, b] in NF4 (see the module docstring). Build it with ``NF4Tensor.quantize``.
+    Under FSDP2 each rank holds a shard of whole experts; ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` gather
+    them back into one of all experts."""
 
     packed: Tensor
     absmax: Tensor
@@ -87,7 +97,7 @@ class NF4Tensor(Tensor):
 
     @property
     def is_transposed_view(self) -> bool:
-        return self.stride(1) < self.stride(2)
+        return self.dim() == 3 and self.stride(1) < self.stride(2)
 
     def nf4_weight(self) -> NF4Weight:
         """The flat ``NF4Weight`` of the weight as stored (what ``moekit.quant.nf4`` and bitsandbytes read)."""
@@ -131,6 +141,37 @@ class NF4Tensor(Tensor):
             meta.get("strides", self.stride()),
         )
 
+    # --------------------------------------------------------------------------- FSDP2's all-gather extension
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """This rank's experts to all-gather: (packed, absmax) rows as held, and the per-expert layout
+        (``post`` rebuilds the weight from it). ``outer_size``: the whole weight's shape (FSDP2 calls this
+        five-argument form). An uneven number of experts raises here on every rank alike: FSDP2's own check of a
+        padded shard would fail on the padded rank only, leaving the others waiting in the all-gather."""
+        if outer_size[0] % mesh.size():
+            raise ValueError(
+                f"FSDP2 cannot shard {_param_name(module, self)} (NF4 expert weights [{outer_size[0]}, ...]) over "
+                f"{mesh.size()} ranks: NF4 weights are sharded along experts, so the number of experts must be a "
+                f"multiple of the FSDP world size ({outer_size[0]} experts over {mesh.size()} ranks would need "
+                "FSDP2's padding, which does not apply to NF4 codes)"
+            )
+        return (self.packed, self.absmax), (tuple(self.shape[1:]), tuple(self.stride()))
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """Every expert's (packed, absmax), gathered: the whole ``NF4Tensor`` over them (standing for
+        ``param_dtype``, the compute dtype of FSDP2's mixed precision), with the shard's per-expert shape and
+        strides. ``out``: the weight built by the first gather, which already views FSDP2's reused buffers."""
+        packed, absmax = all_gather_outputs
+        if out is not None:
+            if (out.packed.untyped_storage().data_ptr(), out.absmax.untyped_storage().data_ptr()) != (
+                packed.untyped_storage().data_ptr(),
+                absmax.untyped_storage().data_ptr(),
+            ):
+                raise RuntimeError("fsdp_post_all_gather: out does not view the all-gather outputs of NF4 weights")
+            return None
+        expert_shape, strides = metadata
+        gathered = NF4Tensor(packed, absmax, (packed.shape[0], *expert_shape), param_dtype, strides)
+        return gathered, (packed, absmax)
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -142,6 +183,14 @@ class NF4Tensor(Tensor):
                 "experts_implementation='moekit'), or take tensor.dequantize() for a dense copy."
             )
         return handler(func, *args, **kwargs)
+
+
+def _param_name(module: torch.nn.Module, weight: NF4Tensor) -> str:
+    """``Module.name`` of ``weight`` (FSDP2 registers it wrapped in a DTensor) on ``module``, for error messages."""
+    for name, param in module.named_parameters(recurse=False):
+        if getattr(param, "_local_tensor", param) is weight:
+            return f"{type(module).__name__}.{name}"
+    return f"a parameter of {type(module).__name__}"
 
 
 def held_bytes(weight: Tensor) -> int:
@@ -236,3 +285,75 @@ def _copy(func, dst, src, non_blocking=False):
 @_handles(aten.is_same_size.default)
 def _is_same_size(func, t, other):
     return tuple(t.shape) == tuple(other.shape)
+
+
+# ----------------------------------------------- the ops FSDP2 shards with: whole experts, i.e. rows of the codes
+def _experts_only(func, t: NF4Tensor, dim: int = 0) -> None:
+    if t.dim() != 3 or dim % 3 != 0:
+        raise NotImplementedError(
+            f"{func} on NF4 expert weights {tuple(t.shape)} takes whole experts (dim 0 of [E, a, b]), not dim {dim}: "
+            "shard them along experts"
+        )
+
+
+@_handles(aten.split.Tensor)
+def _split(func, t: NF4Tensor, split_size: int, dim: int = 0):
+    _experts_only(func, t, dim)
+    return [
+        t._like(packed, absmax, shape=(packed.shape[0], *t.shape[1:]))
+        for packed, absmax in zip(t.packed.split(split_size), t.absmax.split(split_size))
+    ]
+
+
+@_handles(aten.slice.Tensor)
+def _slice(func, t: NF4Tensor, dim: int = 0, start=None, end=None, step: int = 1):
+    """Experts [start, end) as a view (``narrow`` is this): writing into it writes into ``t``."""
+    _experts_only(func, t, dim)
+    if step != 1:
+        raise NotImplementedError(f"{func} on NF4 expert weights takes a contiguous range of experts, not step {step}")
+    packed, absmax = t.packed[start:end], t.absmax[start:end]
+    return t._like(packed, absmax, shape=(packed.shape[0], *t.shape[1:]))
+
+
+@_handles(aten.new_zeros.default)
+def _new_zeros(func, t: NF4Tensor, size, dtype=None, layout=None, device=None, pin_memory=None):
+    """Zero experts [n, *t.shape[1:]] (zero scales), contiguous: FSDP2's buffer for one rank's shard."""
+    _experts_only(func, t)
+    size = tuple(size)
+    if size[1:] != tuple(t.shape[1:]):
+        raise NotImplementedError(
+            f"{func} of NF4 expert weights {tuple(t.shape)} makes whole experts [n, {', '.join(map(str, t.shape[1:]))}]"
+            f", not {size}"
+        )
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{func}: NF4 expert weights stand for a floating-point weight, not {dtype}")
+    device = t.device if device is None else device
+    packed = torch.zeros(size[0], t.packed.shape[1], dtype=torch.uint8, device=device)
+    absmax = torch.zeros(size[0], t.absmax.shape[1], dtype=torch.float32, device=device)
+    return NF4Tensor(packed, absmax, size, dtype or t.dtype)
+
+
+@_handles(aten.view.default)
+def _view(func, t: NF4Tensor, size):
+    """``view`` as its own shape (``DTensor.to_local`` views so), or ``view(-1)`` of a contiguous weight (FSDP2
+    keeps its shard so): the same codes, the flat one held only, never computed with."""
+    size = list(size)
+    if size == list(t.shape):
+        return t._like()
+    if size not in ([-1], [t.numel()]) or not t.is_contiguous():
+        raise NotImplementedError(
+            f"{func} of NF4 expert weights {tuple(t.shape)} (strides {t.stride()}) to {size}: only their own shape "
+            "or a contiguous weight's view(-1) is defined"
+        )
+    return t._like(shape=(t.numel(),), strides=(1,))
+
+
+@_handles(aten.as_strided.default)
+def _as_strided(func, t: NF4Tensor, size, stride, storage_offset=None):
+    """The identity only (FSDP2 takes its gathered weight so); any other layout is not expressible over codes."""
+    if (tuple(size), tuple(stride), storage_offset or 0) != (tuple(t.shape), t.stride(), 0):
+        raise NotImplementedError(
+            f"{func} of NF4 expert weights {tuple(t.shape)} (strides {t.stride()}) to size {tuple(size)}, stride "
+            f"{tuple(stride)}, offset {storage_offset}: only their own shape and strides are defined"
+        )
+    return t._like()
