@@ -1,6 +1,7 @@
 """One data-parallel training step per case, under ``torchrun --nproc-per-node 2`` (gloo, CPU), against one process.
 
     torchrun --nproc-per-node 2 tests/distributed_worker.py OUT.json [CASE ...]
+    MOEKIT_DIST_DEVICE=cuda torchrun --nproc-per-node 1 tests/distributed_worker.py OUT.json [CASE ...]   (GPUs)
 
 A case is MODEL_TYPE:WRAP:TRAINING[:ENGINE] — WRAP ``ddp`` (DistributedDataParallel) or ``fsdp2`` (``fully_shard``
 on every decoder layer, then the root); TRAINING ``lora`` (PEFT LoRA on both expert weights and the attention's
@@ -20,7 +21,11 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no GPU here
+# MOEKIT_DIST_DEVICE=cuda: NCCL, one GPU per rank, the Triton kernels native (``tools/gpu_session.sh OUT dist``);
+# else gloo on the CPU, the Triton kernels through the interpreter (set before triton is imported)
+DEVICE = os.environ.get("MOEKIT_DIST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MOEKIT_TRITON_AUTOTUNE", "0")
 
 import torch
@@ -46,7 +51,7 @@ def build(model_type: str, training: str) -> torch.nn.Module:
 
     model = moekit.enable(tm.build(model_type))
     if training == "full":
-        return model
+        return model.to(device())
     if training == "qlora":
         moekit.quantize_experts(model)
     config = LoraConfig(
@@ -58,7 +63,12 @@ def build(model_type: str, training: str) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
+    return model.to(device())
+
+
+def device() -> torch.device:
+    """This rank's device: its GPU (LOCAL_RANK) under MOEKIT_DIST_DEVICE=cuda, else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if DEVICE == "cuda" else torch.device("cpu")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -102,7 +112,7 @@ def step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor,
 def run_case(case: str, rank: int, world: int) -> dict:
     model_type, wrap, training, *rest = case.split(":")
     engine = rest[0] if rest else "reference"
-    input_ids = tm.sample_batch(batch=GLOBAL_BATCH, seq=12)
+    input_ids = tm.sample_batch(batch=GLOBAL_BATCH, seq=12).to(device())
     per_rank = GLOBAL_BATCH // world
     with override(backend=engine):
         want_loss, want_grads = step(build(model_type, training), input_ids)
@@ -138,7 +148,9 @@ def run_case(case: str, rank: int, world: int) -> dict:
 
 def main() -> None:
     out_path, cases = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(device())
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = [run_case(case, rank, world) for case in cases]

@@ -93,6 +93,20 @@ def test_shard_then_gather_is_the_weight(world, transposed):
     assert inner == outputs
 
 
+def test_world_of_one_gathers_the_codes_and_keeps_the_scales():
+    """FSDP2 with one rank copies only the first all-gather input: the codes go through it, the scales along as
+    metadata, and what FSDP2 frees after use is the copied codes only, never the parameter's own scales."""
+    weight = _weight()
+    module = _module(weight)
+    inputs, metadata = weight.fsdp_pre_all_gather(Mesh(1), weight.shape, weight.stride(), module, MixedPrecisionPolicy())
+    assert len(inputs) == 1 and inputs[0] is weight.packed
+    copied = (inputs[0].clone(),)  # FSDP2's copy-out at world size 1
+    gathered, inner = weight.fsdp_post_all_gather(copied, metadata, weight.dtype)
+    assert inner == copied and gathered.absmax is weight.absmax and gathered.packed is copied[0]
+    assert torch.equal(gathered.dequantize(), weight.dequantize())
+    assert weight.fsdp_post_all_gather(copied, metadata, weight.dtype, out=gathered) is None
+
+
 def test_regather_reuses_the_weight():
     weight = _weight()
     gathered, _, outputs, (local, metadata) = _all_gather(weight, 2)

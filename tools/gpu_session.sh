@@ -33,6 +33,10 @@
 #                                             paths, the NF4 LoRA bench, Qwen3-30B-A3B at full size
 #                                             (tools/qlora_real_size.py) and the loading path (tools/measure_loading.py);
 #                                             each its own timeout; QUANT_PARTS picks sections (see the part)
+#   bash tools/gpu_session.sh OUT dist [CASES]
+#                                             tests/distributed_worker.py on this machine's GPUs (NCCL, one process per
+#                                             GPU, the Triton kernels native; default cases: FSDP2 LoRA, full and QLoRA
+#                                             and DDP LoRA), each case against one process on the same batch
 #   bash tools/gpu_session.sh OUT curves      the CUDA demo and 50-step LoRA loss curves against transformers
 #
 # Every visit that touches a kernel runs native, gpu and cold. Each section runs under `timeout` (SECTION_TIMEOUT
@@ -166,6 +170,15 @@ quant)
     esac
   done
   ;;
+dist)
+  cases=${3:-qwen3_moe:fsdp2:lora:triton,nemotron_h_latent:fsdp2:lora:triton,qwen3_moe:fsdp2:full:triton,qwen3_moe:fsdp2:qlora:triton,nemotron_h_latent:fsdp2:qlora:triton,qwen3_moe:ddp:lora:triton}
+  gpus=$(nvidia-smi -L | wc -l)
+  MOEKIT_DIST_DEVICE=cuda timeout "$limit" python -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+    tests/distributed_worker.py "$out/dist.json" $(echo "$cases" | tr ',' ' ') > "$out/dist.log" 2>&1
+  echo "distributed on $gpus GPU(s): exit $?" | tee -a "$out/card.txt"
+  tail -5 "$out/dist.log"
+  python -c "import json,sys; [print(r['case'], 'loss', '%.1e' % r['loss_err'], 'grad', '%.1e' % r['grad_err'], r['grads'], 'grads', 'ok' if max(r['loss_err'], r['grad_err']) <= 1e-5 and not r['mismatched_names'] else 'WRONG') for r in json.load(open(sys.argv[1]))]" "$out/dist.json"
+  ;;
 curves)
   timeout "$limit" python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress \
     --json "$out/demo_cuda.json" 2>&1 | tail -18 | tee "$out/demo.log"
@@ -174,7 +187,7 @@ curves)
   grep lr "$out/curves.log"
   ;;
 *)
-  echo "unknown part '$part': native, gpu, configs, cold, bench, lora, ab, quant or curves (see the head of this file)"
+  echo "unknown part '$part': native, gpu, configs, cold, bench, lora, ab, quant, dist or curves (see the head of this file)"
   exit 2
   ;;
 esac

@@ -154,13 +154,19 @@ class NF4Tensor(Tensor):
                 f"multiple of the FSDP world size ({outer_size[0]} experts over {mesh.size()} ranks would need "
                 "FSDP2's padding, which does not apply to NF4 codes)"
             )
-        return (self.packed, self.absmax), (tuple(self.shape[1:]), tuple(self.stride()))
+        layout = (tuple(self.shape[1:]), tuple(self.stride()))
+        if mesh.size() == 1:
+            # FSDP2 copies a world of one's first all-gather input only: the scales (the whole weight's) go along
+            # as metadata, kept as they are
+            return (self.packed,), (*layout, self.absmax)
+        return (self.packed, self.absmax), layout
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         """Every expert's (packed, absmax), gathered: the whole ``NF4Tensor`` over them (standing for
         ``param_dtype``, the compute dtype of FSDP2's mixed precision), with the shard's per-expert shape and
         strides. ``out``: the weight built by the first gather, which already views FSDP2's reused buffers."""
-        packed, absmax = all_gather_outputs
+        expert_shape, strides, *own_scales = metadata
+        packed, absmax = (*all_gather_outputs, *own_scales)
         if out is not None:
             if (out.packed.untyped_storage().data_ptr(), out.absmax.untyped_storage().data_ptr()) != (
                 packed.untyped_storage().data_ptr(),
@@ -168,9 +174,8 @@ class NF4Tensor(Tensor):
             ):
                 raise RuntimeError("fsdp_post_all_gather: out does not view the all-gather outputs of NF4 weights")
             return None
-        expert_shape, strides = metadata
         gathered = NF4Tensor(packed, absmax, (packed.shape[0], *expert_shape), param_dtype, strides)
-        return gathered, (packed, absmax)
+        return gathered, tuple(all_gather_outputs)  # what FSDP2 frees after use: never the scales it did not gather
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
