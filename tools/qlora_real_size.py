@@ -6,7 +6,7 @@ The model is built on the meta device and materialized one decoder layer at a ti
 weights (std 0.02); each layer's experts are quantized to NF4 (``moekit.quant.experts.quantize_module``) right
 after it is materialized, so no bf16 copy of more than one layer's experts ever exists. Then PEFT LoRA on every
 expert weight (``target_parameters``, rank ``--rank``), gradient checkpointing, and steps of one sequence of
-``--tokens`` tokens: forward, backward and an AdamW step on the adapters (``--adapter-dtype``: PEFT's fp32 factors
+``--tokens`` tokens: forward, backward and a (fused, on the GPU) AdamW step on the adapters (``--adapter-dtype``: PEFT's fp32 factors
 or bf16 ones). The loss (``--loss``) is the model's own (``labels=``: fp32 logits over the whole vocabulary, and
 their copies in the loss) or the same next-token cross-entropy from the decoder's output in chunks of 256 tokens,
 each chunk's lm_head and loss recomputed in backward (``chunked_loss``). Reported: the GPU's peak during the build, during the steps and during the first forward and
@@ -150,7 +150,7 @@ def main() -> None:
     adapters = [p for p in model.parameters() if p.requires_grad]
     adapter_bytes = sum(p.nbytes for p in adapters)
     resident = torch.cuda.memory_allocated() / GIB if cuda else float("nan")
-    optimizer = torch.optim.AdamW(adapters, lr=1e-4)
+    optimizer = torch.optim.AdamW(adapters, lr=1e-4, fused=cuda)  # fused: no temporaries the size of all adapters
     generator = torch.Generator(device=device).manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device, generator=generator)
     reset_peak()

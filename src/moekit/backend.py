@@ -22,7 +22,7 @@ from . import ops
 from .engines import reference
 from .engines import triton as triton_engine
 from .layout import ExpertsCall, ExpertsLayout, Projection, check_inputs, experts_layout, projections
-from .lora import LoraFactors, LoraWrappers, collect_lora
+from .lora import PENDING_WRAPPERS, LoraFactors, LoraWrappers, collect_lora
 from .options import OPTIONS, check_environment
 from .plan import build_plan
 from .quant.tensor import FROZEN_MESSAGE, NF4Tensor
@@ -182,7 +182,8 @@ def moekit_experts_forward(
 ) -> Tensor:
     """moekit's experts backend: validated inputs -> ExpertsCall -> dispatch plan -> engine.
 
-    ``moekit_lora_wrappers``: the PEFT wrappers of this call (``moekit.lora``), passed down by PEFT's ParamWrapper.
+    ``moekit_lora_wrappers``: the PEFT wrappers of this call (``moekit.lora``), passed down by PEFT's ParamWrapper;
+    under transformers' expert parallelism, whose forward takes no keyword argument, left on the module instead.
     """
     compiling = torch.compiler.is_compiling()
     layout = self.__dict__.get("_moekit_layout")
@@ -191,6 +192,8 @@ def moekit_experts_forward(
         gated, transposed, op_layout = resolve(self)
     else:
         gated, transposed, op_layout = _layout_facts(layout if layout is not None else experts_layout(self))
+    if moekit_lora_wrappers is None:  # handed over on the module (transformers' expert-parallel forward)
+        moekit_lora_wrappers = self.__dict__.get(PENDING_WRAPPERS)
     lora = collect_lora(self, moekit_lora_wrappers)
     up, down = projections(self)
     up, down = up._replace(lora=lora.get("up")), down._replace(lora=lora.get("down"))

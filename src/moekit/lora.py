@@ -12,6 +12,30 @@ PEFT layout for a parameter of E experts and rank r (in/out are the true input/o
 them for transposed parameters so this holds for gpt-oss too):
     lora_A.weight [r*E, in]   expert e owns rows e*r:(e+1)*r
     lora_B.weight [out, r*E]  expert e owns columns e::E
+
+Under transformers' expert parallelism (``DistributedConfig(ep_size=...)``; 5.17's ``enable_expert_parallel``) the
+experts module's weights are DTensors ``Shard(0)`` on the expert-parallel mesh dimension, and its forward runs on
+this rank's E/ep experts as local tensors. Two things differ there, and both are handled:
+
+- transformers replaces the module's ``forward`` on the instance (5.24's ``ep_forward(hidden_states, top_k_index,
+  top_k_weights)`` takes no keyword argument), so the wrappers are handed over on the module for the length of the
+  call (``PENDING_WRAPPERS``) instead of as the keyword argument;
+- PEFT's factors are built for all E experts: the wrapper records where this rank's experts start
+  (``_expert_offset``, read from the DTensor before the call) and moekit uses those experts' rows of A and B.
+
+Gradients under expert parallelism: PEFT adds its adapters after ``from_pretrained`` sharded the model, so the
+expert LoRA stays a plain tensor of all E experts, one replicated copy per rank, and each rank's backward fills
+only its own experts' rows of its gradient (the other rows stay zero). The rows of an expert hold the gradient of
+every token routed to it (the expert-parallel exchange brings the other ranks' tokens, and their gradients, to the
+rank that runs it), so the gradients must be summed over the expert-parallel ranks to assemble the expert-LoRA
+gradient, then scaled like the dense gradients (divided by the number of distinct batches being averaged). The
+Trainer's ``_sync_replicated_trainable_parameters`` (5.24) instead averages every plain trainable tensor over all
+ranks. That is exact when every rank trains on its own slice of the batch (``tp_size == 1``, e.g.
+``ep_size x fsdp_size`` with dense data parallelism over the whole world, efsdp copies of the experts included):
+the sum over the ranks counts each token once, and dividing by the world size is the dense gradients' own mean.
+Where ranks share a batch (``tp_size > 1``, or 5.17's expert parallelism, every rank on the whole batch) the
+average leaves the expert-LoRA rows ``tp_size`` times too small: sum them over the ranks and divide by the number
+of distinct batches (``world_size / tp_size``) instead.
 """
 
 from __future__ import annotations
@@ -31,6 +55,9 @@ DOWN_PARAMS = ("down_proj",)
 
 # The keyword argument that carries the wrappers on the call path down to the experts module.
 WRAPPERS_KWARG = "moekit_lora_wrappers"
+# Where the wrappers wait on an experts module whose forward transformers replaced on the instance (expert
+# parallelism; see _passthrough_forward), for the length of one call.
+PENDING_WRAPPERS = "_moekit_pending_lora_wrappers"
 
 
 class LoraWrappers:
@@ -41,11 +68,14 @@ class LoraWrappers:
     alone.
     """
 
-    def __init__(self, wrappers: tuple = ()):
+    def __init__(self, wrappers: tuple = (), expert_offsets: tuple = ()):
         self.wrappers = wrappers
+        # Per wrapper: the global index of the first expert the experts module's weights hold under expert
+        # parallelism (PEFT's factors cover every expert, the weights this rank's), or None where they hold all.
+        self.expert_offsets = expert_offsets or (None,) * len(wrappers)
 
-    def plus(self, wrapper: torch.nn.Module) -> LoraWrappers:
-        return LoraWrappers(self.wrappers + (wrapper,))
+    def plus(self, wrapper: torch.nn.Module, expert_offset: int | None = None) -> LoraWrappers:
+        return LoraWrappers(self.wrappers + (wrapper,), self.expert_offsets + (expert_offset,))
 
 
 NO_WRAPPERS = LoraWrappers()
@@ -66,10 +96,45 @@ def _passthrough_forward(original_forward):
             return original_forward(self, x, *args, **kwargs)
         outer = kwargs.pop(WRAPPERS_KWARG, NO_WRAPPERS)
         self._check_forward_args(x, *args, **kwargs)
-        return self.base_layer(x, *args, **kwargs, **{WRAPPERS_KWARG: outer.plus(self)})
+        # Read here, while the weight is still the DTensor: inside transformers' expert-parallel forward the experts
+        # module holds this rank's local shard only.
+        wrappers = outer.plus(self, _expert_offset(base, self.parameter_name))
+        if self.base_layer is base and "forward" in base.__dict__:
+            # transformers' expert parallelism replaced the experts module's forward on the instance, and 5.24's
+            # ``ep_forward(hidden_states, top_k_index, top_k_weights)`` takes no keyword argument (5.17's passes
+            # them on). It runs the class's forward, moekit's, on this rank's experts inside: hand the wrappers over
+            # on the module for the length of the call instead.
+            base.__dict__[PENDING_WRAPPERS] = wrappers
+            try:
+                return base(x, *args, **kwargs)
+            finally:
+                base.__dict__.pop(PENDING_WRAPPERS, None)
+        # The innermost wrapper calls the experts module, outer ones the next wrapper: both take the argument.
+        return self.base_layer(x, *args, **kwargs, **{WRAPPERS_KWARG: wrappers})
 
     forward._moekit_original = original_forward
     return forward
+
+
+def _expert_offset(module: torch.nn.Module, name: str) -> int | None:
+    """The global index of the first expert this rank holds when transformers' expert parallelism shards
+    ``module``'s expert weight ``name``, else None.
+
+    Expert parallelism makes the weight a DTensor ``Shard(0)`` on the expert-parallel mesh dimension: "ep" (5.24;
+    with FSDP the mesh is ("efsdp", "ep"), and FSDP's shards are gathered again before the experts run, so only
+    "ep" decides which experts the forward sees) or the one dimension of an unnamed mesh (5.17's expert-parallel
+    TP mesh). Rank i of that dimension holds experts [i*n, (i+1)*n), n = E / size: ``torch.distributed.tensor``'s
+    even ``Shard(0)`` split, and what transformers' routing assumes (``AllToAllEP``, ``AllReduceEP``)."""
+    param = module._parameters.get(name)
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:  # a plain tensor: every expert is here
+        return None
+    names = mesh.mesh_dim_names
+    for dim, placement in enumerate(param.placements):
+        expert_parallel = names[dim] == "ep" if names is not None else mesh.ndim == 1
+        if expert_parallel and placement.is_shard(0) and mesh.size(dim) > 1:
+            return mesh.get_local_rank(dim) * (param.shape[0] // mesh.size(dim))
+    return None
 
 
 _PEFT_LAYER = "peft.tuners.lora.layer"  # where ParamWrapper lives
@@ -133,18 +198,28 @@ class LoraFactors(NamedTuple):
         return self.a.to(dtype), factor_b.to(dtype).contiguous()
 
 
-def _adapter_factors(wrapper, adapter: str, num_experts: int) -> LoraFactors:
-    """Views of one adapter's parameters: A [E, r, in] and B [E, out, r] (no copy), and its scaling."""
+def _adapter_factors(wrapper, adapter: str, num_experts: int, expert_offset: int | None = None) -> LoraFactors:
+    """Views of one adapter's parameters: A [E, r, in] and B [E, out, r] (no copy), and its scaling.
+
+    Under expert parallelism (``expert_offset``: the global index of this rank's first expert) the views cover the
+    experts module's ``num_experts`` local experts, experts ``expert_offset ...`` of PEFT's factors; autograd fills
+    only those experts' rows of the factors' gradients."""
     weight_a = wrapper.lora_A[adapter].weight  # [r*E, in]
     weight_b = wrapper.lora_B[adapter].weight  # [out, r*E]
-    if wrapper.num_experts != num_experts or weight_a.shape[0] % num_experts:
+    total = wrapper.num_experts
+    first = 0 if expert_offset is None else expert_offset
+    fits = total == num_experts if expert_offset is None else first + num_experts <= total
+    if not fits or weight_a.shape[0] % total:
+        held = f"{num_experts}" if expert_offset is None else f"{num_experts} from expert {expert_offset} on"
         raise ValueError(
-            f"LoRA adapter '{adapter}' on '{wrapper.parameter_name}' was built for {wrapper.num_experts} experts "
-            f"(lora_A.weight {tuple(weight_a.shape)}), but the experts module has {num_experts}"
+            f"LoRA adapter '{adapter}' on '{wrapper.parameter_name}' was built for {total} experts "
+            f"(lora_A.weight {tuple(weight_a.shape)}), but the experts module has {held}"
         )
-    rank = weight_a.shape[0] // num_experts
-    factor_a = weight_a.view(num_experts, rank, -1)
-    factor_b = weight_b.view(weight_b.shape[0], rank, num_experts).permute(2, 0, 1)
+    rank = weight_a.shape[0] // total
+    factor_a = weight_a.view(total, rank, -1)
+    factor_b = weight_b.view(weight_b.shape[0], rank, total).permute(2, 0, 1)
+    if num_experts != total:
+        factor_a, factor_b = factor_a[first : first + num_experts], factor_b[first : first + num_experts]
     return LoraFactors(factor_a, factor_b, float(wrapper.scaling[adapter]))
 
 
@@ -166,7 +241,8 @@ def collect_lora(module: torch.nn.Module, wrappers: LoraWrappers | None = None) 
     """
     per_projection: dict[str, list[LoraFactors]] = {}
     num_experts = _up_weight(module).shape[0]
-    for wrapper in wrappers.wrappers if wrappers is not None else ():
+    wrappers = wrappers if wrappers is not None else NO_WRAPPERS
+    for wrapper, expert_offset in zip(wrappers.wrappers, wrappers.expert_offsets, strict=True):
         if wrapper.get_base_layer() is not module:
             continue
         name = wrapper.parameter_name
@@ -184,7 +260,8 @@ def collect_lora(module: torch.nn.Module, wrappers: LoraWrappers | None = None) 
                 continue
             if getattr(wrapper, "lora_bias", {}).get(adapter, False):
                 raise ValueError(f"moekit does not support lora_bias on expert parameter '{name}'")
-            per_projection.setdefault(projection, []).append(_adapter_factors(wrapper, adapter, num_experts))
+            factors = _adapter_factors(wrapper, adapter, num_experts, expert_offset)
+            per_projection.setdefault(projection, []).append(factors)
     return {
         projection: _concatenated(adapters) if len(adapters) > 1 else adapters[0]
         for projection, adapters in per_projection.items()
