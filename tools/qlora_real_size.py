@@ -8,7 +8,8 @@ after it is materialized, so no bf16 copy of more than one layer's experts ever 
 expert weight (``target_parameters``, rank ``--rank``), gradient checkpointing, and steps of one sequence of
 ``--tokens`` tokens: forward, backward and a (fused, on the GPU) AdamW step on the adapters (``--adapter-dtype``: PEFT's fp32 factors
 or bf16 ones). The loss (``--loss``) is the model's own (``labels=``: fp32 logits over the whole vocabulary, and
-their copies in the loss) or the same next-token cross-entropy from the decoder's output in chunks of 256 tokens,
+their copies in the loss) or the same next-token cross-entropy from the decoder's output in chunks of
+``--loss-chunk`` tokens,
 each chunk's lm_head and loss recomputed in backward (``chunked_loss``). Reported: the GPU's peak during the build, during the steps and during the first forward and
 backward, before the optimizer's states exist (``torch.cuda.max_memory_allocated``), the resident weights, the adapters' parameter
 bytes, tokens/s of the last steps, and the bf16 model's footprint (its parameter count x 2 bytes, computed, not
@@ -121,7 +122,8 @@ def main() -> None:
         help="the LoRA factors' dtype (fp32: PEFT's default, autocast_adapter_dtype)",
     )
     parser.add_argument("--loss", choices=("chunked", "model"), default="chunked",
-                        help="chunked: the cross-entropy in chunks of 256 tokens (chunked_loss); model: labels=")
+                        help="chunked: the cross-entropy in chunks of --loss-chunk tokens (chunked_loss); model: labels=")
+    parser.add_argument("--loss-chunk", type=int, default=256)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -159,7 +161,7 @@ def main() -> None:
         sync()
         begin = time.perf_counter()
         if args.loss == "chunked":
-            loss = chunked_loss(model, input_ids)
+            loss = chunked_loss(model, input_ids, args.loss_chunk)
         else:
             loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
@@ -179,6 +181,7 @@ def main() -> None:
         "build_s": round(build_s, 1), "build_peak_gib": round(build_peak, 2),
         "resident_gib": round(resident, 2), "step_peak_gib": round(step_peak, 2),
         "first_backward_peak_gib": round(backward_peak, 2), "adapter_dtype": args.adapter_dtype, "loss": args.loss,
+        "loss_chunk": args.loss_chunk if args.loss == "chunked" else None,
         "nf4_expert_gib": round(nf4_bytes / GIB, 2), "bf16_expert_gib": round(expert_bf16_bytes / GIB, 2),
         "adapter_gib": round(adapter_bytes / GIB, 2), "bf16_model_gib": round(bf16_model, 2),
         "step_s": round(step_s, 3), "tokens_per_s": round(args.tokens / step_s, 1), "losses": losses,
