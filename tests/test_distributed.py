@@ -10,6 +10,8 @@ the all-gathered ``NF4Tensor`` of every expert, never a dense copy (the single-p
 all-gather hooks, a transposed view and the uneven-experts error are in tests/test_nf4_fsdp.py). QLoRA under FSDP2
 on the Triton kernels is not run here: through the interpreter it alone takes longer than every other case. One
 ``torchrun`` launch runs every case (tests/distributed_worker.py).
+Out-of-range expert ids on one rank raise on that rank and end the launch instead of leaving the other rank waiting
+in its collective.
 """
 
 from __future__ import annotations
@@ -58,3 +60,41 @@ def test_matches_one_process(results, case):
     if case.split(":")[1:3] == ["fsdp2", "qlora"]:  # experts held sharded, read gathered as NF4Tensor of all experts
         assert record["nf4_sharded"] == record["nf4_params"] > 0, record
         assert record["nf4_gathered_calls"] == record["nf4_calls"] > 0, record
+
+
+_BAD_IDS_WORKER = """
+import os, sys
+os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import tiny_models as tm
+import moekit
+from moekit.enable import experts_modules
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+experts = experts_modules(moekit.enable(tm.build("qwen3_moe")))[0]
+hidden, num_experts = experts.gate_up_proj.shape[2], experts.gate_up_proj.shape[0]
+x = torch.randn(6, hidden, generator=torch.Generator().manual_seed(rank))
+top_k_index = torch.randint(0, num_experts, (6, 2), generator=torch.Generator().manual_seed(10 + rank))
+if rank == 1:
+    top_k_index[3, 1] = num_experts + 5  # a caller bug on this rank only
+out = experts(x, top_k_index, torch.rand(6, 2))
+dist.all_reduce(out)  # the other rank waits here for one that has raised
+print(f"rank {rank} passed the all-reduce", flush=True)
+"""
+
+
+def test_bad_expert_ids_on_one_rank_fail_the_run_without_hanging(tmp_path):
+    """Out-of-range expert ids on one rank raise there, naming top_k_index and the bad id, and the launch ends
+    (torchrun stops the rank left waiting in the collective) instead of hanging."""
+    worker = tmp_path / "bad_ids_worker.py"
+    worker.write_text(_BAD_IDS_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+               os.path.dirname(__file__)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-3000:]
+    assert "top_k_index holds expert id 13, outside [0, 8]" in log, log[-3000:]
+    assert "rank 0 passed the all-reduce" not in log and "rank 1 passed the all-reduce" not in log
