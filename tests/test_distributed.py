@@ -98,3 +98,59 @@ def test_bad_expert_ids_on_one_rank_fail_the_run_without_hanging(tmp_path):
     assert done.returncode != 0, log[-3000:]
     assert "top_k_index holds expert id 13, outside [0, 8]" in log, log[-3000:]
     assert "rank 0 passed the all-reduce" not in log and "rank 1 passed the all-reduce" not in log
+
+
+_TUNING_WORKER = """
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from test_launch import _JitStandIn
+from moekit.kernels import tuning
+from moekit.options import OPTIONS
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tuning._generation = lambda: "hopper"  # a space of several configs
+OPTIONS.pinned_config, OPTIONS.cache_dir = None, sys.argv[2] + f"/rank{rank}"  # tune; no shared cache
+OPTIONS.tuning_broadcast = sys.argv[3] == "1"
+space = tuning.configs("gemm")
+fastest = {0: 1, 1: 3}[rank]  # each rank's timings prefer another config
+tuning.Autotuned._tune = lambda self, configs, grid, args, kwargs: configs[fastest]
+jit = _JitStandIn()
+kernel = tuning.Autotuned(jit, "gemm", key=["n"])
+kernel.fast.native = False
+kernel.name = "stand_in[gemm]"  # its tuning-cache id (a stand-in has no source to hash)
+kernel.get(torch.bfloat16)[(1,)](torch.zeros(8), 64, 0.5, BLOCK=4)
+choices = [None, None]
+dist.all_gather_object(choices, space.index(next(iter(kernel.chosen.values()))))
+if rank == 0:
+    print("CHOICES " + json.dumps(choices), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "each_rank"])
+def test_ranks_take_rank0s_tuned_config(tmp_path, broadcast):
+    """MOEKIT_TUNING_BROADCAST: two ranks whose timings prefer different configs both launch rank 0's choice; without
+    it each keeps its own."""
+    worker = tmp_path / "tuning_worker.py"
+    worker.write_text(_TUNING_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+               os.path.dirname(__file__), str(tmp_path), "1" if broadcast else "0"]  # fmt: skip
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    choices = json.loads(done.stdout.split("CHOICES ", 1)[1].splitlines()[0])
+    assert choices == ([1, 1] if broadcast else [1, 3])
+
+
+def test_tuning_broadcast_is_read_from_the_environment():
+    from moekit.options import Options, OptionsError
+
+    assert Options.from_env({"MOEKIT_TUNING_BROADCAST": "1"}).tuning_broadcast
+    assert (
+        not Options.from_env({}).tuning_broadcast
+        and not Options.from_env({"MOEKIT_TUNING_BROADCAST": "0"}).tuning_broadcast
+    )
+    with pytest.raises(OptionsError, match="MOEKIT_TUNING_BROADCAST"):
+        Options.from_env({"MOEKIT_TUNING_BROADCAST": "yes"})

@@ -1,12 +1,16 @@
 """moekit's switches, read once from the environment into one object that the engines and kernels read.
 
-Three environment variables are a user's to set:
+Four environment variables are a user's to set:
 
     MOEKIT_BACKEND          "reference" | "triton" | unset: force an engine (default: Triton on CUDA where the
                             kernels cover the call, the reference engine elsewhere)
     MOEKIT_TRITON_AUTOTUNE  "1" (tune over each kernel's small config space) | "0" (each kernel's default
                             config) | "config:N" (each kernel's N-th config, for correctness runs over every config)
     MOEKIT_CACHE_DIR        where tuned kernel configs persist (default ``$XDG_CACHE_HOME/moekit``)
+    MOEKIT_TUNING_BROADCAST "1": in a torch.distributed process group every rank takes rank 0's tuned config for
+                            each new tuning key (a broadcast at the key's first launch: every rank must reach the
+                            same keys in the same order, as data-parallel ranks of equal batch shapes do); "0" or
+                            unset: each rank tunes for itself (ranks may then run different tile configs)
 
 The other fields are not environment variables: tests and measurements set them on ``OPTIONS`` (``override``).
 """
@@ -58,6 +62,8 @@ class Options:
     # A big GEMM with a LoRA term: "auto" (split where the reduction is long, ``engines.triton.SPLIT_LORA_MIN_K``),
     # "split" (base product on grouped_mm, the LoRA term added in place) or "fused" (both in one Triton kernel).
     lora_gemm: str = "auto"
+    # Distributed: every rank takes rank 0's tuned config (MOEKIT_TUNING_BROADCAST, see the module docstring).
+    tuning_broadcast: bool = False
     # Tests: every buffer a kernel must fully write starts as NaN, so an element no program wrote shows.
     poison_outputs: bool = False
 
@@ -69,6 +75,10 @@ class Options:
             backend=_choice("MOEKIT_BACKEND", env.get("MOEKIT_BACKEND", "").strip().lower(), ("", *ENGINES)),
             pinned_config=_autotune(env.get("MOEKIT_TRITON_AUTOTUNE", "1").strip()),
             cache_dir=env.get("MOEKIT_CACHE_DIR") or None,
+            tuning_broadcast=_choice(
+                "MOEKIT_TUNING_BROADCAST", env.get("MOEKIT_TUNING_BROADCAST", "0").strip(), ("0", "1", "")
+            )
+            == "1",
         )
 
 

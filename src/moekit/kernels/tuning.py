@@ -211,7 +211,7 @@ class Autotuned:
         )
         chosen = self.chosen.get(key)
         if chosen is None:
-            chosen = self.chosen[key] = self._choose(key, size, grid, args, kwargs)
+            chosen = self.chosen[key] = _rank0_choice(self._choose(key, size, grid, args, kwargs), self.family, size)
         self.fast.launch(grid, args, {**kwargs, **chosen})
 
     def _choose(self, key: tuple, size: int, grid, args: tuple, kwargs: dict) -> dict:
@@ -243,6 +243,20 @@ class Autotuned:
         if timings[best] == float("inf"):
             raise RuntimeError(f"{self.jit_fn.__name__}: no config of the '{self.family}' space builds for this call")
         return space[best]
+
+
+def _rank0_choice(config: dict, family: str, size: int) -> dict:
+    """``config``, or under ``OPTIONS.tuning_broadcast`` in a process group of several ranks rank 0's choice for the
+    same key (every rank reaches each new key in the same order and joins the broadcast; one-config spaces, where
+    there is nothing to choose, skip it)."""
+    import torch.distributed as dist
+
+    space = configs(family, size)
+    if not OPTIONS.tuning_broadcast or len(space) == 1 or not (dist.is_available() and dist.is_initialized()):
+        return config
+    index = [space.index(config)]
+    dist.broadcast_object_list(index, src=0)
+    return space[index[0]]
 
 
 def _shares_memory(a, b) -> bool:
