@@ -474,3 +474,22 @@ def test_backward_reuses_the_pre_activation_for_dh(monkeypatch):
     assert leaves[0].grad is not None and torch.isfinite(leaves[0].grad).all()
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         out.backward(case["grad_out"])
+
+
+def test_sentinel_heavy_rank_computes_only_its_routed_rows(monkeypatch):
+    """An expert-parallel rank whose tokens mostly go to other ranks (90 % sentinel ids): the up-projection and the
+    down-projection GEMM write only the routed rows, so every sentinel row of their (NaN-poisoned) outputs stays
+    unwritten, and the routed rows match the reference GEMM."""
+    monkeypatch.setattr(OPTIONS, "poison_outputs", True)
+    act = _act("relu2")
+    case = make_case(T=40, H=24, I=20, E=4, K=2, act=act, sentinel_fraction=0.9, seed=11)
+    x, _, up, _, down, _ = case["tensors"]
+    plan = case["plan"]
+    tok, counts, n, routed = plan.token_of_row, plan.tokens_per_expert, plan.num_rows, plan.num_routed
+    assert 0 < routed < n // 4
+    h, a = kernels.up_proj(x, tok, up.transpose(1, 2), None, counts, n, act)
+    out = kernels.grouped_gemm(a, down.transpose(1, 2), counts, n)
+    for buffer in (h, a, out):
+        assert torch.isnan(buffer[routed:]).all() and torch.isfinite(buffer[:routed]).all()
+    want = grouped_matmul(x.index_select(0, tok), up.transpose(1, 2), plan)
+    assert (h[:routed] - want[:routed]).abs().max() <= 1e-5 * want[:routed].abs().max()
