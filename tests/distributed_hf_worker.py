@@ -21,12 +21,13 @@ layouts the installed transformers offers:
   outputs are all-reduced; everything else replicated.
 
 TRAINING ``full`` (every parameter trains), ``lora_attn`` (PEFT LoRA on q/v, the experts frozen: their backward
-still runs, for the input gradients) or ``lora`` (PEFT LoRA on the experts' ``target_parameters`` and q/v; the test
-module says why it fails today). ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through
+still runs, for the input gradients) or ``lora`` (PEFT LoRA on the experts' ``target_parameters`` and q/v: moekit
+applies this rank's experts' rows of PEFT's all-experts factors, ``moekit.lora``). ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through
 TRITON_INTERPRET=1).
 
 PEFT's adapters, added after ``from_pretrained`` sharded the model, stay plain tensors, one copy per rank: their
-gradients are reduced as training needs (``sync_replicated_grads``). Every rank also runs one process's step on the
+gradients are reduced as training needs (``sync_replicated_grads``); before that, which experts' rows of the
+experts' LoRA gradients each rank filled is recorded (its own experts' only). Every rank also runs one process's step on the
 whole global batch from the same weights (``tiny_models.build``, moekit enabled). Rank 0 writes, per case: the loss
 error; the worst error over the dense gradients (DTensor shards gathered whole); the worst error over the
 expert-weight gradients, each rank's own shard (``grad.to_local()``) against the same experts' rows of the
@@ -195,8 +196,27 @@ def sync_replicated_grads(model: torch.nn.Module, data_parallel: bool) -> None:
             continue
         if data_parallel:
             dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
-        elif ".experts." in name and "lora_" in name:
+        elif is_expert_lora(name):
             dist.all_reduce(param.grad)
+
+
+def is_expert_lora(name: str) -> bool:
+    return ".experts." in name and "lora_" in name
+
+
+def filled_expert_rows(grads: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per expert-LoRA factor, the experts whose rows of this rank's gradient are non-zero (PEFT's layout: lora_A
+    [r*E, in], expert e's rows e*r:(e+1)*r; lora_B [out, r*E], expert e's columns e::E)."""
+    filled = {}
+    for name, grad in grads.items():
+        if not is_expert_lora(name):
+            continue
+        if ".lora_A." in name:
+            per_expert = grad.view(tm.NUM_EXPERTS, -1).abs().amax(dim=1)
+        else:
+            per_expert = grad.view(grad.shape[0], -1, tm.NUM_EXPERTS).abs().amax(dim=(0, 1))
+        filled[name] = per_expert.nonzero().flatten().tolist()
+    return filled
 
 
 def is_expert_weight(name: str) -> bool:
@@ -267,6 +287,7 @@ def run_ep_case(case: str, root: str) -> dict:
         model = with_training(model, training)
         with EngineLog() as log:
             loss, grads, trainable = loss_and_grads(model, local_ids)
+        lora_rows = filled_expert_rows(grads)  # before the reduction below (in place) mixes the ranks' rows
         sync_replicated_grads(model, data_parallel=layout in DATA_PARALLEL)
 
     if layout in DATA_PARALLEL:
@@ -290,6 +311,8 @@ def run_ep_case(case: str, root: str) -> dict:
 
     gathered: list[dict] = [None] * world  # type: ignore[list-item]
     dist.all_gather_object(gathered, expert_ranges)
+    gathered_rows: list[dict] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(gathered_rows, lora_rows)
     sentinel_rows = sum(call["sentinel_rows"] for call in log.calls)
     routed_rows = sum(call["rows"] - call["sentinel_rows"] for call in log.calls)
     top_k = tm.make_config(model_type).num_experts_per_tok
@@ -303,6 +326,8 @@ def run_ep_case(case: str, root: str) -> dict:
         "missing_grads": sorted(set(want_grads) - set(grads)),
         "unexpected_grads": sorted(set(trainable) - set(want_grads)),
         "expert_ranges": gathered,  # per rank: {expert weight: [first, end)}
+        "expert_lora_rows": gathered_rows,  # per rank: {expert-LoRA factor: the experts whose gradient rows it filled}
+        "expert_lora_rows_one_process": filled_expert_rows(want_grads),  # (an expert may get no token)
         "engine_experts": sorted({call["experts"] for call in log.calls}),
         "engine_calls": len(log.calls),
         # summed over the ranks and the experts calls (forward only: backward does not go through run_engine)

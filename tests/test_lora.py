@@ -222,3 +222,135 @@ def test_peft_is_imported_only_when_used():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ expert parallelism
+class _FakeMesh:
+    """What ``moekit.lora._expert_offset`` reads of a ``DeviceMesh``: dimension names, sizes, this rank's place."""
+
+    def __init__(self, names, sizes, ranks):
+        self.mesh_dim_names, self._sizes, self._ranks = names, sizes, ranks
+        self.ndim = len(sizes)
+
+    def size(self, dim):
+        return self._sizes[dim]
+
+    def get_local_rank(self, dim):
+        return self._ranks[dim]
+
+
+def _tagged(param, mesh, placements):
+    """``param`` (the whole [E, ...] weight) posing as a DTensor of ``mesh``, ``placements``."""
+    param.device_mesh, param.placements = mesh, placements
+    return param
+
+
+def test_expert_offset_reads_the_expert_parallel_shard():
+    from torch.distributed.tensor import Replicate, Shard
+
+    from moekit.lora import _expert_offset
+
+    def offset(mesh=None, placements=()):
+        module = torch.nn.Module()
+        module.w = torch.nn.Parameter(torch.zeros(8, 3, 2))
+        if mesh is not None:
+            _tagged(module.w, mesh, placements)
+        return _expert_offset(module, "w")
+
+    assert offset() is None  # a plain weight holds every expert
+    assert offset(_FakeMesh(("ep",), (2,), (0,)), (Shard(0),)) == 0  # transformers 5.24: the "ep" dimension
+    assert offset(_FakeMesh(("ep",), (4,), (3,)), (Shard(0),)) == 6
+    # FSDP2 on top ("efsdp", "ep"): only the "ep" shard decides which experts the forward sees
+    assert offset(_FakeMesh(("efsdp", "ep"), (2, 2), (1, 1)), (Shard(0), Shard(0))) == 4
+    assert offset(_FakeMesh(None, (2,), (1,)), (Shard(0),)) == 4  # 5.17: an unnamed 1-D mesh
+    assert offset(_FakeMesh(("ep",), (1,), (0,)), (Shard(0),)) is None  # one rank: every expert
+    assert offset(_FakeMesh(("ep",), (2,), (1,)), (Replicate(),)) is None
+    assert offset(_FakeMesh(("tp",), (2,), (1,)), (Shard(0),)) is None  # not expert parallelism
+    assert offset(_FakeMesh(None, (2,), (1,)), (Shard(1),)) is None  # tensor parallelism within the experts
+
+
+@contextlib.contextmanager
+def _as_expert_parallel_rank(experts, rank, ranks=2):
+    """``experts`` as rank ``rank`` of ``ranks`` under transformers 5.24's expert parallelism, in one process.
+
+    Its [E, ...] parameters pose as DTensors ``Shard(0)`` on an "ep" mesh dimension, and its forward is replaced on
+    the instance by one that, like transformers' ``ep_forward``, takes no keyword argument and runs the class's
+    forward on this rank's experts as local tensors (``AllReduceEP``'s way: the other ranks' routes become
+    sentinels of weight 0; the ranks' outputs add up to the whole).
+    """
+    from torch.distributed.tensor import Shard
+
+    whole = dict(experts._parameters)
+    num_experts = experts.gate_up_proj.shape[0] if experts.has_gate else experts.up_proj.shape[0]
+    local = num_experts // ranks
+    first = rank * local
+    for param in whole.values():
+        _tagged(param, _FakeMesh(("ep",), (ranks,), (rank,)), (Shard(0),))
+
+    def ep_forward(hidden_states, top_k_index, top_k_weights):
+        ids = top_k_index - first
+        elsewhere = (ids < 0) | (ids >= local)
+        experts._parameters.update({name: param[first : first + local] for name, param in whole.items()})
+        try:
+            return type(experts).forward(
+                experts, hidden_states, ids.masked_fill(elsewhere, local), top_k_weights.masked_fill(elsewhere, 0.0)
+            )
+        finally:
+            experts._parameters.update(whole)
+
+    experts.forward = ep_forward
+    try:
+        yield
+    finally:
+        del experts.forward
+        for param in whole.values():
+            del param.device_mesh, param.placements
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_under_expert_parallelism(family):
+    """PEFT's all-experts LoRA through a kwarg-less expert-parallel forward: each rank applies its own experts'
+    rows and fills only those rows of the gradient; the ranks' outputs and gradients add up to one process's."""
+    model, experts = _lora_model(family)
+    inputs = make_inputs(30, 32, 6, 2)
+    want = _forward_backward(model, experts, "moekit", inputs)
+    lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+    experts.config._experts_implementation = "moekit"
+    model.zero_grad(set_to_none=True)
+    x, index, weights = inputs
+    x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+    outs = []
+    with _no_delta_weight():
+        for rank in (0, 1):
+            with _as_expert_parallel_rank(experts, rank):
+                outs.append(model(x, index, weights))
+    out = outs[0] + outs[1]
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (outs[1] * upstream).sum().backward(retain_graph=True)
+    for name, param in lora.items():  # rank 1 alone: its experts' rows only (experts 3-5 of 6; PEFT's layout)
+        grad = param.grad.abs()
+        per_expert = grad.view(6, -1).amax(1) if "lora_A" in name else grad.view(grad.shape[0], -1, 6).amax((0, 1))
+        assert (per_expert[:3] == 0).all() and (per_expert[3:] > 0).all(), name
+    (outs[0] * upstream).sum().backward()
+    assert rel_err(out.detach(), want[0]) <= 2e-5
+    got = {"x": x.grad, "routing_weights": weights.grad} | {name: p.grad for name, p in lora.items()}
+    assert got.keys() == want[1].keys()
+    for name, grad in got.items():
+        assert rel_err(grad, want[1][name]) <= 2e-5, name
+
+
+def test_lora_for_all_experts_on_a_module_holding_fewer_is_refused_without_expert_parallelism():
+    model, experts = _lora_model("qwen3_moe")
+    experts.config._experts_implementation = "moekit"
+    experts._parameters.update({name: param[:3] for name, param in experts._parameters.items()})
+    with pytest.raises(ValueError, match="built for 6 experts .* but the experts module has 3"):
+        model(*make_inputs(10, 32, 3, 2))
+
+
+def test_a_replaced_forward_that_skips_moekit_does_not_drop_the_lora():
+    model, experts = _lora_model("qwen3_moe")
+    experts.config._experts_implementation = "moekit"
+    experts.forward = lambda hidden_states, top_k_index, top_k_weights: hidden_states  # never runs the experts
+    with pytest.raises(RuntimeError, match="LoRA on the expert weights would have been dropped"):
+        model(*make_inputs(10, 32, 6, 2))

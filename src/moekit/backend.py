@@ -194,6 +194,8 @@ def moekit_experts_forward(
         gated, transposed, op_layout = _layout_facts(layout if layout is not None else experts_layout(self))
     if moekit_lora_wrappers is None:  # handed over on the module (transformers' expert-parallel forward)
         moekit_lora_wrappers = self.__dict__.get(PENDING_WRAPPERS)
+        if moekit_lora_wrappers is not None:
+            moekit_lora_wrappers.taken = True
     lora = collect_lora(self, moekit_lora_wrappers)
     up, down = projections(self)
     up, down = up._replace(lora=lora.get("up")), down._replace(lora=lora.get("down"))

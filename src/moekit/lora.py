@@ -24,18 +24,19 @@ this rank's E/ep experts as local tensors. Two things differ there, and both are
   (``_expert_offset``, read from the DTensor before the call) and moekit uses those experts' rows of A and B.
 
 Gradients under expert parallelism: PEFT adds its adapters after ``from_pretrained`` sharded the model, so the
-expert LoRA stays a plain tensor of all E experts, one replicated copy per rank, and each rank's backward fills
-only its own experts' rows of its gradient (the other rows stay zero). The rows of an expert hold the gradient of
-every token routed to it (the expert-parallel exchange brings the other ranks' tokens, and their gradients, to the
-rank that runs it), so the gradients must be summed over the expert-parallel ranks to assemble the expert-LoRA
-gradient, then scaled like the dense gradients (divided by the number of distinct batches being averaged). The
-Trainer's ``_sync_replicated_trainable_parameters`` (5.24) instead averages every plain trainable tensor over all
-ranks. That is exact when every rank trains on its own slice of the batch (``tp_size == 1``, e.g.
-``ep_size x fsdp_size`` with dense data parallelism over the whole world, efsdp copies of the experts included):
-the sum over the ranks counts each token once, and dividing by the world size is the dense gradients' own mean.
-Where ranks share a batch (``tp_size > 1``, or 5.17's expert parallelism, every rank on the whole batch) the
-average leaves the expert-LoRA rows ``tp_size`` times too small: sum them over the ranks and divide by the number
-of distinct batches (``world_size / tp_size``) instead.
+experts' LoRA stays a plain tensor of all E experts, one replicated copy per rank, and each rank's backward fills
+only its own experts' rows of its copy's gradient (the other rows stay zero). Those rows hold the gradient of every
+token routed to those experts, whichever rank it came from (the expert-parallel exchange carries the tokens there and
+their gradients back), and each token reaches one copy of its expert. So the experts' LoRA gradient is assembled by
+summing the ranks' gradients; it then wants the same scaling as the dense adapters' gradients: divided by the number
+of distinct batches the ranks trained on. The Trainer (5.24, ``_sync_replicated_trainable_parameters``) averages
+every plain trainable tensor's gradient over all ranks instead. That is exact when every rank trains on its own
+slice of the batch (``tp_size == 1``: ``ep_size x fsdp_size``, efsdp copies of the experts and HSDP included, by the
+count above; tests/test_distributed_hf.py checks the rule with ``ep_size=2, fsdp_size=2``): the sum over the ranks
+divided by the world size is then the dense gradients' own mean. Where ranks share a batch (``tp_size > 1``, or 5.17's ``enable_expert_parallel``, every rank on
+the whole batch) the average leaves the experts' LoRA gradient ``tp_size`` times too small: sum it over the ranks and
+divide by ``world_size / tp_size`` (5.17: the plain sum, tested) instead. (PEFT 0.21 refuses LoRA on the experts of
+an ``ep_size x tp_size`` model before moekit runs: its tensor-parallel LoRA hooks read ``base_layer.weight``.)
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class LoraWrappers:
         # Per wrapper: the global index of the first expert the experts module's weights hold under expert
         # parallelism (PEFT's factors cover every expert, the weights this rank's), or None where they hold all.
         self.expert_offsets = expert_offsets or (None,) * len(wrappers)
+        # Set by moekit's experts forward when it took these wrappers from the module (PENDING_WRAPPERS).
+        self.taken = False
 
     def plus(self, wrapper: torch.nn.Module, expert_offset: int | None = None) -> LoraWrappers:
         return LoraWrappers(self.wrappers + (wrapper,), self.expert_offsets + (expert_offset,))
@@ -106,9 +109,15 @@ def _passthrough_forward(original_forward):
             # on the module for the length of the call instead.
             base.__dict__[PENDING_WRAPPERS] = wrappers
             try:
-                return base(x, *args, **kwargs)
+                out = base(x, *args, **kwargs)
             finally:
                 base.__dict__.pop(PENDING_WRAPPERS, None)
+            if not wrappers.taken:  # a forward that never ran moekit's on this module: the LoRA would be lost
+                raise RuntimeError(
+                    f"{type(base).__name__}.forward was replaced on the instance by one that did not run moekit's "
+                    "experts forward on the module, so its LoRA on the expert weights would have been dropped"
+                )
+            return out
         # The innermost wrapper calls the experts module, outer ones the next wrapper: both take the argument.
         return self.base_layer(x, *args, **kwargs, **{WRAPPERS_KWARG: wrappers})
 
