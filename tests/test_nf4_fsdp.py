@@ -98,7 +98,9 @@ def test_world_of_one_gathers_the_codes_and_keeps_the_scales():
     metadata, and what FSDP2 frees after use is the copied codes only, never the parameter's own scales."""
     weight = _weight()
     module = _module(weight)
-    inputs, metadata = weight.fsdp_pre_all_gather(Mesh(1), weight.shape, weight.stride(), module, MixedPrecisionPolicy())
+    inputs, metadata = weight.fsdp_pre_all_gather(
+        Mesh(1), weight.shape, weight.stride(), module, MixedPrecisionPolicy()
+    )
     assert len(inputs) == 1 and inputs[0] is weight.packed
     copied = (inputs[0].clone(),)  # FSDP2's copy-out at world size 1
     gathered, inner = weight.fsdp_post_all_gather(copied, metadata, weight.dtype)
@@ -166,3 +168,16 @@ def test_flat_and_identity_views():
 def test_other_layouts_raise_naming_the_op(op, match):
     with pytest.raises(NotImplementedError, match=match):
         op(_weight())
+
+
+def test_fewer_experts_than_ranks_reach_the_named_error():
+    """One expert over two ranks: FSDP2's placeholder for the rank without experts (``new_empty(0)``) is a shard of
+    zero experts, and the all-gather hook raises the error naming the weight (not an undefined op)."""
+    weight = _weight()[:1].clone()
+    empty = weight.new_empty(0)
+    assert type(empty) is NF4Tensor and empty.shape == (0, *weight.shape[1:]) and empty.numel() == 0
+    with pytest.raises(NotImplementedError, match="only new_empty"):
+        weight.new_empty(3)
+    module = _module(weight)
+    with pytest.raises(ValueError, match="multiple of the FSDP world size"):
+        weight.fsdp_pre_all_gather(Mesh(2), weight.shape, weight.stride(), module, MixedPrecisionPolicy())

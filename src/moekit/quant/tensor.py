@@ -15,7 +15,7 @@ bytes. One expert (``weight[e]``) dequantizes, so code that loops over experts (
 
 FSDP2 (``fully_shard``, FSDP-QLoRA) shards it along the experts (dim 0): each rank holds whole experts, i.e. rows of
 ``packed`` and ``absmax`` (the ops FSDP2 shards with, split / new_zeros / slice / copy_ / view(-1) / as_strided,
-act on those rows), and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes and scales as they
+act on those rows; new_empty(0) is a rank's empty shard), and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes and scales as they
 are into an ``NF4Tensor`` of every expert, which the engines read (no dense copy is made; the weight is frozen, so
 no gradient is reduce-scattered). The number of experts must be a multiple of the FSDP world size: a padded shard's
 all-gather inputs must have the dense shard's padded shape, which codes and scales cannot have. ``view(-1)`` gives
@@ -336,6 +336,15 @@ def _new_zeros(func, t: NF4Tensor, size, dtype=None, layout=None, device=None, p
     packed = torch.zeros(size[0], t.packed.shape[1], dtype=torch.uint8, device=device)
     absmax = torch.zeros(size[0], t.absmax.shape[1], dtype=torch.float32, device=device)
     return NF4Tensor(packed, absmax, size, dtype or t.dtype)
+
+
+@_handles(aten.new_empty.default)
+def _new_empty(func, t: NF4Tensor, size, dtype=None, layout=None, device=None, pin_memory=None):
+    """``new_empty(0)`` only: FSDP2's placeholder shard for a rank left without experts (fewer experts than ranks),
+    as zero experts, so sharding reaches ``fsdp_pre_all_gather`` and its error naming the weight."""
+    if tuple(size) != (0,):
+        raise NotImplementedError(f"{func} of NF4 expert weights {tuple(t.shape)}: only new_empty(0) is defined")
+    return _new_zeros(aten.new_zeros.default, t, (0, *t.shape[1:]), dtype, layout, device, pin_memory)
 
 
 @_handles(aten.view.default)
