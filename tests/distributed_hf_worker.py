@@ -1,22 +1,27 @@
 """transformers' own distributed training on moekit, under ``torchrun --nproc-per-node 2`` (gloo, CPU).
 
     torchrun --nproc-per-node 2 tests/distributed_hf_worker.py ep OUT.json [CASE ...]
-    torchrun --nproc-per-node 2 tests/distributed_hf_worker.py trainer OUT_DIR
+    torchrun --nproc-per-node 2 tests/distributed_hf_worker.py trainer OUT_DIR [load|accelerate]
+    MOEKIT_DIST_DEVICE=cuda torchrun --nproc-per-node N tests/distributed_hf_worker.py ...   (N GPUs, NCCL, the Triton
+                                                                                      kernels native)
+
+Every layout below is sized by the world size W (the names say which dimensions; the test runs W = 2 on the CPU, and
+on a GPU machine one rank per GPU).
 
 ``ep``: expert parallelism through ``from_pretrained(CHECKPOINT, distributed_config=DistributedConfig(...),
 experts_implementation="moekit")``. A case is MODEL_TYPE:LAYOUT:TRAINING[:ENGINE]; ``layouts()`` lists the
 layouts the installed transformers offers:
 
-- ``ep2_fsdp2`` (transformers with the ``ep_size`` API, 5.24 here): ``DistributedConfig(ep_size=2, fsdp_size=2)``
-  — each rank holds half of the experts whole and half of the global batch; tokens reach their experts through
+- ``ep_fsdp`` (transformers with the ``ep_size`` API, 5.24 here): ``DistributedConfig(ep_size=W, fsdp_size=W)``
+  — each rank holds 1/W of the experts whole and 1/W of the global batch; tokens reach their experts through
   transformers' all-to-all (``AllToAllEP``); the dense modules are FSDP2-sharded.
-- ``ep2_tp2``: ``DistributedConfig(ep_size=2, tp_size=2)`` — the attention tensor-parallel, both ranks on the whole
+- ``ep_tp``: ``DistributedConfig(ep_size=W, tp_size=W)`` — the attention tensor-parallel, both ranks on the whole
   batch, the tokens split between them and exchanged all-to-all (at inference, or where the experts' input needs no
   gradient, transformers' "auto" choice masks and all-reduces instead, as below).
-- ``ep2_tp2_allreduce``: the same with ``ep_implementation="all_reduce"`` — every rank runs its experts on the whole
+- ``ep_tp_allreduce``: the same with ``ep_implementation="all_reduce"`` — every rank runs its experts on the whole
   batch, the routes to the other rank's experts handed to moekit as expert-parallel sentinels (id == local expert
   count), the outputs summed.
-- ``ep2_legacy`` (transformers 5.17's API): ``DistributedConfig(tp_size=2, enable_expert_parallel=True)`` — the
+- ``ep_legacy`` (transformers 5.17's API): ``DistributedConfig(tp_size=W, enable_expert_parallel=True)`` — the
   model's ``base_model_ep_plan`` as the TP plan: the router masks the other rank's routes as sentinels, the experts'
   outputs are all-reduced; everything else replicated.
 
@@ -36,8 +41,10 @@ value; which experts each rank held; what moekit's engine was handed (experts pe
 summed over the ranks); or the error the case raised.
 
 ``trainer``: HF ``Trainer`` (accelerate underneath) trains PEFT LoRA on the experts and the attention of a tiny
-Qwen3-MoE on moekit, FSDP2-sharded at load time by ``DistributedConfig(fsdp_size=2)``, for ``TRAIN_STEPS`` steps on
-one repeated global batch; saves the adapter with ``trainer.save_model``; rank 0 writes the per-step losses, the
+Qwen3-MoE on moekit for ``TRAIN_STEPS`` steps on one repeated global batch, the model FSDP2-sharded either at load
+time by ``DistributedConfig(fsdp_size=W)`` (``load``, the default) or by accelerate from the Trainer's
+``fsdp``/``fsdp_config`` arguments (``accelerate``: FSDP2 per decoder layer; GPU ranks only, accelerate shards
+nothing on CPU ranks); saves the adapter with ``trainer.save_model``; rank 0 writes the per-step losses, the
 LoRA tensors of ``transformers.distributed.gather_full_state_dict`` and the trained model's logits.
 """
 
@@ -50,8 +57,12 @@ import time
 import traceback
 import zlib
 
+# MOEKIT_DIST_DEVICE=cuda: NCCL, one GPU per rank (LOCAL_RANK), the Triton kernels native; else gloo on the CPU.
+DEVICE = os.environ.get("MOEKIT_DIST_DEVICE", "cpu")
+
 if __name__ == "__main__":  # not when the test module imports the helpers below
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU ranks
+    if DEVICE == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU ranks
     os.environ.setdefault("MOEKIT_TRITON_AUTOTUNE", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -77,27 +88,39 @@ TRAIN_OPTIM = "sgd"
 TRAIN_LR = 0.5
 
 
-def layouts() -> dict[str, dict]:
-    """The expert-parallel layouts the installed transformers offers (``DistributedConfig`` keyword arguments)."""
+def layouts(world: int) -> dict[str, dict]:
+    """The expert-parallel layouts the installed transformers offers for ``world`` ranks (``DistributedConfig``
+    keyword arguments)."""
     from transformers.distributed import DistributedConfig
 
     if "ep_size" in DistributedConfig.__dataclass_fields__:
         # (the deprecated enable_expert_parallel=True, tp_size=2 of these versions resolves to tp_plan={}, which
         # 5.24 rejects: "`tp_size=2` was requested, but ... has no `tp_plan`")
         return {
-            "ep2_fsdp2": {"ep_size": 2, "fsdp_size": 2},
-            "ep2_tp2": {"ep_size": 2, "tp_size": 2},
-            "ep2_tp2_allreduce": {"ep_size": 2, "tp_size": 2, "ep_implementation": "all_reduce"},
+            "ep_fsdp": {"ep_size": world, "fsdp_size": world},
+            "ep_tp": {"ep_size": world, "tp_size": world},
+            "ep_tp_allreduce": {"ep_size": world, "tp_size": world, "ep_implementation": "all_reduce"},
         }
     if "enable_expert_parallel" in DistributedConfig.__dataclass_fields__:
-        return {"ep2_legacy": {"tp_size": 2, "enable_expert_parallel": True}}
+        return {"ep_legacy": {"tp_size": world, "enable_expert_parallel": True}}
     return {}
 
 
 # Layouts whose ranks each take their own slice of the global batch (the others all run the whole batch), and those
-# that hand moekit the other rank's routes as sentinels.
-DATA_PARALLEL = {"ep2_fsdp2"}
-MASKED = {"ep2_tp2_allreduce", "ep2_legacy"}
+# that hand moekit the other ranks' routes as sentinels.
+DATA_PARALLEL = {"ep_fsdp"}
+MASKED = {"ep_tp_allreduce", "ep_legacy"}
+
+
+def device() -> torch.device:
+    """This rank's device: its GPU (LOCAL_RANK) under MOEKIT_DIST_DEVICE=cuda, else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if DEVICE == "cuda" else torch.device("cpu")
+
+
+def init_process_group() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.set_device(device())
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -234,13 +257,13 @@ def expert_offset(local: torch.Tensor, whole: torch.Tensor) -> int:
 
 
 def sum_over_ranks(value: int) -> int:
-    tensor = torch.tensor([value], dtype=torch.int64)
+    tensor = torch.tensor([value], dtype=torch.int64, device=device())
     dist.all_reduce(tensor)
     return int(tensor)
 
 
 def max_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor)
 
@@ -263,7 +286,7 @@ def run_ep_case(case: str, root: str) -> dict:
     engine = rest[0] if rest else "reference"
     rank, world = dist.get_rank(), dist.get_world_size()
     checkpoint = save_checkpoint(model_type, root)
-    input_ids = tm.sample_batch(batch=GLOBAL_BATCH, seq=SEQ)
+    input_ids = tm.sample_batch(batch=GLOBAL_BATCH, seq=SEQ).to(device())
     if layout in DATA_PARALLEL:
         per_rank = GLOBAL_BATCH // world
         local_ids = input_ids[rank * per_rank : (rank + 1) * per_rank]
@@ -273,13 +296,13 @@ def run_ep_case(case: str, root: str) -> dict:
 
     with override(backend=engine):
         # One process, the whole batch, the same weights.
-        single = with_training(moekit.enable(tm.build(model_type)), training)
+        single = with_training(moekit.enable(tm.build(model_type)).to(device()), training)
         want_loss, want_grads, _ = loss_and_grads(single, input_ids)
         whole_weights = {name: param.detach() for name, param in single.named_parameters()}
 
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint,
-            distributed_config=DistributedConfig(**layouts()[layout]),
+            distributed_config=DistributedConfig(**layouts(world)[layout]),
             experts_implementation="moekit",
             attn_implementation="eager",
             dtype=torch.float32,
@@ -361,10 +384,22 @@ def train_data() -> list[dict]:
     return [{"input_ids": row, "labels": row} for row in input_ids] * TRAIN_STEPS
 
 
-def training_arguments(output_dir: str, per_device_batch: int):
+def training_arguments(output_dir: str, per_device_batch: int, fsdp_layer: str | None = None):
+    """The Trainer's arguments; ``fsdp_layer``: accelerate's FSDP2 on every module of that class, and the root."""
     from transformers import TrainingArguments
 
+    fsdp = {}
+    if fsdp_layer:
+        fsdp = {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "transformer_layer_cls_to_wrap": [fsdp_layer],
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        }
     return TrainingArguments(
+        **fsdp,
         output_dir=output_dir,
         per_device_train_batch_size=per_device_batch,
         max_steps=TRAIN_STEPS,
@@ -373,7 +408,7 @@ def training_arguments(output_dir: str, per_device_batch: int):
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=DEVICE == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy="sequential",
@@ -394,55 +429,69 @@ def losses_of(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def run_trainer(out_dir: str) -> None:
+def is_sharded(param: torch.Tensor) -> bool:
+    return hasattr(param, "device_mesh")  # a DTensor: FSDP2's shard
+
+
+def run_trainer(out_dir: str, sharding: str = "load") -> None:
+    """``sharding``: ``load`` (``DistributedConfig(fsdp_size=W)`` in ``from_pretrained``) or ``accelerate`` (the
+    Trainer's ``fsdp`` arguments: accelerate applies FSDP2 per decoder layer when it prepares the model)."""
     from transformers import AutoModelForCausalLM, Trainer
     from transformers.distributed import DistributedConfig, gather_full_state_dict
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    if sharding not in ("load", "accelerate"):
+        raise SystemExit(f"unknown trainer sharding {sharding!r}: load or accelerate")
+    init_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
     os.makedirs(out_dir, exist_ok=True)
     checkpoint = save_checkpoint(TRAIN_MODEL, out_dir)
+    load = {"distributed_config": DistributedConfig(fsdp_size=world)} if sharding == "load" else {}
     model = AutoModelForCausalLM.from_pretrained(
-        checkpoint,
-        distributed_config=DistributedConfig(fsdp_size=2),
-        experts_implementation="moekit",
-        attn_implementation="eager",
-        dtype=torch.float32,
+        checkpoint, experts_implementation="moekit", attn_implementation="eager", dtype=torch.float32, **load
     )
-    sharded = sum(1 for param in model.parameters() if hasattr(param, "device_mesh"))
     model = peft_for_training(model)
+    layer = type(model.get_base_model().model.layers[0]).__name__ if sharding == "accelerate" else None
     trainer = Trainer(
         model=model,
-        args=training_arguments(os.path.join(out_dir, "trainer"), per_device_batch=GLOBAL_BATCH // 2),
+        args=training_arguments(os.path.join(out_dir, "trainer"), GLOBAL_BATCH // world, fsdp_layer=layer),
         train_dataset=train_data(),
     )
     with EngineLog() as log:
         trainer.train()
     trainer.save_model(os.path.join(out_dir, "adapter"))
+    base_params = [param for name, param in trainer.model.named_parameters() if "lora_" not in name]
 
-    # The trained LoRA tensors as transformers gathers a sharded model's state dict (rank 0 holds it), and whether
-    # the ranks' replicated copies agree.
-    state = gather_full_state_dict(trainer.model)
+    # The trained LoRA tensors as rank 0 gathers them whole (transformers' gather for a model sharded at load,
+    # accelerate's for its own FSDP2), and whether the ranks' replicated copies agree.
+    if sharding == "load":
+        state = gather_full_state_dict(trainer.model)
+    else:
+        state = trainer.accelerator.get_state_dict(trainer.model)
     lora = {name: param.detach() for name, param in trainer.model.named_parameters() if "lora_" in name}
     spread = 0.0
-    for param in lora.values():
+    for param in (param for param in lora.values() if not is_sharded(param)):
         low, high = param.clone(), param.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         spread = max(spread, (high - low).abs().max().item())
     trainer.model.eval()
     with torch.no_grad():
-        logits = trainer.model(input_ids=tm.sample_batch(batch=GLOBAL_BATCH, seq=SEQ)).logits
+        logits = trainer.model(input_ids=tm.sample_batch(batch=GLOBAL_BATCH, seq=SEQ).to(device())).logits.cpu()
     if rank == 0:
-        torch.save({name: value for name, value in state.items() if "lora_" in name}, os.path.join(out_dir, "lora.pt"))
+        lora_state = {name: value.cpu() for name, value in state.items() if "lora_" in name}
+        torch.save(lora_state, os.path.join(out_dir, "lora.pt"))
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
         record = {
+            "sharding": sharding,
+            "world": world,
+            "device": str(device()),
             "losses": losses_of(trainer),
             "lora_tensors": len(lora),
-            "lora_dtensors": sum(1 for param in lora.values() if hasattr(param, "device_mesh")),
+            "lora_dtensors": sum(1 for param in lora.values() if is_sharded(param)),
             "rank_spread": spread,
-            "sharded_base_params": sharded,
-            "distributed_by_transformers": bool(trainer.is_distributed_loading_by_transformers),
+            "base_params": len(base_params),
+            "sharded_base_params": sum(1 for param in base_params if is_sharded(param)),
+            "distributed_by_transformers": bool(getattr(trainer, "is_distributed_loading_by_transformers", False)),
             "engine_calls": len(log.calls),
             "engine_experts": sorted({call["experts"] for call in log.calls}),
         }
@@ -456,10 +505,10 @@ def main() -> None:
     quiet()
     torch.set_num_threads(1)
     if mode == "ep":
-        dist.init_process_group("gloo")
+        init_process_group()
         run_ep(out_path, cases)
     elif mode == "trainer":
-        run_trainer(out_path)
+        run_trainer(out_path, *cases)
     else:
         raise SystemExit(f"unknown mode {mode!r}: ep or trainer")
     dist.barrier()

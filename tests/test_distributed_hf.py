@@ -66,26 +66,30 @@ import moekit
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 TOL = 1e-5
-LAYOUTS = worker.layouts()
+# MOEKIT_DIST_DEVICE=cuda (``tools/gpu_session.sh OUT dist``): one rank per GPU, NCCL, the Triton kernels native, the
+# Trainer also through accelerate's FSDP2; else two CPU ranks (gloo).
+ON_GPU = worker.DEVICE == "cuda"
+WORLD = torch.cuda.device_count() if ON_GPU else 2
+LAYOUTS = worker.layouts(WORLD)
 EXPERT_WEIGHTS = {"qwen3_moe": 4, "nemotron_h_latent": 4}  # 2 MoE layers x (up or gate_up, down)
+ENGINE = ":triton" if ON_GPU else ""  # on the CPU one case runs the Triton interpreter (below)
 
-if "ep2_fsdp2" in LAYOUTS:
+if "ep_fsdp" in LAYOUTS:
     CASES = (
         [
-            f"{model_type}:{layout}:full"
+            f"{model_type}:{layout}:full{ENGINE}"
             for model_type in EXPERT_WEIGHTS
-            for layout in ("ep2_fsdp2", "ep2_tp2_allreduce")
+            for layout in ("ep_fsdp", "ep_tp_allreduce")
         ]
-        + [f"{model_type}:ep2_tp2:lora_attn" for model_type in EXPERT_WEIGHTS]
-        + [f"{model_type}:ep2_fsdp2:lora" for model_type in EXPERT_WEIGHTS]
-        + ["qwen3_moe:ep2_fsdp2:full:triton"]
+        + [f"{model_type}:ep_tp:lora_attn{ENGINE}" for model_type in EXPERT_WEIGHTS]
+        + [f"{model_type}:ep_fsdp:lora{ENGINE}" for model_type in EXPERT_WEIGHTS]
+        + ([] if ON_GPU else ["qwen3_moe:ep_fsdp:full:triton"])
     )
-elif "ep2_legacy" in LAYOUTS:
-    CASES = [f"{model_type}:ep2_legacy:full" for model_type in EXPERT_WEIGHTS] + [
-        "qwen3_moe:ep2_legacy:lora_attn",
-        "qwen3_moe:ep2_legacy:lora",
-        "qwen3_moe:ep2_legacy:full:triton",
-    ]
+elif "ep_legacy" in LAYOUTS:
+    CASES = [f"{model_type}:ep_legacy:full{ENGINE}" for model_type in EXPERT_WEIGHTS] + [
+        f"qwen3_moe:ep_legacy:lora_attn{ENGINE}",
+        f"qwen3_moe:ep_legacy:lora{ENGINE}",
+    ] + ([] if ON_GPU else ["qwen3_moe:ep_legacy:full:triton"])
 else:
     CASES = []
 
@@ -100,13 +104,14 @@ CASES = [case for case in CASES if has_ep_plan(case)]
 
 
 def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """One ``torchrun --nproc-per-node 2`` launch of the worker, importing the moekit this process imported."""
+    """One ``torchrun --nproc-per-node WORLD`` launch of the worker, importing the moekit this process imported."""
     source_root = os.path.dirname(os.path.dirname(os.path.abspath(moekit.__file__)))
     path = os.environ.get("PYTHONPATH", "")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (source_root, path) if p))
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo) on a GPU machine too: transformers picks the accelerator
+    if not ON_GPU:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo) on a GPU machine too: transformers picks the accelerator
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_hf_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), script]
     done = subprocess.run(command + list(args), check=False, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     return done
@@ -130,31 +135,31 @@ def check_case(record: dict) -> None:
     assert record["loss_err"] <= TOL, record
     assert record["dense_grad_err"] <= TOL, record
     assert record["expert_grad_err"] <= TOL, record
-    # moekit ran every experts call, each on this rank's 4 experts
-    assert record["engine_calls"] == 2 and record["engine_experts"] == [tm.NUM_EXPERTS // 2], record
+    # moekit ran every experts call, each on this rank's experts
+    share = tm.NUM_EXPERTS // WORLD
+    assert record["engine_calls"] == 2 and record["engine_experts"] == [share], record
     # every (token, top-k slot) pair of the global batch went through exactly one rank's experts
     assert record["routed_rows"] == record["pairs"], record
-    if layout in worker.MASKED:
-        assert record["sentinel_rows"] == record["pairs"], record  # each rank masked the other rank's routes
+    if layout in worker.MASKED:  # each rank masked the other ranks' routes
+        assert record["sentinel_rows"] == record["pairs"] * (WORLD - 1), record
     elif training == "full":
         assert record["sentinel_rows"] == 0, record  # all-to-all: only this rank's rows reached its experts
-    if training == "full":
+    if training == "full" and WORLD > 1:
         assert record["expert_grads"] == EXPERT_WEIGHTS[model_type], record
-        half = tm.NUM_EXPERTS // 2
         for name in record["expert_ranges"][0]:
             held = [ranges[name] for ranges in record["expert_ranges"]]
-            assert held == [[0, half], [half, tm.NUM_EXPERTS]], (name, held)
-    else:
+            assert held == [[rank * share, (rank + 1) * share] for rank in range(WORLD)], (name, held)
+    elif training != "full":
         # frozen expert weights; the adapters' gradients (the experts' LoRA included, PEFT's plain tensors, reduced
         # over the ranks as the worker's sync_replicated_grads says) are among the dense ones, compared whole
         assert record["expert_grads"] == 0, record
     if training == "lora":
         # before that reduction, each rank had filled the rows of its own experts of every expert-LoRA gradient
         # (those that one process fills: the experts with tokens), no others
-        half, whole = tm.NUM_EXPERTS // 2, record["expert_lora_rows_one_process"]
+        whole = record["expert_lora_rows_one_process"]
         assert len(whole) == 2 * EXPERT_WEIGHTS[model_type], whole  # A and B of each expert weight
         for rank, filled in enumerate(record["expert_lora_rows"]):
-            own = [[e for e in experts if rank * half <= e < (rank + 1) * half] for experts in whole.values()]
+            own = [[e for e in experts if rank * share <= e < (rank + 1) * share] for experts in whole.values()]
             assert sorted(filled) == sorted(whole) and [filled[name] for name in whole] == own, (rank, filled)
 
 
@@ -170,12 +175,15 @@ def trainer_supported() -> bool:
     return hasattr(Trainer, "_sync_replicated_trainable_parameters")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    if not trainer_supported():
+@pytest.fixture(scope="module", params=["load", "accelerate"])
+def trained(request, tmp_path_factory) -> dict:
+    """The Trainer on a model FSDP2-sharded at load (``load``) or by accelerate from the ``fsdp`` arguments."""
+    if request.param == "load" and not trainer_supported():
         pytest.skip("this transformers' Trainer does not train PEFT adapters on models sharded at load time")
-    out = tmp_path_factory.mktemp("distributed_hf_trainer")
-    torchrun("trainer", str(out))
+    if request.param == "accelerate" and not ON_GPU:
+        pytest.skip("accelerate applies FSDP2 on GPU ranks only (on CPU ranks it wraps DDP): tools/gpu_session.sh dist")
+    out = tmp_path_factory.mktemp(f"distributed_hf_trainer_{request.param}")
+    torchrun("trainer", str(out), request.param)
     record = json.loads((out / "trainer.json").read_text())
     record["lora"] = torch.load(out / "lora.pt")
     record["logits"] = torch.load(out / "logits.pt")
@@ -198,11 +206,17 @@ def one_process(tmp_path_factory) -> dict:
 
 
 def test_trainer_ran_sharded_on_moekit(trained):
-    assert trained["distributed_by_transformers"]
     every_weight = sum(1 for _ in tm.build(worker.TRAIN_MODEL).parameters())
+    assert trained["world"] == WORLD and trained["base_params"] == every_weight
     assert trained["sharded_base_params"] == every_weight  # FSDP2 sharded every base weight
-    assert trained["lora_tensors"] == 16 and trained["lora_dtensors"] == 0  # q, v, gate_up, down x A, B x 2 layers
-    assert trained["rank_spread"] == 0.0  # the ranks' replicated adapters stayed identical
+    assert trained["lora_tensors"] == 16  # q, v, gate_up, down x A, B x 2 layers
+    if trained["sharding"] == "load":
+        assert trained["distributed_by_transformers"]
+        assert trained["lora_dtensors"] == 0  # PEFT's adapters, added after loading, stay one plain copy per rank
+        assert trained["rank_spread"] == 0.0  # the ranks' replicated adapters stayed identical
+    else:
+        assert not trained["distributed_by_transformers"]
+        assert trained["lora_dtensors"] == 16  # accelerate's FSDP2 shards the adapters with their layers
     assert trained["engine_calls"] == 2 * worker.TRAIN_STEPS  # moekit ran both MoE layers at every step
     assert trained["engine_experts"] == [tm.NUM_EXPERTS]
 

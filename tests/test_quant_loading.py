@@ -240,6 +240,52 @@ def test_lora_trains_and_saves_a_plain_adapter(checkpoint, tmp_path):
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_qlora_on_linear_nf4_and_nf4_experts(checkpoint, device):
+    """The whole QLoRA model: bitsandbytes 4-bit linears and NF4 experts from one load, PEFT LoRA on both (on CUDA
+    the experts run on the Triton kernels): the logits equal the dense model on both dequantized weights, and one
+    training step moves every adapter, the bases frozen."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    path = checkpoint("qwen3_moe")
+    config = MoekitQuantConfig(linear="nf4", compute_dtype=torch.bfloat16)
+    model = _load(path, quantization_config=config, device_map=device)
+    reference = _load(path, device_map=device)  # the dense model on the weights the quantized one holds
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                dense = reference.get_submodule(name).weight
+                dense.copy_(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).view_as(dense))
+        for name, weight in _expert_weights(model).items():
+            reference.get_parameter(name).copy_(weight.dequantize())
+    input_ids = tm.sample_batch(batch=2, seq=16).to(device)
+    with torch.no_grad():
+        assert tm.rel_err(model(input_ids).logits, reference(input_ids).logits) <= 1e-2
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      target_parameters=tm.lora_target_parameters(model))  # fmt: skip
+    peft_model = moekit.enable(get_peft_model(model, lora))
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert all("lora_" in name for name in trainable)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable} >= {"q_proj", "o_proj", "experts"}
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    peft_model.train()
+    for _ in range(2):  # B starts at zero: its first step moves B, the second A too
+        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+        optimizer.step()
+        optimizer.zero_grad()
+    still = [name for name, p in trainable.items() if torch.equal(p, before[name])]
+    assert not still, still
+
+
 def test_quantized_model_is_not_saved(checkpoint, tmp_path):
     model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig())
     with pytest.warns(UserWarning, match="cannot be saved"), pytest.raises(ValueError, match="not serializable"):

@@ -36,7 +36,9 @@
 #   bash tools/gpu_session.sh OUT dist [CASES]
 #                                             tests/distributed_worker.py on this machine's GPUs (NCCL, one process per
 #                                             GPU, the Triton kernels native; default cases: FSDP2 LoRA, full and QLoRA
-#                                             and DDP LoRA), each case against one process on the same batch
+#                                             and DDP LoRA), each case against one process on the same batch; then
+#                                             tests/test_distributed_hf.py on the GPUs (DistributedConfig expert
+#                                             parallelism, the Trainer with FSDP2 at load and through accelerate)
 #   bash tools/gpu_session.sh OUT curves      the CUDA demo and 50-step LoRA loss curves against transformers
 #
 # Every visit that touches a kernel runs native, gpu and cold. Each section runs under `timeout` (SECTION_TIMEOUT
@@ -47,7 +49,7 @@ out=${1:?usage: bash tools/gpu_session.sh OUT PART [ARGS] (see the head of this 
 part=${2:?usage: bash tools/gpu_session.sh OUT PART [ARGS] (see the head of this file)}
 limit=${SECTION_TIMEOUT:-400}
 mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1 COLUMNS=160
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 COLUMNS=160  # (a caller's path: carried wheels)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
 presets_all=nemotron3-nano,qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b
 tag() { echo "$1" | cut -c1-12 | tr -c 'A-Za-z0-9_\n-' _; }
@@ -118,18 +120,19 @@ ab)
   ;;
 quant)
   # NF4 experts, sections QUANT_PARTS (default all, in this order; a call fits about three):
-  #   tests    tests/test_triton_nf4.py natively at tile configs 0, 1 and 3 of the NF4 spaces (row tiles of 128 and
-  #            256, wide column tiles); a failure stops the part
+  #   tests    tests/test_triton_nf4.py natively at tile configs QUANT_TEST_CONFIGS (default 0 1 3: row tiles of 128
+  #            and 256, wide column tiles; 5 and 6 are 4-warp programs); a failure stops the part
   #   cold     first calls (cold cache) of the NF4 paths at the four shapes, T = 2048 then 8192
   #   bench    the NF4 LoRA step beside bf16 LoRA and grouped_mm + PEFT, T = 8192 and 32768 (tuned by cold)
   #   real     Qwen3-30B-A3B at full size (tools/qlora_real_size.py)
   #   loading  the loading path (tools/measure_loading.py)
+  #   linear   linear="nf4" (bitsandbytes 4-bit linears) with NF4 experts, LoRA on both, on CUDA (not in the default)
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
   export MOEKIT_CACHE_DIR=$cache
   for section in $(echo "${QUANT_PARTS:-tests,cold,bench,real,loading}" | tr ',' ' '); do
     case "$section" in
     tests)
-      for config in 0 1 3; do
+      for config in ${QUANT_TEST_CONFIGS:-0 1 3}; do
         MOEKIT_TRITON_AUTOTUNE=config:$config timeout "${TESTS_TIMEOUT:-150}" python -m pytest -m triton -q -n 8 \
           -p no:cacheprovider tests/test_triton_nf4.py > "$out/nf4_tests_$config.log" 2>&1
         rc=$?
@@ -163,8 +166,14 @@ quant)
       echo "loading: exit $?" | tee -a "$out/card.txt"
       tail -12 "$out/loading.log"
       ;;
+    linear)  # needs bitsandbytes (carry its wheel: the device README's wheel recipe)
+      timeout "${LINEAR_TIMEOUT:-120}" python -m pytest -q -p no:cacheprovider tests/test_quant_loading.py \
+        -k "qlora_on_linear and cuda" > "$out/linear_nf4.log" 2>&1
+      echo "QLoRA with linear=nf4 on CUDA: exit $? ($(tail -1 "$out/linear_nf4.log"))" | tee -a "$out/card.txt"
+      grep -E "^(FAILED|ERROR|E )" "$out/linear_nf4.log" | head -10
+      ;;
     *)
-      echo "unknown quant section '$section': tests, cold, bench, real or loading"
+      echo "unknown quant section '$section': tests, cold, bench, real, loading or linear"
       exit 2
       ;;
     esac
@@ -178,6 +187,12 @@ dist)
   echo "distributed on $gpus GPU(s): exit $?" | tee -a "$out/card.txt"
   tail -5 "$out/dist.log"
   python -c "import json,sys; [print(r['case'], 'loss', '%.1e' % r['loss_err'], 'grad', '%.1e' % r['grad_err'], r['grads'], 'grads', 'ok' if max(r['loss_err'], r['grad_err']) <= 1e-5 and not r['mismatched_names'] else 'WRONG') for r in json.load(open(sys.argv[1]))]" "$out/dist.json"
+  # transformers' DistributedConfig (expert parallelism) and the HF Trainer (FSDP2 at load, and accelerate's FSDP2)
+  MOEKIT_DIST_DEVICE=cuda timeout "$limit" python -m pytest -q -rfEs -p no:cacheprovider tests/test_distributed_hf.py \
+    --junitxml "$out/dist_hf.xml" > "$out/dist_hf.log" 2>&1
+  echo "transformers' distributed config and the Trainer on $gpus GPU(s): exit $? ($(tail -1 "$out/dist_hf.log"))" \
+    | tee -a "$out/card.txt"
+  grep -E "^(FAILED|ERROR|SKIPPED)" "$out/dist_hf.log" | head -20
   ;;
 curves)
   timeout "$limit" python -m moekit demo --device cuda --steps 50 --baseline-steps 49 --no-progress \
