@@ -307,6 +307,8 @@ def run_ep_case(case: str, root: str) -> dict:
             attn_implementation="eager",
             dtype=torch.float32,
         )
+        if DEVICE == "cuda" and next(model.parameters()).device.type == "cpu":
+            model.to(device())  # at world size 1 transformers 5.17 distributes nothing and leaves it where it loaded
         model = with_training(model, training)
         with EngineLog() as log:
             loss, grads, trainable = loss_and_grads(model, local_ids)

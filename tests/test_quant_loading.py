@@ -246,15 +246,16 @@ def test_lora_trains_and_saves_a_plain_adapter(checkpoint, tmp_path):
 )
 def test_qlora_on_linear_nf4_and_nf4_experts(checkpoint, device):
     """The whole QLoRA model: bitsandbytes 4-bit linears and NF4 experts from one load, PEFT LoRA on both (on CUDA
-    the experts run on the Triton kernels): the logits equal the dense model on both dequantized weights, and one
-    training step moves every adapter, the bases frozen."""
+    the experts run on the Triton kernels): the logits equal the dense model on both dequantized weights, and two
+    training steps move every adapter, the bases frozen. In fp32: in bf16 a router's near-tie flips between two
+    correct engines (a 1e-3 difference upstream moves a token to another expert)."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
-    path = checkpoint("qwen3_moe")
-    config = MoekitQuantConfig(linear="nf4", compute_dtype=torch.bfloat16)
-    model = _load(path, quantization_config=config, device_map=device)
-    reference = _load(path, device_map=device)  # the dense model on the weights the quantized one holds
+    path = checkpoint("qwen3_moe", torch.float32)
+    config = MoekitQuantConfig(linear="nf4", compute_dtype=torch.float32)
+    model = _load(path, dtype=torch.float32, quantization_config=config, device_map=device)
+    reference = _load(path, dtype=torch.float32, device_map=device)  # the dense model on the quantized one's weights
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
@@ -264,7 +265,7 @@ def test_qlora_on_linear_nf4_and_nf4_experts(checkpoint, device):
             reference.get_parameter(name).copy_(weight.dequantize())
     input_ids = tm.sample_batch(batch=2, seq=16).to(device)
     with torch.no_grad():
-        assert tm.rel_err(model(input_ids).logits, reference(input_ids).logits) <= 1e-2
+        assert tm.rel_err(model(input_ids).logits, reference(input_ids).logits) <= 1e-5
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       target_parameters=tm.lora_target_parameters(model))  # fmt: skip

@@ -149,7 +149,7 @@ quant)
       ;;
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python -m moekit bench --preset "${BENCH_PRESETS:-$presets_all}" \
-        --tokens 8192,32768 --modes lora --lora-rank 16 --impls grouped_mm,moekit-triton --quant nf4 \
+        --tokens "${BENCH_TOKENS:-8192,32768}" --modes lora --lora-rank 16 --impls grouped_mm,moekit-triton --quant nf4 \
         --json "$out/bench_nf4.json" > "$out/bench_nf4.log" 2>&1
       echo "bench --quant nf4: exit $?" | tee -a "$out/card.txt"
       tail -45 "$out/bench_nf4.log"
