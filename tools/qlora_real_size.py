@@ -23,11 +23,11 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, NemotronHConfig, Qwen3MoeConfig
 
 import moekit
 from moekit.enable import experts_modules
-from moekit.quant.experts import quantize_module
+from moekit.quant.experts import expert_weight_names, quantize_module
 from moekit.quant.tensor import NF4Tensor, held_bytes
 
 GIB = 1 << 30
@@ -51,7 +51,45 @@ def small(layers: int) -> Qwen3MoeConfig:
     )  # fmt: skip
 
 
-MODELS = {"qwen3-30b-a3b": qwen3_30b_a3b, "small": small}
+def _hybrid_pattern(layers: int, attention_every: int = 8) -> list[str]:
+    """Mamba-2 and MoE layers alternating, a full-attention layer in place of every ``attention_every``-th (52
+    layers: 23 Mamba-2, 23 MoE and 6 attention, the counts of Nemotron-3-Nano-30B-A3B's model card; its exact
+    order is not reproduced: it changes no layer's size)."""
+    pattern = []
+    for i in range(layers):
+        others = len(pattern) - pattern.count("attention")
+        pattern.append("attention" if i % attention_every == attention_every - 1 else ("mamba", "moe")[others % 2])
+    return pattern
+
+
+def nemotron3_nano(layers: int) -> NemotronHConfig:
+    """Nemotron-3-Nano-30B-A3B's widths (relu² experts, sigmoid routing with the correction bias, a shared expert),
+    the Mamba-2 layers on transformers' torch path (no mamba-ssm kernels)."""
+    return NemotronHConfig(
+        vocab_size=131072, hidden_size=2688, layers_block_type=_hybrid_pattern(layers), num_attention_heads=32,
+        num_key_value_heads=2, head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8,
+        conv_kernel=4, expand=2, chunk_size=128, n_routed_experts=128, num_experts_per_tok=6,
+        moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def small_nemotron(layers: int) -> NemotronHConfig:
+    """A narrow NemotronH for a quick run of this script on the CPU (``--model small-nemotron --device cpu``)."""
+    return NemotronHConfig(
+        vocab_size=512, hidden_size=128, layers_block_type=_hybrid_pattern(layers, attention_every=3),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, mamba_num_heads=8, mamba_head_dim=32,
+        ssm_state_size=16, n_groups=2, chunk_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=64, moe_shared_expert_intermediate_size=96, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+MODELS = {
+    "qwen3-30b-a3b": qwen3_30b_a3b,
+    "nemotron3-nano": nemotron3_nano,
+    "small": small,
+    "small-nemotron": small_nemotron,
+}
 
 
 @torch.no_grad()
@@ -77,8 +115,9 @@ def build_quantized(config, device: torch.device, dtype: torch.dtype) -> torch.n
             _materialize(module, device, generator)
         if module in experts:
             quantize_module(module)  # this layer's bf16 experts are freed here
-    rotary = model.model.rotary_emb  # buffers computed in __init__: rebuild them on the device
-    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
+    rotary = getattr(model.model, "rotary_emb", None)  # buffers computed in __init__: rebuild them on the device
+    if rotary is not None:
+        model.model.rotary_emb = type(rotary)(config=model.config).to(device)
     assert not any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
     return moekit.enable(model)
 
@@ -143,7 +182,9 @@ def main() -> None:
     nf4_bytes = sum(held_bytes(p) for p in model.parameters() if isinstance(p, NF4Tensor))
     expert_bf16_bytes = sum(p.numel() * 2 for p in model.parameters() if isinstance(p, NF4Tensor))
 
-    names = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    experts = set(experts_modules(model))  # every expert weight of every layer (names as in named_parameters)
+    names = sorted({f"{name.rsplit('.', 1)[-1]}.{weight}" for name, module in model.named_modules() if module in experts
+                    for weight in expert_weight_names(module)})  # fmt: skip
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=[], target_parameters=names)
     model = get_peft_model(model, lora, autocast_adapter_dtype=args.adapter_dtype == "fp32")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
