@@ -90,6 +90,20 @@ def test_double_quantized_absmax_from_bitsandbytes():
     assert torch.equal(dequantize_nf4(ours), bnb.dequantize_4bit(packed, state))
 
 
+def test_double_quantized_absmax_to_bitsandbytes():
+    """Written double-quantized, the state holds the same 8-bit absmax codes, block scales and offset as
+    bitsandbytes' own compress_statistics=True, and dequantizes to the same weight."""
+    weight = torch.randn(8, 64, 96, dtype=torch.bfloat16)
+    packed, state = to_bitsandbytes(quantize_nf4(weight), double_quant=True)
+    their_packed, their_state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert state.nested and torch.equal(packed, their_packed)
+    assert torch.equal(state.absmax, their_state.absmax) and torch.equal(state.offset, their_state.offset)
+    assert torch.equal(state.state2.absmax, their_state.state2.absmax)
+    assert state.state2.blocksize == their_state.state2.blocksize == 256
+    assert torch.equal(bnb.dequantize_4bit(packed, state), bnb.dequantize_4bit(their_packed, their_state))
+    assert not torch.equal(bnb.dequantize_4bit(packed, state), dequantize_nf4(quantize_nf4(weight)))  # 8-bit scales
+
+
 def test_other_formats_are_refused():
     packed, state = bnb.quantize_4bit(torch.randn(64, 64), blocksize=128, quant_type="nf4")
     with pytest.raises(ValueError, match="block size 64; got quant_type='nf4', blocksize=128"):

@@ -123,15 +123,23 @@ def dequantize_experts(weight: NF4Weight, first: int, last: int, dtype: torch.dt
     return dense.view(last - first, *weight.shape[1:]).to(dtype or weight.dtype)
 
 
-def to_bitsandbytes(weight: NF4Weight):
+def to_bitsandbytes(weight: NF4Weight, double_quant: bool = False):
     """(packed uint8 [n/2, 1], ``bitsandbytes.functional.QuantState``): what ``quantize_4bit(w, blocksize=64,
-    quant_type="nf4")`` returns for the same weight (imports bitsandbytes)."""
-    from bitsandbytes.functional import QuantState
+    quant_type="nf4", compress_statistics=double_quant)`` returns for the same weight (imports bitsandbytes).
+    ``double_quant``: the absmax as bitsandbytes double-quantizes it (8-bit blocks of 256 around their mean)."""
+    from bitsandbytes.functional import QuantState, quantize_blockwise
 
     code = nf4_code(weight.packed.device)
+    nested = {}
+    absmax = weight.absmax
+    if double_quant:
+        offset = absmax.mean()
+        absmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+        nested = {"offset": offset, "state2": state2}
     state = QuantState(
-        absmax=weight.absmax, shape=weight.shape, code=code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=weight.dtype
-    )
+        absmax=absmax, shape=weight.shape, code=code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=weight.dtype,
+        **nested,
+    )  # fmt: skip
     return weight.packed.unsqueeze(1), state
 
 
