@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--loss", choices=("chunked", "model"), default="chunked",
                         help="chunked: the cross-entropy in chunks of --loss-chunk tokens (chunked_loss); model: labels=")
     parser.add_argument("--loss-chunk", type=int, default=256)
+    parser.add_argument("--mamba-chunk", type=int, default=None,
+                        help="NemotronH: the Mamba-2 scan's chunk (the model's 128 by default); transformers' torch "
+                             "path holds [tokens, chunk, heads, state] fp32 per layer, so a shorter chunk is smaller")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -175,7 +178,10 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     reset_peak()
     start = time.perf_counter()
-    model = build_quantized(MODELS[args.model](args.layers), device, dtype)
+    config = MODELS[args.model](args.layers)
+    if args.mamba_chunk:
+        config.chunk_size = args.mamba_chunk  # the scan's result does not depend on it
+    model = build_quantized(config, device, dtype)
     build_s = time.perf_counter() - start
     build_peak = peak()
     bf16_model = bf16_footprint_gib(model)
@@ -219,6 +225,7 @@ def main() -> None:
     result = {
         "card": torch.cuda.get_device_name() if cuda else "cpu",
         "model": args.model, "layers": args.layers, "tokens": args.tokens, "rank": args.rank,
+        "mamba_chunk": getattr(config, "chunk_size", None),  # NemotronH's Mamba-2 scan (None: no Mamba layers)
         "build_s": round(build_s, 1), "build_peak_gib": round(build_peak, 2),
         "resident_gib": round(resident, 2), "step_peak_gib": round(step_peak, 2),
         "first_backward_peak_gib": round(backward_peak, 2), "adapter_dtype": args.adapter_dtype, "loss": args.loss,
