@@ -11,8 +11,8 @@
 #                                             part its own call, `gpu lora` then `gpu sweep`, where both do not fit)
 #   bash tools/gpu_session.sh OUT configs [N,M] [PYTEST_ARGS...]
 #                                             the GPU suite (without the int64 case) once per tile config N
-#                                             (MOEKIT_TRITON_AUTOTUNE=config:N; default 1,2; the Hopper spaces have
-#                                             up to 5 configs, 0-4, and `gpu` runs config 0); PYTEST_ARGS select
+#                                             (MOEKIT_TRITON_AUTOTUNE=config:N; default 1,2; the dense Hopper spaces have
+#                                             5 configs, 0-4, the NF4 ones 7 or 8; `gpu` runs config 0); PYTEST_ARGS select
 #                                             within it, e.g. `configs 3 -k lora`
 #   bash tools/gpu_session.sh OUT cold [SHAPES] [TOKENS]
 #                                             cold-cache correctness (tools/cold_cache.py): every engine path's
