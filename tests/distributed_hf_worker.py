@@ -114,7 +114,7 @@ MASKED = {"ep_tp_allreduce", "ep_legacy"}
 
 def device() -> torch.device:
     """This rank's device: its GPU (LOCAL_RANK) under MOEKIT_DIST_DEVICE=cuda, else the CPU."""
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if DEVICE == "cuda" else torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if DEVICE == "cuda" else torch.device("cpu")
 
 
 def init_process_group() -> None:

@@ -68,7 +68,7 @@ def build(model_type: str, training: str) -> torch.nn.Module:
 
 def device() -> torch.device:
     """This rank's device: its GPU (LOCAL_RANK) under MOEKIT_DIST_DEVICE=cuda, else the CPU."""
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if DEVICE == "cuda" else torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if DEVICE == "cuda" else torch.device("cpu")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

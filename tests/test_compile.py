@@ -10,6 +10,12 @@ compiling on two cores.
 
 Graph breaks before this change (2-layer Qwen3-MoE, after a warm-up call): 16, all inside moekit's experts call;
 transformers' grouped_mm: 0. Now: 0 (``fullgraph=True`` raises on any break).
+
+NF4 expert weights (QLoRA, ``moekit.quantize_experts``) go through the same op, as their codes and scales: a tiny
+model with NF4 experts and PEFT LoRA on them compiles with ``fullgraph=True`` and gives eager's logits and LoRA
+gradients, and a frozen NF4 experts module eager's output and input gradients. They used to run outside the graph
+(``torch.compiler.disable``): graph breaks in every experts layer (13, ``torch._dynamo.explain``, on the same
+2-layer Qwen3-MoE with LoRA, first call).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from experts_factory import make_experts, make_inputs, rel_err
 import moekit
 import moekit.engines.triton
 import moekit.grouped
+from moekit import ops
 from moekit.options import OPTIONS
+from moekit.quant import NF4Tensor
+from moekit.quant.experts import quantize_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -93,6 +102,19 @@ def _assert_matches(compiled, eager, out_tol, grad_tol):
 def _op_calls(graphs, packet) -> int:
     """Calls of a custom op in FX graphs (dynamo's graphs name the packet, AOT's the overload)."""
     return sum(node.target is packet or node.target is packet.default for gm in graphs for node in gm.graph.nodes)
+
+
+def _nf4_op_calls(graphs) -> int:
+    """Calls of ``moekit::experts`` in dynamo's graphs whose two weights arrive as NF4 codes and scales (the dense
+    weight slots None)."""
+    slots = [ops.TENSOR_INPUTS.index(name) for name in ("up_weight", "down_weight")]
+    codes = [ops.TENSOR_INPUTS.index(name) for name in ("up_packed", "up_absmax", "down_packed", "down_absmax")]
+    return sum(
+        all(node.args[i] is None for i in slots) and all(node.args[i] is not None for i in codes)
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.target is torch.ops.moekit.experts or node.target is torch.ops.moekit.experts.default
+    )
 
 
 def _moekit_breaks(explanation) -> list[str]:
@@ -205,6 +227,26 @@ def test_lora_compiles_with_exact_factor_gradients(model_type):
     _assert_matches(compiled, eager, TOL[torch.float32], TOL[torch.float32])
 
 
+@pytest.mark.parametrize(
+    ("model_type", "dtype"),
+    [("qwen3_moe", torch.float32), ("nemotron_h", torch.float32), ("nemotron_h", torch.bfloat16)],
+    ids=["qwen3_moe-fp32", "nemotron_h-fp32", "nemotron_h-bf16"],
+)
+def test_nf4_lora_fullgraph_matches_eager(model_type, dtype):
+    """QLoRA: NF4 expert weights (``moekit.quantize_experts``) with PEFT LoRA on them, backend="eager",
+    fullgraph=True: one graph (they used to run outside it, one break per experts layer), every experts call the op
+    with its weights as codes and scales, and logits and every LoRA gradient equal to eager's."""
+    model = tm.add_lora(moekit.quantize_experts(tm.build(model_type, dtype=dtype), "nf4"))
+    ids = tm.sample_batch()
+    backend = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = _step(model, torch.compile(_forward, backend=backend, fullgraph=True), ids)
+    assert backend.frame_count == 1  # one graph: no break anywhere
+    assert _nf4_op_calls(backend.graphs) == len(moekit.experts_modules(model))
+    eager = _step(model, _forward, ids)
+    assert eager[1] and all("lora_" in name for name in eager[1])  # the frozen NF4 base trains nothing itself
+    _assert_matches(compiled, eager, TOL[dtype], TOL[dtype])
+
+
 def test_lora_wrappers_argument_survives_device_hooks(monkeypatch):
     """The PEFT wrappers reach the experts as a keyword argument (dynamo cannot trace the context variable this used
     to be). Hooks that move a call's arguments to its device (accelerate's, under device_map) must pass it through
@@ -243,7 +285,7 @@ def _module_step(module, fn, inputs, seed=5):
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     (out.float() * upstream).sum().backward()
     grads = {"x": x.grad, "routing_weights": weights.grad}
-    grads.update({n: p.grad.clone() for n, p in module.named_parameters()})
+    grads.update({n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})  # not NF4's
     return out.detach(), grads
 
 
@@ -282,27 +324,88 @@ def test_one_graph_per_layout():
     assert frames == [1, 1, 2]
 
 
-def test_opcheck():
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_opcheck(quantized):
     """torch.library.opcheck on both ops (schema, fake implementations against the real ones, autograd registration,
     AOT dispatch with dynamic shapes): gpt-oss layout (biases, transposed, clamped gate) with LoRA on the up
-    projection, its factors strided as PEFT's views are."""
-    from moekit import ops
+    projection, its factors strided as PEFT's views are; dense weights, or NF4 ones as codes, scales and metadata
+    (the up weight a transposed view of its codes)."""
     from moekit.backend import experts_layout
 
     module = make_experts("gpt_oss")
+    up_weight, down_weight = module.gate_up_proj.detach(), module.down_proj.detach()
+    nf4 = (None, [], [])
+    if quantized:
+        up_weight = NF4Tensor.quantize(up_weight.transpose(1, 2).contiguous()).transpose(1, 2)
+        down_weight = NF4Tensor.quantize(down_weight)
+        nf4 = (torch.float32, ops.weight_args(up_weight)[3], ops.weight_args(down_weight)[3])
+    (up_dense, *up_codes, _), (down_dense, *down_codes, _) = ops.weight_args(up_weight), ops.weight_args(down_weight)
     x, index, weights = make_inputs(12, 32, 6, 2)
     generator = torch.Generator().manual_seed(0)
     lora_a = torch.randn(6, 2, 32, generator=generator)  # [E, R, in]
     lora_b = torch.randn(48, 2, 6, generator=generator).permute(2, 0, 1)  # [E, out, R] with PEFT's strides
-    tensors = [x, index, weights, module.gate_up_proj, module.gate_up_proj_bias, module.down_proj,
-               module.down_proj_bias, lora_a, lora_b, None, None]  # fmt: skip
-    scalars = (0.5, 1.0, *ops.layout_args(experts_layout(module)))
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+    tensors = [x, index, weights, up_dense, module.gate_up_proj_bias, down_dense,
+               module.down_proj_bias, lora_a, lora_b, None, None, *up_codes, *down_codes]  # fmt: skip
+    scalars = (0.5, 1.0, *ops.layout_args(experts_layout(module)), *nf4)
+    leaves = [
+        t.detach().clone().requires_grad_(i in ops.DIFFERENTIABLE and t.is_floating_point()) if t is not None else None
+        for i, t in enumerate(tensors)
+    ]
     torch.library.opcheck(torch.ops.moekit.experts.default, (*leaves, *scalars))
     needs = [t is not None for i, t in enumerate(tensors) if i in ops.DIFFERENTIABLE]
     grad_out = torch.randn(12, 32, generator=generator)
     detached = [t.detach() if t is not None else None for t in tensors]  # the backward op has no autograd itself
     torch.library.opcheck(torch.ops.moekit.experts_backward.default, (grad_out, *detached, *scalars, needs))
+
+
+def test_nf4_weight_round_trips_through_op_args():
+    """``ops.weight_args`` / ``ops.nf4_weight``: an NF4 weight (contiguous, or a transposed view) rebuilt inside the
+    op is the identical NF4Tensor, over the same codes and scales; a dense weight passes as itself."""
+    weight = NF4Tensor.quantize(torch.randn(4, 24, 16), torch.bfloat16)
+    for view in (weight, weight.transpose(1, 2)):
+        dense, packed, absmax, meta = ops.weight_args(view)
+        rebuilt = ops.nf4_weight(packed, absmax, meta, view.dtype)
+        assert dense is None and packed is view.packed and absmax is view.absmax
+        assert (rebuilt.shape, rebuilt.stride(), rebuilt.dtype) == (view.shape, view.stride(), view.dtype)
+        assert rebuilt.is_transposed_view == view.is_transposed_view
+        assert torch.equal(rebuilt.dequantize(), view.dequantize())
+    plain = torch.randn(4, 24, 16)
+    assert ops.weight_args(plain) == (plain, None, None, [])
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [("qwen3_moe", torch.float32), ("nemotron_h", torch.float32), ("gpt_oss", torch.float32),
+     ("qwen3_moe", torch.bfloat16)],
+    ids=["qwen3_moe-fp32", "nemotron_h-fp32", "gpt_oss-fp32", "qwen3_moe-bf16"],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")  # AotEagerAndRecordGraphs' own
+def test_nf4_frozen_experts_fullgraph_matches_eager(family, dtype):
+    """A frozen NF4 experts module, no LoRA, compiled with fullgraph (aot_eager: the fake implementations and the
+    backward op in AOT's graphs): the output and the gradients of the hidden states, the routing weights and the
+    dense biases (gpt-oss) equal eager's; the NF4 weights get none."""
+    module = _moekit_experts(family, dtype=dtype)
+    quantize_module(module)
+    backend = torch._dynamo.testing.AotEagerAndRecordGraphs()
+    fn = torch.compile(_experts_call(module), backend=backend, fullgraph=True)
+    inputs = make_inputs(12, 32, 6, 2, dtype=dtype)
+    compiled = _module_step(module, fn, inputs)
+    assert len(backend.graphs) == 1 and _nf4_op_calls(backend.graphs) == 1
+    assert _op_calls(backend.bw_graphs, torch.ops.moekit.experts_backward) == 1
+    assert all(p.grad is None for p in module.parameters() if isinstance(p, NF4Tensor))
+    _assert_module_matches(compiled, _module_step(module, module, inputs), TOL[dtype])
+
+
+def test_nf4_base_asked_to_train_raises_under_compile(monkeypatch):
+    """An NF4 weight set to require a gradient is refused under compile as eagerly, before any op or engine runs."""
+    module = _moekit_experts("qwen3_moe")
+    quantize_module(module)
+    module.gate_up_proj.requires_grad = True
+    ran = []
+    monkeypatch.setattr(moekit.backend, "run_engine", lambda *args: ran.append(args))  # the op's engine call too
+    with pytest.raises(RuntimeError, match="frozen base"):
+        torch.compile(_experts_call(module), backend="eager")(*make_inputs(12, 32, 6, 2))
+    assert ran == []
 
 
 def test_bad_expert_id_raises_under_compile():

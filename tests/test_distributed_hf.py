@@ -86,10 +86,14 @@ if "ep_fsdp" in LAYOUTS:
         + ([] if ON_GPU else ["qwen3_moe:ep_fsdp:full:triton"])
     )
 elif "ep_legacy" in LAYOUTS:
-    CASES = [f"{model_type}:ep_legacy:full{ENGINE}" for model_type in EXPERT_WEIGHTS] + [
-        f"qwen3_moe:ep_legacy:lora_attn{ENGINE}",
-        f"qwen3_moe:ep_legacy:lora{ENGINE}",
-    ] + ([] if ON_GPU else ["qwen3_moe:ep_legacy:full:triton"])
+    CASES = (
+        [f"{model_type}:ep_legacy:full{ENGINE}" for model_type in EXPERT_WEIGHTS]
+        + [
+            f"qwen3_moe:ep_legacy:lora_attn{ENGINE}",
+            f"qwen3_moe:ep_legacy:lora{ENGINE}",
+        ]
+        + ([] if ON_GPU else ["qwen3_moe:ep_legacy:full:triton"])
+    )
 else:
     CASES = []
 

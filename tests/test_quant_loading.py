@@ -260,7 +260,9 @@ def test_qlora_on_linear_nf4_and_nf4_experts(checkpoint, device):
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 dense = reference.get_submodule(name).weight
-                dense.copy_(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).view_as(dense))
+                dense.copy_(
+                    bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).view_as(dense)
+                )
         for name, weight in _expert_weights(model).items():
             reference.get_parameter(name).copy_(weight.dequantize())
     input_ids = tm.sample_batch(batch=2, seq=16).to(device)

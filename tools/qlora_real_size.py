@@ -160,12 +160,19 @@ def main() -> None:
         default="fp32",
         help="the LoRA factors' dtype (fp32: PEFT's default, autocast_adapter_dtype)",
     )
-    parser.add_argument("--loss", choices=("chunked", "model"), default="chunked",
-                        help="chunked: the cross-entropy in chunks of --loss-chunk tokens (chunked_loss); model: labels=")
+    parser.add_argument(
+        "--loss",
+        choices=("chunked", "model"),
+        default="chunked",
+        help="chunked: the cross-entropy in chunks of --loss-chunk tokens (chunked_loss); model: labels=",
+    )
     parser.add_argument("--loss-chunk", type=int, default=256)
-    parser.add_argument("--mamba-chunk", type=int, default=None,
-                        help="NemotronH: the Mamba-2 scan's chunk (the model's 128 by default); transformers' torch "
-                             "path holds [tokens, chunk, heads, state] fp32 per layer, so a shorter chunk is smaller")
+    parser.add_argument(
+        "--mamba-chunk",
+        type=int,
+        default=None,
+        help="NemotronH: the Mamba-2 scan's chunk (the model's 128 by default; the scan's result does not depend on it)",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

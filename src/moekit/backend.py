@@ -8,7 +8,8 @@ Everything is derived from the module's flags (``has_gate``, ``is_transposed``, 
 The data path: routing (the model's) -> ``ExpertsCall`` (``moekit.layout``) -> dispatch plan (``moekit.plan``) ->
 engine (``select_engine``: ``moekit.engines.reference`` or ``moekit.engines.triton``). Eager calls run
 ``run_engine`` inline. Under torch.compile the call goes through the custom op of ``moekit.ops``
-(opaque to the compiler, no graph break), whose implementation runs the same ``run_engine``.
+(opaque to the compiler, no graph break), whose implementation runs the same ``run_engine``; NF4 expert weights
+included (the op takes their codes and scales). Only a custom activation runs outside the graph.
 """
 
 from __future__ import annotations
@@ -167,9 +168,9 @@ def _resolve_while_tracing(module: torch.nn.Module) -> tuple[bool, bool, tuple |
 
 @torch.compiler.disable
 def _run_outside_graph(module: torch.nn.Module, up: Projection, down: Projection, *inputs: Tensor) -> Tensor:
-    """``run_engine`` for a custom activation, or NF4 weights, under torch.compile: a Python callable cannot be an
-    op argument, nor can the op take a tensor subclass, so the call runs eagerly outside the graph (one graph
-    break per call; the engines' own kernels, autograd as in eager)."""
+    """``run_engine`` for a custom activation under torch.compile: a Python callable cannot be an op argument, so
+    the call runs eagerly outside the graph (one graph break per call; the engines' own kernels, autograd as in
+    eager), NF4 weights or dense. Every other call, NF4 weights included, goes through ``ops.experts``."""
     return run_engine(ExpertsCall(experts_layout(module), up, down), *inputs)
 
 
@@ -211,9 +212,10 @@ def moekit_experts_forward(
     inputs = (hidden_states, top_k_index, top_k_weights)
     if not compiling:
         out = run_engine(ExpertsCall(experts_layout(self), up, down), *inputs)
-    elif op_layout is not None and not quantized:
-        # Under torch.compile the engines run inside one opaque custom op (their host reads would break the graph)
+    elif op_layout is not None:
+        # Under torch.compile the engines run inside one opaque custom op (their host reads would break the graph);
+        # an NF4 weight enters it as its codes and scales, graph inputs (dynamo flattens the subclass parameter)
         out = ops.experts(op_layout, up, down, *inputs)
-    else:
+    else:  # a custom activation
         out = _run_outside_graph(self, up, down, *inputs)
     return out.to(out_dtype)
