@@ -57,11 +57,8 @@ import time
 import traceback
 import zlib
 
-# MOEKIT_DIST_DEVICE=cuda: NCCL, one GPU per rank (LOCAL_RANK), the Triton kernels native; else gloo on the CPU.
-DEVICE = os.environ.get("MOEKIT_DIST_DEVICE", "cpu")
-
 if __name__ == "__main__":  # not when the test module imports the helpers below
-    if DEVICE == "cpu":
+    if os.environ.get("MOEKIT_DIST_DEVICE", "cpu") == "cpu":  # (distributed_ranks.DEVICE)
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU ranks
     os.environ.setdefault("MOEKIT_TRITON_AUTOTUNE", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -71,6 +68,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_models as tm
+from distributed_ranks import DEVICE, device, init_process_group
 
 import moekit
 import moekit.backend
@@ -110,17 +108,6 @@ def layouts(world: int) -> dict[str, dict]:
 # that hand moekit the other ranks' routes as sentinels.
 DATA_PARALLEL = {"ep_fsdp"}
 MASKED = {"ep_tp_allreduce", "ep_legacy"}
-
-
-def device() -> torch.device:
-    """This rank's device: its GPU (LOCAL_RANK) under MOEKIT_DIST_DEVICE=cuda, else the CPU."""
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if DEVICE == "cuda" else torch.device("cpu")
-
-
-def init_process_group() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.set_device(device())
-    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -23,8 +23,7 @@ import sys
 
 # MOEKIT_DIST_DEVICE=cuda: NCCL, one GPU per rank, the Triton kernels native (``tools/gpu_session.sh OUT dist``);
 # else gloo on the CPU, the Triton kernels through the interpreter (set before triton is imported)
-DEVICE = os.environ.get("MOEKIT_DIST_DEVICE", "cpu")
-if DEVICE == "cpu":
+if os.environ.get("MOEKIT_DIST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MOEKIT_TRITON_AUTOTUNE", "0")
 
@@ -33,6 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_models as tm
+from distributed_ranks import device, init_process_group
 
 import moekit
 from moekit.enable import experts_modules
@@ -64,11 +64,6 @@ def build(model_type: str, training: str) -> torch.nn.Module:
             if "lora_" in name:
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
     return model.to(device())
-
-
-def device() -> torch.device:
-    """This rank's device: its GPU (LOCAL_RANK) under MOEKIT_DIST_DEVICE=cuda, else the CPU."""
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if DEVICE == "cuda" else torch.device("cpu")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -148,9 +143,7 @@ def run_case(case: str, rank: int, world: int) -> dict:
 
 def main() -> None:
     out_path, cases = sys.argv[1], sys.argv[2:]
-    if DEVICE == "cuda":
-        torch.cuda.set_device(device())
-    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+    init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = [run_case(case, rank, world) for case in cases]
