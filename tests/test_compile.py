@@ -142,22 +142,27 @@ def test_fullgraph_first_call_matches_eager(model_type, dtype):
 
 @pytest.mark.triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton engine natively, on a GPU")
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("training", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
-def test_fullgraph_triton_engine_on_gpu(monkeypatch, model_type, dtype, lora):
-    """The same whole-model check on the GPU, every experts call on the Triton engine (MOEKIT_BACKEND=triton), full
-    fine-tuning and LoRA on both expert projections, compiled before any eager call with fullgraph=True."""
+def test_fullgraph_triton_engine_on_gpu(monkeypatch, model_type, dtype, training):
+    """The same whole-model check on the GPU, every experts call on the Triton engine (MOEKIT_BACKEND=triton): full
+    fine-tuning, LoRA on both expert projections, and QLoRA (NF4 experts, their codes and scales the op's inputs),
+    compiled before any eager call with fullgraph=True."""
     monkeypatch.setattr(OPTIONS, "backend", "triton")
     calls = []
     original = moekit.engines.triton.run
     monkeypatch.setattr(moekit.engines.triton, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = tm.build(model_type, dtype=dtype, experts_implementation="moekit")
-    model = (tm.add_lora(model) if lora else model).cuda()
+    if training == "qlora":
+        model = moekit.quantize_experts(model, "nf4")
+    model = (model if training == "full" else tm.add_lora(model)).cuda()
     ids = tm.sample_batch().cuda()
     backend = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = _step(model, torch.compile(_forward, backend=backend, fullgraph=True), ids)
     assert backend.frame_count == 1
+    if training == "qlora":
+        assert _nf4_op_calls(backend.graphs) == len(moekit.experts_modules(model))
     assert len(calls) == 2 * len(moekit.experts_modules(model))  # forward, and the backward's recompute
     _assert_matches(compiled, _step(model, _forward, ids), TOL[dtype], TOL[dtype])
 
