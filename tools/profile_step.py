@@ -7,6 +7,13 @@ queued with no sync: when it exceeds the step time, the host bounds the step), t
 time) and torch.profiler's per-kernel CUDA time averaged over the profiled steps, largest first. ``--option
 FIELD=VALUE`` sets a field of ``moekit.options.OPTIONS`` for the run (repeatable; VALUE as JSON where it parses).
 ``--python`` adds the host's own time by function (cProfile), ``--tuning`` the config the tuner chose per key.
+
+``--ncu``: after the warm-up steps, one step between ``cudaProfilerStart`` / ``cudaProfilerStop`` and nothing else,
+for Nsight Compute's hardware counters on exactly that step's kernels (tuning stays outside the range):
+
+    ncu --profile-from-start off -k regex:"grouped_gemm|up_proj|act_backward" --section SpeedOfLight \
+        --section Occupancy --section SchedulerStats python tools/profile_step.py --preset qwen3-30b-a3b \
+        --tokens 8192 --mode lora --impl moekit-triton+nf4 --ncu
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ def main() -> None:
     parser.add_argument("--python", action="store_true", help="also profile the host side (cProfile, own time)")
     parser.add_argument("--tuning", action="store_true", help="also print the config the autotuner chose per key")
     parser.add_argument("--option", action="append", default=[], help="FIELD=VALUE of moekit.options (repeatable)")
+    parser.add_argument("--ncu", action="store_true", help="one step inside a CUDA profiler range, for ncu; no timing")
     args = parser.parse_args()
     with override(**parse_assignments(args.option)) if args.option else contextlib.nullcontext():
         profile(args)
@@ -44,6 +52,13 @@ def profile(args: argparse.Namespace) -> None:
 
     for _ in range(3):
         step()
+    if args.ncu:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
     ms = statistics.median(_timer("cuda")(step, 10))
     torch.cuda.synchronize()
     begin = time.perf_counter()

@@ -11,14 +11,15 @@ is whole blocks of 64) and names a tile by the int32 offset of its first element
 and how many of its rows and columns are in range (``nf4_expert``, ``nf4_tile``). No dequantized copy of a weight
 exists anywhere: only the tile in registers.
 
-The codebook lookup is a warp shuffle (``_decode``): lane l holds NF4_CODE[l % 16] and a code c reads lane c, so
-no element gathers from memory (gathers from a table in L1 cost a wavefront per distinct line, the main loop's
-bottleneck). Where one tile axis has unit stride and the 64-element blocks line up with the tile (``nf4_mode``, on
-the host), the tile is read as the half-length tile of its bytes, each the pair of elements along that axis:
-contiguous, so the loads are vectorised and the software pipeliner stages them like any GEMM operand, and the
-scales are one per column (blocks along K) or one per row and 64 columns (blocks along N), broadcast in
-registers. Elsewhere each element takes its own byte and scale. Past a tile's rows and columns its values are
-finite (the zero-padded A tile cancels them, the stores mask them).
+The codebook lookup is a warp shuffle (``_decode``; ``_decode_bytes`` for a word of four code bytes): lane l holds
+NF4_CODE[l % 16] and a code c reads lane c, so no element gathers from memory (gathers from a table in L1 cost a
+wavefront per distinct line). A shuffle still takes a shared-memory wavefront per warp, the largest single load on
+that pipe, which bounds the NF4 GEMMs on Hopper (BENCHMARKS.md). Where one tile axis has unit stride and the
+64-element blocks line up with the tile (``nf4_mode``, on the host), the tile is read as the half-length tile of its
+bytes, each the pair of elements along that axis: contiguous, so the loads are vectorised and the software pipeliner
+stages them like any GEMM operand, and the scales are one per column (blocks along K) or one per row and 64 columns
+(blocks along N), broadcast in registers. Elsewhere each element takes its own byte and scale. Past a tile's rows
+and columns its values are finite (the zero-padded A tile cancels them, the stores mask them).
 """
 
 from __future__ import annotations
