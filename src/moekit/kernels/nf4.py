@@ -114,7 +114,7 @@ def _decode_bytes(byte, table_ptr):
     of the word is looked up from the word shifted right by s, with no masking and no unpacking of the bytes."""
     if _INTERPRETING:
         code = byte.to(tl.int32)
-        high, low = tl.load(table_ptr + (code >> 4)), tl.load(table_ptr + (code & 15))
+        high, low = _decode(code >> 4, table_ptr), _decode(code & 15, table_ptr)
     else:
         high, low = tl.inline_asm_elementwise(
             "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
