@@ -25,13 +25,12 @@ and columns its values are finite (the zero-padded A tile cancels them, the stor
 from __future__ import annotations
 
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ..quant.nf4 import NF4_VALUES, nf4_code
+from ..quant.nf4 import nf4_code
 from ..quant.tensor import NF4Tensor
 
 # The kernels' W_NF4 constexpr: how the B operand is read
@@ -71,54 +70,6 @@ def code_table(device: torch.device) -> torch.Tensor:
 
 
 _CODE_TABLES: dict[str, torch.Tensor] = {}
-
-
-def _byte_planes() -> list[tuple[int, int, int, int]]:
-    """For byte j = 0..3 of the codebook's fp32 bits: the words holding byte j of entries 0-3, 4-7, 8-11, 12-15
-    (entry 4i + b in byte b), the tables of ``prmt`` lookups (``_prmt_lookup``)."""
-    bits = [struct.unpack("<I", struct.pack("<f", value))[0] for value in NF4_VALUES]
-    return [
-        tuple(sum(((bits[4 * quad + b] >> (8 * j)) & 255) << (8 * b) for b in range(4)) for quad in range(4))
-        for j in range(4)
-    ]
-
-
-def _prmt_lookup(word: str, half: int, outs: list[str]) -> str:
-    """PTX: the fp32 codebook entries of the four codes in 16-bit ``half`` of register ``word`` (code k at bits
-    16·half + 4k) into registers ``outs``, by byte permutes. Per byte plane j, ``prmt`` picks byte j of the entry of
-    each code's low 3 bits from entries 0-7 and from entries 8-15, a ``lop3`` keeps one by the code's bit 3 (a byte
-    mask made by prmt's sign-replicate mode), and two rounds of ``prmt`` transpose the 4 x 4 bytes into values."""
-    lines = [f"and.b32 sel, {word}, 0x77777777;", f"shl.b32 w4, {word}, 4;"]
-    if half:
-        lines.append("shr.b32 sel, sel, 16;")
-    # byte k of the mask: the sign of the byte holding code k's bit 3 at bit 7 (of word or of word << 4)
-    lines.append(f"prmt.b32 m, {word}, w4, {0xBFAE if half else 0x9D8C:#x};")
-    for j, (lo0, lo1, hi0, hi1) in enumerate(_byte_planes()):
-        lines += [f"prmt.b32 lo, {lo0:#x}, {lo1:#x}, sel;", f"prmt.b32 hi, {hi0:#x}, {hi1:#x}, sel;",
-                  f"lop3.b32 v{j}, lo, hi, m, 0xD8;"]  # fmt: skip
-    lines += ["prmt.b32 a, v0, v1, 0x5140;", "prmt.b32 b, v0, v1, 0x7362;",
-              "prmt.b32 c, v2, v3, 0x5140;", "prmt.b32 d, v2, v3, 0x7362;",
-              f"prmt.b32 {outs[0]}, a, c, 0x5410;", f"prmt.b32 {outs[1]}, a, c, 0x7632;",
-              f"prmt.b32 {outs[2]}, b, d, 0x5410;", f"prmt.b32 {outs[3]}, b, d, 0x7632;"]  # fmt: skip
-    return " ".join(lines)
-
-
-_LOOKUP = os.environ.get("MOEKIT_NF4_LOOKUP", "shfl")
-_SHFL_TABLE = ("mov.u32 lane, %laneid; and.b32 lane, lane, 15; mul.wide.u32 entry, lane, 4; add.s64 entry, entry, $9; "
-               "ld.global.nc.f32 mine, [entry]; ")
-_REGS = "{ .reg .u32 lane, s, sel, w4, m, lo, hi, v0, v1, v2, v3, a, b, c, d; .reg .u64 entry; .reg .f32 mine; "
-_SHFL_LOW = ("shr.b32 s, $8, 4; shfl.sync.idx.b32 $0, mine, s, 31, -1; shfl.sync.idx.b32 $4, mine, $8, 31, -1; "
-             "shr.b32 s, $8, 12; shfl.sync.idx.b32 $1, mine, s, 31, -1; shr.b32 s, $8, 8; shfl.sync.idx.b32 $5, mine, s, 31, -1; ")
-_SHFL_HIGH = ("shr.b32 s, $8, 20; shfl.sync.idx.b32 $2, mine, s, 31, -1; shr.b32 s, $8, 16; shfl.sync.idx.b32 $6, mine, s, 31, -1; "
-              "shr.b32 s, $8, 28; shfl.sync.idx.b32 $3, mine, s, 31, -1; shr.b32 s, $8, 24; shfl.sync.idx.b32 $7, mine, s, 31, -1; ")
-if _LOOKUP == "shfl":
-    _WORD_ASM = _REGS + _SHFL_TABLE + _SHFL_LOW + _SHFL_HIGH + "}"
-elif _LOOKUP == "split":
-    _WORD_ASM = _REGS + _SHFL_TABLE + _SHFL_HIGH + _prmt_lookup("$8", 0, ["$4", "$0", "$5", "$1"]) + " }"
-else:
-    _WORD_ASM = (_REGS + _prmt_lookup("$8", 0, ["$4", "$0", "$5", "$1"]) + " "
-                 + _prmt_lookup("$8", 1, ["$6", "$2", "$7", "$3"]) + " }")
-_WORD_ASM_C: tl.constexpr = tl.constexpr(_WORD_ASM)
 
 
 def weight_operands(weight, cols: int, column_shift: int = 0) -> tuple:
@@ -166,7 +117,16 @@ def _decode_bytes(byte, table_ptr):
         high, low = _decode(code >> 4, table_ptr), _decode(code & 15, table_ptr)
     else:
         high, low = tl.inline_asm_elementwise(
-            _WORD_ASM_C,
+            "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
+            "mul.wide.u32 entry, lane, 4; add.s64 entry, entry, $9; ld.global.nc.f32 mine, [entry]; "
+            "shr.b32 s, $8, 4; shfl.sync.idx.b32 $0, mine, s, 31, -1; "
+            "shfl.sync.idx.b32 $4, mine, $8, 31, -1; "
+            "shr.b32 s, $8, 12; shfl.sync.idx.b32 $1, mine, s, 31, -1; "
+            "shr.b32 s, $8, 8; shfl.sync.idx.b32 $5, mine, s, 31, -1; "
+            "shr.b32 s, $8, 20; shfl.sync.idx.b32 $2, mine, s, 31, -1; "
+            "shr.b32 s, $8, 16; shfl.sync.idx.b32 $6, mine, s, 31, -1; "
+            "shr.b32 s, $8, 28; shfl.sync.idx.b32 $3, mine, s, 31, -1; "
+            "shr.b32 s, $8, 24; shfl.sync.idx.b32 $7, mine, s, 31, -1; }",
             "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, tl.broadcast_to(table_ptr, byte.shape)],
             dtype=(tl.float32, tl.float32), is_pure=True, pack=4,
         )  # fmt: skip
