@@ -199,6 +199,20 @@ def _ab_bench():
     return _tool("ab_bench")
 
 
+def test_nf4_operand_bench_checks_every_kernel(capsys):
+    """tools/nf4_operand_bench.py --check: the dense, B-operand and register-A GEMMs equal the fp32 product on the
+    dequantized weight; the register-A kernel on bitsandbytes' byte pairs instead of its halves is caught."""
+    tool = _tool("nf4_operand_bench")
+    assert tool.main(["--check"]) == 0
+    assert capsys.readouterr().out.count(" ok") == len(tool.CHECK_CONFIGS)
+    codes = torch.randint(0, 16, (4, 128))
+    assert tool.pack_halves(codes)[1, 33].item() == codes[1, 65].item() << 4 | codes[1, 97].item()  # block 1
+    tool.pack_halves = tool.pack_pairs  # the wrong packing for the register-A kernel
+    register_a = [config for config in tool.CHECK_CONFIGS if config[0].startswith("register A")]
+    rows = tool.run([(64, 64, 128)], register_a, "cpu", torch.float16)
+    assert rows and not any(row["ok"] for row in rows)
+
+
 def test_ab_bench_summary_and_variant_check(tmp_path):
     """tools/ab_bench.py: one line per case with each variant's processes in order, and a variant whose path does
     not hold moekit is refused (here moekit is installed, so PYTHONPATH cannot select it)."""

@@ -13,8 +13,9 @@ exists anywhere: only the tile in registers.
 
 The codebook lookup is a warp shuffle (``_decode``; ``_decode_bytes`` for a word of four code bytes): lane l holds
 NF4_CODE[l % 16] and a code c reads lane c, so no element gathers from memory (gathers from a table in L1 cost a
-wavefront per distinct line). A shuffle still takes a shared-memory wavefront per warp, the largest single load on
-that pipe, which bounds the NF4 GEMMs on Hopper (BENCHMARKS.md). Where one tile axis has unit stride and the
+wavefront per distinct line). Byte permutes over the codebook's byte planes, which spare the shared-memory pipe the
+shuffles load, were no faster on Hopper: the NF4 GEMMs are latency-bound, because triton makes the MMA on a tile
+stored from registers wait for that tile (BENCHMARKS.md). Where one tile axis has unit stride and the
 64-element blocks line up with the tile (``nf4_mode``, on the host), the tile is read as the half-length tile of its
 bytes, each the pair of elements along that axis: contiguous, so the loads are vectorised and the software pipeliner
 stages them like any GEMM operand, and the scales are one per column (blocks along K) or one per row and 64 columns

@@ -59,8 +59,8 @@ _SPACES = {
         "interpret": [(16, 16, 16, 4, 1)],
     },
     # NF4 B operands (kernels/nf4.py): each B tile costs ~3.5 instructions an element to dequantize, one of them a
-    # warp shuffle (a shared-memory wavefront: that pipe bounds these GEMMs), once per program, and the program's
-    # warpgroup MMA waits for it, so either row tiles of 256 (half the dequantization per multiply-add) or 4-warp
+    # warp shuffle, once per program, and the program's warpgroup MMA waits for it (the loop is latency-bound, see
+    # BENCHMARKS.md), so either row tiles of 256 (half the dequantization per multiply-add) or 4-warp
     # programs of which two or three share an SM (one dequantizes while another multiplies: (128, 128, 64, 4, 3)
     # compiles to 255 registers, (128, 64, 64, 4, 3) to 168, gated (128, 32, 64, 4, 3) to 136). All compile for
     # sm_90 without spills.
