@@ -16,6 +16,8 @@ The question it answers is which operand the dequantized weight should be. Rows,
   with one operand (``_decode_lane``: each lane builds its codebook entry from its lane id, then one shuffle).
   ``×2 acc`` gives the two K-halves their own accumulators, which lets triton keep MMAs in flight across
   iterations.
+- ``pipelined (gluon)`` (GPU only): ``tools/nf4_gluon_gemm.py``, bitsandbytes' packing as the B operand, its loop
+  written out in gluon so that each MMA runs while the next tile is dequantized into a second B buffer.
 
 Each row's output is checked against the fp32 product of x and the dequantized weight (tolerance 1e-2, the bf16
 rounding of the output is ~3e-3), so a fast wrong kernel shows as wrong.
@@ -161,10 +163,16 @@ def run(shapes, configs, device: str, dtype: torch.dtype = torch.bfloat16, repea
                 kernel, args = _dense_gemm, (x, dequantized, out, m, n, k, bm, bn, bk)
             elif name == "B operand":
                 kernel, args = _b_operand_gemm, (x, pairs, absmax, table, out, m, n, k, bm, bn, bk)
+            elif name == "pipelined (gluon)":
+                from nf4_gluon_gemm import launch as gluon_launch  # GPU only: gluon has no interpreter
+
+                kernel = None
+                launch = functools.partial(gluon_launch, x, pairs, absmax, table, out, bm, bn, stages, warps)
             else:
                 kernel = _register_a_gemm
                 args = (x, halves, absmax, table, out, m, n, k, bm, bn, name.endswith("×2 acc"))
-            launch = functools.partial(kernel[(m // bm, n // bn)], *args, num_warps=warps, num_stages=stages)
+            if kernel is not None:
+                launch = functools.partial(kernel[(m // bm, n // bn)], *args, num_warps=warps, num_stages=stages)
             launch()
             error = ((out.float() - truth).abs().max() / truth.abs().max()).item()
             us = triton.testing.do_bench(launch, warmup=25, rep=repeat_ms) * 1e3 if device == "cuda" else float("nan")
@@ -181,6 +189,9 @@ GPU_CONFIGS = [
     ("register A", (128, 128, 64, 8, 3)),
     ("register A", (256, 128, 64, 8, 3)),
     ("register A ×2 acc", (128, 128, 64, 8, 3)),
+    ("pipelined (gluon)", (128, 128, 64, 8, 3)),
+    ("pipelined (gluon)", (128, 128, 64, 8, 4)),
+    ("pipelined (gluon)", (64, 128, 64, 4, 4)),
 ]
 CHECK_CONFIGS = [("dense", (32, 32, 32, 4, 1)), ("B operand", (32, 32, 32, 4, 1)), ("register A", (32, 32, 64, 4, 1)),
                  ("register A ×2 acc", (32, 32, 64, 4, 1))]  # fmt: skip

@@ -107,6 +107,22 @@ def _decode(code, table_ptr):
     return value
 
 
+# The PTX of ``_decode_bytes`` (tools/nf4_gluon_gemm.py takes it too): $0-$3 receive the values of the high codes of
+# the four bytes packed in $8, $4-$7 those of the low codes; $9-$12 are the codebook
+_WORD_LOOKUP_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
+    "mul.wide.u32 entry, lane, 4; add.s64 entry, entry, $9; ld.global.nc.f32 mine, [entry]; "
+    "shr.b32 s, $8, 4; shfl.sync.idx.b32 $0, mine, s, 31, -1; "
+    "shfl.sync.idx.b32 $4, mine, $8, 31, -1; "
+    "shr.b32 s, $8, 12; shfl.sync.idx.b32 $1, mine, s, 31, -1; "
+    "shr.b32 s, $8, 8; shfl.sync.idx.b32 $5, mine, s, 31, -1; "
+    "shr.b32 s, $8, 20; shfl.sync.idx.b32 $2, mine, s, 31, -1; "
+    "shr.b32 s, $8, 16; shfl.sync.idx.b32 $6, mine, s, 31, -1; "
+    "shr.b32 s, $8, 28; shfl.sync.idx.b32 $3, mine, s, 31, -1; "
+    "shr.b32 s, $8, 24; shfl.sync.idx.b32 $7, mine, s, 31, -1; }"
+)  # fmt: skip
+
+
 @triton.jit
 def _decode_bytes(byte, table_ptr):
     """(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]) (fp32) for uint8 code bytes, ``table_ptr`` the codebook. On the GPU
@@ -118,16 +134,7 @@ def _decode_bytes(byte, table_ptr):
         high, low = _decode(code >> 4, table_ptr), _decode(code & 15, table_ptr)
     else:
         high, low = tl.inline_asm_elementwise(
-            "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
-            "mul.wide.u32 entry, lane, 4; add.s64 entry, entry, $9; ld.global.nc.f32 mine, [entry]; "
-            "shr.b32 s, $8, 4; shfl.sync.idx.b32 $0, mine, s, 31, -1; "
-            "shfl.sync.idx.b32 $4, mine, $8, 31, -1; "
-            "shr.b32 s, $8, 12; shfl.sync.idx.b32 $1, mine, s, 31, -1; "
-            "shr.b32 s, $8, 8; shfl.sync.idx.b32 $5, mine, s, 31, -1; "
-            "shr.b32 s, $8, 20; shfl.sync.idx.b32 $2, mine, s, 31, -1; "
-            "shr.b32 s, $8, 16; shfl.sync.idx.b32 $6, mine, s, 31, -1; "
-            "shr.b32 s, $8, 28; shfl.sync.idx.b32 $3, mine, s, 31, -1; "
-            "shr.b32 s, $8, 24; shfl.sync.idx.b32 $7, mine, s, 31, -1; }",
+            _WORD_LOOKUP_PTX,
             "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, tl.broadcast_to(table_ptr, byte.shape)],
             dtype=(tl.float32, tl.float32), is_pure=True, pack=4,
         )  # fmt: skip
