@@ -127,6 +127,7 @@ quant)
   #   real     Qwen3-30B-A3B at full size (tools/qlora_real_size.py)
   #   loading  the loading path (tools/measure_loading.py)
   #   linear   linear="nf4" (bitsandbytes 4-bit linears) with NF4 experts, LoRA on both, on CUDA (not in the default)
+  #   operand  tools/nf4_operand_bench.py: one NF4 GEMM per wgmma operand form and the gluon kernel (not in the default)
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
   export MOEKIT_CACHE_DIR=$cache
   for section in $(echo "${QUANT_PARTS:-tests,cold,bench,real,loading}" | tr ',' ' '); do
@@ -172,8 +173,13 @@ quant)
       echo "QLoRA with linear=nf4 on CUDA: exit $? ($(tail -1 "$out/linear_nf4.log"))" | tee -a "$out/card.txt"
       grep -E "^(FAILED|ERROR|E )" "$out/linear_nf4.log" | head -10
       ;;
+    operand)  # one NF4 GEMM with the weight as each wgmma operand, and the gluon pipelined kernel, against dense
+      timeout "${OPERAND_TIMEOUT:-200}" python tools/nf4_operand_bench.py > "$out/nf4_operand.log" 2>&1
+      echo "NF4 operand bench: exit $?" | tee -a "$out/card.txt"
+      tail -40 "$out/nf4_operand.log"
+      ;;
     *)
-      echo "unknown quant section '$section': tests, cold, bench, real, loading or linear"
+      echo "unknown quant section '$section': tests, cold, bench, real, loading, linear or operand"
       exit 2
       ;;
     esac

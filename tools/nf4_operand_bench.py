@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from triton.compiler.errors import CompilationError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -173,11 +174,21 @@ def run(shapes, configs, device: str, dtype: torch.dtype = torch.bfloat16, repea
                 args = (x, halves, absmax, table, out, m, n, k, bm, bn, name.endswith("×2 acc"))
             if kernel is not None:
                 launch = functools.partial(kernel[(m // bm, n // bn)], *args, num_warps=warps, num_stages=stages)
-            launch()
-            error = ((out.float() - truth).abs().max() / truth.abs().max()).item()
-            us = triton.testing.do_bench(launch, warmup=25, rep=repeat_ms) * 1e3 if device == "cuda" else float("nan")
-            rows.append({"shape": (m, n, k), "kernel": name, "config": (bm, bn, bk, warps, stages), "us": us,
-                         "tflops": 2 * m * n * k / us / 1e6, "error": error, "ok": error <= 1e-2})  # fmt: skip
+            row = {"shape": (m, n, k), "kernel": name, "config": (bm, bn, bk, warps, stages), "us": float("nan"),
+                   "tflops": float("nan"), "error": float("nan"), "ok": False, "failure": ""}  # fmt: skip
+            try:
+                launch()
+            # a kernel that does not import, compile or launch is a row, not the end of the run
+            except (CompilationError, ImportError, RuntimeError, ValueError, TypeError, AssertionError) as failure:
+                row["failure"] = f"{type(failure).__name__}: {str(failure).splitlines()[0][:160]}"
+                rows.append(row)
+                continue
+            row["error"] = ((out.float() - truth).abs().max() / truth.abs().max()).item()
+            row["ok"] = row["error"] <= 1e-2
+            if device == "cuda":
+                row["us"] = triton.testing.do_bench(launch, warmup=25, rep=repeat_ms) * 1e3
+                row["tflops"] = 2 * m * n * k / row["us"] / 1e6
+            rows.append(row)
     return rows
 
 
@@ -212,8 +223,9 @@ def main(argv=None) -> int:
     dense_us = {row["shape"]: row["us"] for row in rows if row["kernel"] == "dense"}
     for row in rows:
         ratio = row["us"] / dense_us[row["shape"]]
+        verdict = "ok" if row["ok"] else f"FAILED {row['failure']}" if row["failure"] else "WRONG"
         print(f"{row['shape']} {row['kernel']:18s} {row['config']} {row['us']:9.1f} us {row['tflops']:7.1f} TFLOP/s "
-              f"{ratio:5.2f}x dense  max rel err {row['error']:.1e} {'ok' if row['ok'] else 'WRONG'}")  # fmt: skip
+              f"{ratio:5.2f}x dense  max rel err {row['error']:.1e} {verdict}")  # fmt: skip
     return 0 if all(row["ok"] for row in rows) else 1
 
 
