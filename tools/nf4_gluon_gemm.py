@@ -97,7 +97,8 @@ def nf4_gemm_pipelined(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, M, N, K
         # tile k dequantizes while MMA k - 1 runs
         _dequantize_tile(code_smem, w_smem, scale, table_ptr, k, STAGES, BN, BK, code_layout, w_layout)
         scale = gl.load(scale_ptrs + k + 1, mask=k + 1 < num_k)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # MMA k - 1 done: its x stage is free
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
+        gl.thread_barrier()  # and every warpgroup's: its x stage and B buffer k - 1 may be overwritten
         _copy_tile(x_smem, code_smem, x_ptrs, x_rows_in, code_ptrs, k + STAGES - 1, num_k, STAGES, BK)
         acc = warpgroup_mma(x_smem.index(k % STAGES), w_smem.index(k % 2).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
