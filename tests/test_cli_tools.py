@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import triton
 from peft import LoraConfig, get_peft_model
 
 import moekit.engines.reference
@@ -197,6 +198,32 @@ def _tool(name: str):
 
 def _ab_bench():
     return _tool("ab_bench")
+
+
+def test_nf4_gluon_gemm_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
+    """tools/nf4_gluon_gemm.py, which gluon cannot run on the CPU, compiled offline for sm_90 with this triton: it
+    builds, keeps its warpgroup MMAs asynchronous (ptxas prints advisory C7515 when it serializes them) and does
+    not spill."""
+    import subprocess
+
+    pytest.importorskip("triton.experimental.gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gluon_gemm = _tool("nf4_gluon_gemm")
+    signature = {name: "*bf16" for name in ("x_ptr", "out_ptr")}
+    signature |= {"codes_ptr": "*u8", "scales_ptr": "*fp32", "table_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
+    constants = {"BM": 128, "BN": 128, "STAGES": 3, "num_warps": 8}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # as triton specializes torch tensors and sizes
+    source = GluonASTSource(gluon_gemm.nf4_gemm_pipelined, signature | dict.fromkeys(constants, "constexpr"),
+                            constexprs=constants, attrs=aligned)  # fmt: skip
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 8}).asm["ptx"]
+    assert ptx.count("wgmma.mma_async") >= 4
+    (tmp_path / "k.ptx").write_text(ptx)
+    info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, check=True).stderr  # fmt: skip
+    assert "C7515" not in info and "0 bytes spill stores" in info, info
 
 
 def test_nf4_operand_bench_checks_every_kernel(capsys):

@@ -29,12 +29,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from moekit.kernels.nf4 import _WORD_LOOKUP_PTX
 
+# names that newer triton changed (3.6's first): cp.async into shared memory, and a barrier of the whole CTA
+_copy_to_shared = getattr(async_copy, "async_load", async_copy.async_copy_global_to_shared)
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
 
 @gluon.jit
 def _copy_tile(x_smem, code_smem, x_ptrs, x_rows_in, code_ptrs, t, num_k, STAGES: gl.constexpr, BK: gl.constexpr):
     """Start the copies of tile t's x and code bytes into stage t % STAGES, as one commit group (empty past K)."""
-    async_copy.async_copy_global_to_shared(x_smem.index(t % STAGES), x_ptrs + t * BK, mask=x_rows_in & (t < num_k))
-    async_copy.async_copy_global_to_shared(code_smem.index(t % STAGES), code_ptrs + t * (BK // 2), mask=t < num_k)
+    _copy_to_shared(x_smem.index(t % STAGES), x_ptrs + t * BK, mask=x_rows_in & (t < num_k))
+    _copy_to_shared(code_smem.index(t % STAGES), code_ptrs + t * (BK // 2), mask=t < num_k)
     async_copy.commit_group()
 
 
@@ -44,7 +48,7 @@ def _dequantize_tile(code_smem, w_smem, scale, table_ptr, k, STAGES: gl.constexp
     """Wait for tile k's copies, dequantize its [BN, BK / 2] code bytes with its [BN] scales into B buffer k % 2 as
     bf16 [BN, BK]."""
     async_copy.wait_group(STAGES - 2)  # this thread's copies of tile k are done
-    gl.thread_barrier()  # and every thread's
+    _cta_barrier()  # and every thread's
     byte = code_smem.index(k % STAGES).load(code_layout)
     table = table_ptr + gl.zeros([BN, BK // 2], gl.int32, layout=code_layout)
     high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
@@ -53,7 +57,7 @@ def _dequantize_tile(code_smem, w_smem, scale, table_ptr, k, STAGES: gl.constexp
     w = gl.reshape(gl.join(high * scale, low * scale), [BN, BK])  # element 2j + 1 beside 2j
     w_smem.index(k % 2).store(gl.convert_layout(w.to(gl.bfloat16), w_layout))
     fence_async_shared()  # the stores, before the MMA reads them through the async proxy
-    gl.thread_barrier()
+    _cta_barrier()
 
 
 @gluon.jit
@@ -98,7 +102,7 @@ def nf4_gemm_pipelined(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, M, N, K
         _dequantize_tile(code_smem, w_smem, scale, table_ptr, k, STAGES, BN, BK, code_layout, w_layout)
         scale = gl.load(scale_ptrs + k + 1, mask=k + 1 < num_k)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
-        gl.thread_barrier()  # and every warpgroup's: its x stage and B buffer k - 1 may be overwritten
+        _cta_barrier()  # and every warpgroup's: its x stage and B buffer k - 1 may be overwritten
         _copy_tile(x_smem, code_smem, x_ptrs, x_rows_in, code_ptrs, k + STAGES - 1, num_k, STAGES, BK)
         acc = warpgroup_mma(x_smem.index(k % STAGES), w_smem.index(k % 2).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
