@@ -174,7 +174,7 @@ quant)
       grep -E "^(FAILED|ERROR|E )" "$out/linear_nf4.log" | head -10
       ;;
     operand)  # one NF4 GEMM with the weight as each wgmma operand, and the gluon pipelined kernel, against dense
-      timeout "${OPERAND_TIMEOUT:-200}" python tools/nf4_operand_bench.py > "$out/nf4_operand.log" 2>&1
+      timeout "${OPERAND_TIMEOUT:-300}" python tools/nf4_operand_bench.py > "$out/nf4_operand.log" 2>&1
       echo "NF4 operand bench: exit $?" | tee -a "$out/card.txt"
       tail -40 "$out/nf4_operand.log"
       ;;

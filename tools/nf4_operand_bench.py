@@ -203,6 +203,8 @@ GPU_CONFIGS = [
     ("pipelined (gluon)", (128, 128, 64, 8, 3)),
     ("pipelined (gluon)", (128, 128, 64, 8, 4)),
     ("pipelined (gluon)", (64, 128, 64, 4, 4)),
+    ("pipelined (gluon)", (256, 128, 64, 8, 3)),
+    ("pipelined (gluon)", (128, 256, 64, 8, 3)),
 ]
 CHECK_CONFIGS = [("dense", (32, 32, 32, 4, 1)), ("B operand", (32, 32, 32, 4, 1)), ("register A", (32, 32, 64, 4, 1)),
                  ("register A ×2 acc", (32, 32, 64, 4, 1))]  # fmt: skip
