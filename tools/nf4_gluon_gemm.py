@@ -7,11 +7,12 @@ experts"). Here the B tile is double-buffered in shared memory and the loop is w
 
     wait for tile k's x and code bytes (cp.async, S stages ahead)
     dequantize tile k's codes into B buffer k % 2        <- MMA k - 1 runs meanwhile on the tensor cores
-    wait for MMA k - 1; start the copies of tile k + S - 1 into the stage it freed
+    wait for MMA k - 1 (every warpgroup's); start the copies of tile k + S - 1 into the stage it freed
     start MMA k on x stage k % S and B buffer k % 2
 
-A prototype for ``tools/nf4_operand_bench.py`` (its ``pipelined (gluon)`` row); gluon does not run under the
-interpreter, so CPU tests cannot exercise it and moekit's engine does not use it.
+A prototype for ``tools/nf4_operand_bench.py`` (its ``pipelined (gluon)`` rows), which times it and checks its
+values on a GPU. Gluon does not run under the interpreter: on the CPU a test only compiles it for sm_90
+(tests/test_cli_tools.py). moekit's engine does not use it.
 """
 
 from __future__ import annotations
