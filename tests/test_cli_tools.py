@@ -243,13 +243,14 @@ def test_nf4_gluon_gemm_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
 
 def test_nf4_operand_bench_checks_every_kernel(capsys):
     """tools/nf4_operand_bench.py --check: the dense, B-operand and register-A GEMMs equal the fp32 product on the
-    dequantized weight; the register-A kernel on bitsandbytes' byte pairs instead of its halves is caught."""
+    dequantized weight; the register-A kernel on moekit's byte pairs instead of its halves is caught."""
     tool = _tool("nf4_operand_bench")
     assert tool.main(["--check"]) == 0
     assert capsys.readouterr().out.count(" ok") == len(tool.CHECK_CONFIGS)
     codes = torch.randint(0, 16, (4, 128))
-    assert tool.pack_halves(codes)[1, 33].item() == codes[1, 65].item() << 4 | codes[1, 97].item()  # block 1
-    tool.pack_halves = tool.pack_pairs  # the wrong packing for the register-A kernel
+    pairs = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    assert tool.pack_halves(pairs)[1, 33].item() == codes[1, 65].item() << 4 | codes[1, 97].item()  # block 1
+    tool.pack_halves = lambda packed: packed  # the wrong packing for the register-A kernel: moekit's own
     register_a = [config for config in tool.CHECK_CONFIGS if config[0].startswith("register A")]
     rows = tool.run([(64, 64, 128)], register_a, "cpu", torch.float16)
     assert rows and not any(row["ok"] for row in rows)

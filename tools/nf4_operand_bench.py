@@ -40,7 +40,7 @@ from triton.compiler.errors import CompilationError
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from moekit.kernels.nf4 import ROW_PAIRS, nf4_tile
-from moekit.quant.nf4 import NF4_VALUES, nf4_code
+from moekit.quant.nf4 import NF4_VALUES, dequantize_nf4, nf4_code, quantize_nf4
 
 _INTERPRETING: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 _ROW_PAIRS: tl.constexpr = tl.constexpr(ROW_PAIRS)
@@ -132,16 +132,12 @@ def _register_a_gemm(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, M, N, K,
     tl.store(out_ptr + offs_m[None, :] * N + offs_n[:, None], out.to(out_ptr.dtype.element_ty))
 
 
-def pack_halves(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] of int codes [N, K]: byte j of each 64-element block holds elements j (high) and j + 32."""
-    n, k = codes.shape
-    blocks = codes.view(n, k // 64, 64)
-    return ((blocks[:, :, :32] << 4) | blocks[:, :, 32:]).reshape(n, k // 2).to(torch.uint8)
-
-
-def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] of int codes [N, K]: bitsandbytes' packing, elements 2i (high) and 2i + 1 in a byte."""
-    return ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+def pack_halves(packed: torch.Tensor) -> torch.Tensor:
+    """moekit's packing (bitsandbytes': elements 2i and 2i + 1 in byte i, the first high) of rows [N, K/2] repacked
+    in halves: byte j of each 64-element block holds elements j (high) and j + 32."""
+    n = packed.shape[0]
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(n, -1, 64)  # [N, K/64, 64]
+    return ((codes[:, :, :32] << 4) | codes[:, :, 32:]).reshape(n, -1)
 
 
 def run(shapes, configs, device: str, dtype: torch.dtype = torch.bfloat16, repeat_ms: int = 200) -> list[dict]:
@@ -153,11 +149,11 @@ def run(shapes, configs, device: str, dtype: torch.dtype = torch.bfloat16, repea
             raise SystemExit(f"--shapes: K must be a multiple of 64, got {k}")
         gen = torch.Generator(device="cpu").manual_seed(m + n + k)
         x = torch.randn(m, k, generator=gen).to(device, dtype)
-        codes = torch.randint(0, 16, (n, k), generator=gen).to(device)
-        absmax = (torch.rand(n, k // 64, generator=gen) + 0.5).to(device)
-        dequantized = (table[codes] * absmax.repeat_interleave(64, dim=1)).to(dtype)
+        weight = quantize_nf4(torch.randn(n, k, generator=gen).to(device))  # moekit's storage, [N, K] row-major
+        pairs, absmax = weight.packed.view(n, k // 2), weight.absmax.view(n, k // 64)
+        halves = pack_halves(pairs).contiguous()
+        dequantized = dequantize_nf4(weight, dtype)
         truth = x.float() @ dequantized.float().t()
-        pairs, halves = pack_pairs(codes).contiguous(), pack_halves(codes).contiguous()
         for name, (bm, bn, bk, warps, stages) in configs:
             out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
             if name == "dense":
