@@ -8,7 +8,9 @@ out is the weighted expert output, which the combine kernel sums over K); dX (A 
 [E, W, H], no bias, no weight); dA's GEMM (A = dOut rows gathered through token_of_row inside the loads, B = W_down
 viewed [E, H, I], see act_grad.py). Operands are read through strides, so stored [E, out, in] and transposed
 [E, in, out] weights both work without copies. Accumulation in fp32, one rounding to the output dtype. An NF4
-weight (``W_NF4``) is read as codes and scales, each tile dequantized in the main loop's loads (``kernels.nf4``).
+weight (``W_NF4``) is read as codes and scales, each tile dequantized in the main loop's loads (``kernels.nf4``);
+on Hopper, bf16 / fp16 rows and byte pairs along a tile axis, by the gluon kernel of ``kernels.nf4_hopper`` instead
+(the same contract; it overlaps each tile's dequantization with the previous tile's MMA).
 
 LoRA (``lora=(u, L)``): after the main loop the rank's reduction adds u[r] @ L[e] (u [n, R] plan rows, L viewed
 [E, R, N]) into the same accumulator, before bias and routing weight; with one rank step its tiles are loaded
@@ -24,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import nf4_hopper
 from .nf4 import nf4_expert, weight_operands
 from .numerics import as_operand, dot_loop, dot_precision, mma, new_output, to_dtype
 from .tiling import (
@@ -122,6 +125,9 @@ def grouped_gemm(
     u, lw = lora if has_lora else (out, out)
     rank = u.shape[1] if has_lora else 0
     w, ws, code, w_nf4 = weight_operands(weight_in_out, n_dim)
+    if nf4_hopper.runs(rows, weight_in_out, w_nf4, lowrank):
+        return nf4_hopper.grouped_gemm_nf4(rows, weight_in_out, counts, n, out, w_nf4, code, gather, bias,
+                                           routing_weights, sorted_rows, lora)  # fmt: skip
     if lowrank:
         kernel, extra = _LOWRANK, {"BLOCK_N": rank_block(n_dim, 128)}
     else:

@@ -16,7 +16,9 @@ BLOCK_M x BLOCK_N tile of ``a``; for gated layouts it holds the gate and the mat
 2·BLOCK_N columns, split in registers after the main loop), so the activation is applied in registers.
 ``h`` is stored (rounded to the input dtype) for backward and ``a`` is computed from the rounded h, as the
 reference does. An NF4 W_up (``W_NF4``) is read as codes and scales, each tile dequantized in the main loop's
-loads (``kernels.nf4``).
+loads (``kernels.nf4``); where the Hopper NF4 GEMM runs (``kernels.nf4_hopper.runs``) h is its plain product over
+all W columns (``grouped_gemm`` with the rows gathered, bias and LoRA) and a comes from h in a pass of its own
+(``kernels.act_forward``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import nf4_hopper
+from .act_forward import act_forward
 from .activation import act_fn, gated_forward
+from .grouped_gemm import grouped_gemm
 from .nf4 import nf4_expert, weight_operands
 from .numerics import dot_loop_pair, dot_precision, mma, new_output, to_dtype
 from .tiling import block_e, cdiv, gemm_program, num_row_tiles, one_rank_step, rank_block, rows_bucket, tile_rows
@@ -142,15 +147,18 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     num_experts, hidden, width = weight_in_out.shape
     gated = activation.gated
     inner = width // 2 if gated else width
-    h = new_output(n, width, dtype=x.dtype, device=x.device)
-    a = new_output(n, inner, dtype=x.dtype, device=x.device)
-    if n == 0:
-        return h, a
     if gated and not activation.concatenated:
         col_stride, up_off = 2, 1
     else:
         col_stride, up_off = 1, inner
     w, ws, code, w_nf4 = weight_operands(weight_in_out, inner * col_stride, up_off if gated and col_stride == 1 else 0)
+    if n and nf4_hopper.runs(x, weight_in_out, w_nf4, lowrank=False):  # all of h on the Hopper NF4 GEMM, then a
+        h = grouped_gemm(x, weight_in_out, counts, n, bias=bias, gather=token_of_row, lora=lora)
+        return h, act_forward(h, counts, activation)
+    h = new_output(n, width, dtype=x.dtype, device=x.device)
+    a = new_output(n, inner, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return h, a
     kernel = _KERNELS[gated, bool(w_nf4)]
 
     def grid(meta):

@@ -1,0 +1,297 @@
+"""The NF4 grouped GEMM on Hopper, in gluon: each warpgroup MMA runs while the next weight tile is dequantized.
+
+    out[r] = (A[r] @ W[e] (+ u[r] @ L[e]) (+ bias[e])) * (routing_weight[sorted_rows[r]] if SCALE)
+
+``grouped_gemm``'s contract (same arguments, same tile map, same epilogue) for an NF4 weight whose byte pairs run
+along one tile axis (``nf4.ROW_PAIRS``: along K, the stored [E, out, in] weight read as [E, in, out];
+``nf4.COLUMN_PAIRS``: along N, the transposed read) with bf16 / fp16 rows. ``tl.dot`` on a tile dequantized in
+registers makes every MMA wait for its tile's stores (BENCHMARKS.md, "NF4 experts"); here the loop is written out:
+
+    wait for tile k's A rows and code bytes (cp.async, STAGES - 1 tiles ahead)
+    dequantize tile k into B buffer k % 2 (codebook shuffle, block scale, round)  <- MMA k - 1 runs meanwhile
+    wait for MMA k - 1 in every warpgroup; start the copies of tile k + STAGES - 1 into the stage it freed
+    start MMA k on A stage k % STAGES and B buffer k % 2
+
+Steps of BLOCK_K = 64 (K a multiple of 64, so every block of 64 scales one step of a column or one row of 64
+columns). LoRA: after the main loop each rank chunk of u [BLOCK_M, BLOCK_R] and L [BLOCK_R, BLOCK_N] is rounded
+to the rows' dtype in shared memory and one more MMA adds it into the accumulator. Gluon has no interpreter: the
+CPU suite compiles this kernel for sm_90 (tests/test_nf4_hopper.py), the GPU suite checks it against the Triton
+kernel of ``grouped_gemm`` and the reference (tests/gpu/test_gpu_nf4.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+from .nf4 import _WORD_LOOKUP_PTX, COLUMN_PAIRS, ROW_PAIRS, nf4_expert
+from .numerics import interpreting
+from .tiling import block_e, cdiv, num_row_tiles, rank_block, swizzle
+
+# names newer triton changed (3.6's second): cp.async into shared memory, and a barrier of the whole CTA
+_copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+BLOCK_K = 64  # one block of 64 scales per step
+BLOCK_N = 128
+STAGES = 3
+NUM_WARPS = 8
+
+
+def block_m(n: int, num_experts: int) -> int:
+    """Row tile: 256 (two warpgroups of 128 rows) where the experts average that many rows, else 128."""
+    return 256 if n >= 256 * num_experts else 128
+
+
+def runs(rows: torch.Tensor, weight, mode: int, lowrank: bool) -> bool:
+    """Whether ``grouped_gemm`` takes this kernel: an sm_90 GPU (not the interpreter), bf16 / fp16 rows with unit
+    column stride and 16-byte aligned rows, an NF4 weight with byte pairs along a tile axis, K a multiple of 64
+    (and N of 16 for pairs along N)."""
+    if lowrank or mode not in (ROW_PAIRS, COLUMN_PAIRS) or interpreting() or not rows.is_cuda:
+        return False
+    if rows.dtype not in (torch.bfloat16, torch.float16) or rows.stride(1) != 1 or rows.stride(0) % 8:
+        return False
+    if rows.data_ptr() % 16 or weight.shape[1] % BLOCK_K or (mode == COLUMN_PAIRS and weight.shape[2] % 16):
+        return False
+    return torch.cuda.get_device_capability(rows.device) == (9, 0)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _expert_tile(counts_ptr, E, pid_m, BLOCK_M: gl.constexpr, BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
+    """``tiling.expert_tile`` in gluon: (real row tiles, expert, first row, end row of the expert) of ``pid_m``."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    offs_e = gl.arange(0, BLOCK_E, layout=layout)
+    cnt = gl.load(counts_ptr + offs_e, mask=offs_e < E, other=0).to(gl.int32)
+    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    cum = gl.associative_scan(tiles, 0, _add)  # inclusive
+    expert = gl.sum((cum <= pid_m).to(gl.int32), 0)
+    before = offs_e < expert
+    tile_base = gl.sum(gl.where(before, tiles, 0), 0)
+    row_base = gl.sum(gl.where(before, cnt, 0), 0)
+    count = gl.sum(gl.where(offs_e == expert, cnt, 0), 0)
+    return gl.sum(tiles, 0), expert, row_base + (pid_m - tile_base) * BLOCK_M, row_base + count
+
+
+@gluon.jit
+def _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES: gl.constexpr,
+               BK: gl.constexpr):  # fmt: skip
+    """Start the copies of tile t's A rows and code bytes (``code_in``: those in range; the others read 0) into
+    stage t % STAGES, one commit group (empty past K)."""
+    _copy_to_shared(a_smem.index(t % STAGES), a_ptrs + t * BK, mask=t < num_k)
+    _copy_to_shared(code_smem.index(t % STAGES), code_ptrs + t * code_step, mask=code_in & (t < num_k))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _tile_scales(scale_ptrs, t, num_k, COLUMN_PAIRS: gl.constexpr):
+    """Tile t's block scales: one per column of W (ROW_PAIRS), or per row of the tile its two 64-column blocks."""
+    if COLUMN_PAIRS:
+        first = gl.load(scale_ptrs[0] + t * scale_ptrs[2], mask=t < num_k)
+        second = gl.load(scale_ptrs[1] + t * scale_ptrs[2], mask=t < num_k)
+    else:
+        first = gl.load(scale_ptrs[0] + t, mask=t < num_k)
+        second = first
+    return first, second
+
+
+@gluon.jit
+def _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
+                     code_layout: gl.constexpr, w_layout: gl.constexpr):  # fmt: skip
+    """Wait for tile k's copies, then dequantize its code bytes with its ``scales`` into B buffer k % 2: W's
+    [BLOCK_N, BLOCK_K] rows (ROW_PAIRS, bytes [BLOCK_N, BLOCK_K / 2]) or [BLOCK_K, BLOCK_N] (COLUMN_PAIRS, bytes
+    [BLOCK_K, BLOCK_N / 2]) in the operand dtype."""
+    async_copy.wait_group(STAGES - 2)  # this thread's copies of tile k are done
+    _cta_barrier()  # and every thread's
+    byte = code_smem.index(k % STAGES).load(code_layout)
+    table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=code_layout)
+    high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
+                                          dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
+    if COLUMN_PAIRS:  # byte j of a row holds columns 2j, 2j + 1: the first 32 bytes are the first block
+        pair = gl.arange(0, byte.shape[1], layout=gl.SliceLayout(0, code_layout))
+        scale = gl.where((pair < 32)[None, :], scales[0][:, None], scales[1][:, None])
+    else:
+        scale = scales[0][:, None]
+    w = gl.reshape(gl.join(high * scale, low * scale), [byte.shape[0], 2 * byte.shape[1]])  # 2j + 1 beside 2j
+    w_smem.index(k % 2).store(gl.convert_layout(w.to(w_smem.dtype), w_layout))
+    fence_async_shared()  # the stores, before the MMA reads them through the async proxy
+    _cta_barrier()
+
+
+@gluon.jit
+def _mma(a_smem, w_smem, acc, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr, use_acc: gl.constexpr):
+    """Start MMA k: acc += A stage k % STAGES @ B buffer k % 2 (asynchronous)."""
+    if COLUMN_PAIRS:
+        b = w_smem.index(k % 2)
+    else:
+        b = w_smem.index(k % 2).permute((1, 0))
+    return warpgroup_mma(a_smem.index(k % STAGES), b, acc, use_acc=use_acc, is_async=True)
+
+
+@gluon.jit
+def _lora(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr, stride_ln,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """acc + u[rows] @ L[expert] over the rank, BLOCK_R at a time, each chunk rounded to the operand dtype."""
+    dtype: gl.constexpr = u_ptr.dtype.element_ty
+    u_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    l_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+    u_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype))  # fmt: skip
+    l_smem = gl.allocate_shared_memory(dtype, [BLOCK_R, BLOCK_N],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_R, BLOCK_N], dtype))  # fmt: skip
+    u_rows = gl.convert_layout(rows64, gl.SliceLayout(1, u_layout))
+    l_cols = gl.convert_layout(offs_n, gl.SliceLayout(0, l_layout))
+    l_cols_in = gl.convert_layout(n_in, gl.SliceLayout(0, l_layout))
+    for r0 in range(0, R, BLOCK_R):
+        ur = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, u_layout))
+        u = gl.load(u_ptr + u_rows[:, None] * stride_um + ur[None, :] * stride_ur, mask=(ur < R)[None, :], other=0.0)
+        lr = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, l_layout))
+        l_ptrs = l_ptr + expert.to(gl.int64) * stride_le + lr[:, None] * stride_lr + l_cols[None, :] * stride_ln
+        lt = gl.load(l_ptrs, mask=(lr < R)[:, None] & l_cols_in[None, :], other=0.0)
+        _cta_barrier()  # every warpgroup's previous chunk MMA is done with the buffers
+        u_smem.store(u.to(dtype))
+        l_smem.store(lt.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        acc = warpgroup_mma(u_smem, l_smem, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    return acc
+
+
+@gluon.jit
+def _grouped_nf4_kernel(
+    a_ptr, gather_ptr, codes_ptr, scales_ptr, table_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr,
+    n_rows, E, N, K, R,
+    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
+    stride_um, stride_ur, stride_le, stride_lr, stride_ln,
+    GATHER: gl.constexpr, HAS_BIAS: gl.constexpr, SCALE: gl.constexpr, HAS_LORA: gl.constexpr,
+    BLOCK_R: gl.constexpr, COLUMN_PAIRS: gl.constexpr, BLOCK_E: gl.constexpr, GROUP_M: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    BK: gl.constexpr = 64
+    dtype: gl.constexpr = a_ptr.dtype.element_ty
+    # the tile map of ``tiling.gemm_program``
+    pid = gl.program_id(0)
+    pid_m, pid_n = swizzle(pid, gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows), gl.cdiv(N, BLOCK_N), GROUP_M)
+    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E, num_warps)
+    if pid_m >= total:
+        return
+
+    a_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    code_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    w_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    if COLUMN_PAIRS:
+        CODE_ROWS: gl.constexpr = BK
+        W_SHAPE: gl.constexpr = [BK, BLOCK_N]
+    else:
+        CODE_ROWS: gl.constexpr = BLOCK_N
+        W_SHAPE: gl.constexpr = [BLOCK_N, BK]
+    CODE_COLS: gl.constexpr = (BK * BLOCK_N) // (2 * CODE_ROWS)
+    a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BK],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BK], dtype))  # fmt: skip
+    code_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, CODE_ROWS, CODE_COLS],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # fmt: skip
+    w_smem = gl.allocate_shared_memory(dtype, [2] + W_SHAPE, gl.NVMMASharedLayout.get_default_for(W_SHAPE, dtype))
+
+    # A rows (token rows through ``gather`` when GATHER), clamped into the expert's block: loads stay in bounds
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
+    rows64 = gl.where(offs_m < row_end, offs_m, row_start).to(gl.int64)
+    if GATHER:
+        a_rows = gl.load(gather_ptr + rows64).to(gl.int64)
+    else:
+        a_rows = rows64
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout))[None, :]
+    # the expert's codes and scales; columns past N read code 0 and a scale in range (finite values, never stored)
+    w_codes, w_scales = nf4_expert(codes_ptr, scales_ptr, expert, stride_we)
+    code_r = gl.arange(0, CODE_ROWS, layout=gl.SliceLayout(1, code_layout))
+    code_c = gl.arange(0, CODE_COLS, layout=gl.SliceLayout(0, code_layout))
+    if COLUMN_PAIRS:  # bytes [BK rows k, BLOCK_N / 2 column pairs]; a row's two blocks at 64-column steps
+        gl.static_assert(BLOCK_N == 128, "two blocks of 64 columns")
+        pair = pid_n * (BLOCK_N // 2) + code_c
+        code_ptrs = w_codes + code_r[:, None] * (stride_wk // 2) + pair[None, :]
+        code_in = (pair < N // 2)[None, :]  # N a multiple of 16 (``runs``): whole words in or out
+        code_step = BK * (stride_wk // 2)
+        block = code_r * (stride_wk // 64) + pid_n * (BLOCK_N // 64)
+        last_block = code_r * (stride_wk // 64) + (N - 1) // 64
+        scale_ptrs = (w_scales + block, w_scales + gl.minimum(block + 1, last_block), BK * (stride_wk // 64))
+    else:  # bytes [BLOCK_N columns n, BK / 2 row pairs]; a column's block is the step
+        cols = gl.minimum(pid_n * BLOCK_N + code_r, N - 1)
+        code_ptrs = w_codes + cols[:, None] * (stride_wn // 2) + code_c[None, :]
+        code_in = (code_c >= 0)[None, :]
+        code_step = BK // 2
+        scale_ptrs = (w_scales + cols * (stride_wn // 64), w_scales, 0)
+    num_k = K // BK
+
+    for t in gl.static_range(STAGES - 1):
+        _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES, BK)
+    # step 0 peeled, so no path reaches an MMA wait through the accumulator's zeros (ptxas would serialize them)
+    scales = _tile_scales(scale_ptrs, 0, num_k, COLUMN_PAIRS)
+    _dequantize_tile(code_smem, w_smem, scales, table_ptr, 0, STAGES, COLUMN_PAIRS, code_layout, w_layout)
+    scales = _tile_scales(scale_ptrs, 1, num_k, COLUMN_PAIRS)  # each tile's a step ahead, off the critical path
+    _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, STAGES - 1, num_k, code_step, STAGES, BK)
+    acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma_layout))
+    acc = _mma(a_smem, w_smem, acc, 0, STAGES, COLUMN_PAIRS, False)
+    for k in range(1, num_k):
+        _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES, COLUMN_PAIRS, code_layout, w_layout)
+        scales = _tile_scales(scale_ptrs, k + 1, num_k, COLUMN_PAIRS)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
+        _cta_barrier()  # and every warpgroup's: its A stage and B buffer may be overwritten
+        _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 1, num_k, code_step, STAGES, BK)
+        acc = _mma(a_smem, w_smem, acc, k, STAGES, COLUMN_PAIRS, True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    # epilogue in the accumulator's layout: + u @ L[e], + bias, * routing weight; one rounding, masked store
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    n_in = offs_n < N
+    out_rows = gl.convert_layout(rows64, gl.SliceLayout(1, mma_layout))
+    out_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    if HAS_LORA:
+        acc = _lora(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr,
+                    stride_ln, BLOCK_M, BLOCK_N, BLOCK_R, num_warps)  # fmt: skip
+    if HAS_BIAS:
+        bias = gl.load(b_ptr + expert.to(gl.int64) * stride_be + offs_n * stride_bn, mask=n_in, other=0.0)
+        acc += bias.to(gl.float32)[None, :]
+    if SCALE:
+        slot = gl.load(rows_ptr + out_rows)
+        acc *= gl.load(rw_ptr + slot).to(gl.float32)[:, None]
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
+    gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(out_m < row_end)[:, None] & n_in[None, :])
+
+
+def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather, bias, routing_weights, sorted_rows,
+                     lora):  # fmt: skip
+    """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N]."""
+    num_experts, k_dim, n_dim = weight_in_out.shape
+    bm = block_m(n, num_experts)
+    u, lw = lora if lora is not None else (out, out)
+    rank = u.shape[1] if lora is not None else 0
+    grid = (num_row_tiles(n, num_experts, bm) * cdiv(n_dim, BLOCK_N),)
+    _grouped_nf4_kernel[grid](
+        rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table,
+        bias if bias is not None else out, routing_weights if routing_weights is not None else out,
+        sorted_rows if routing_weights is not None else counts, out, counts, u, lw,
+        n, num_experts, n_dim, k_dim, rank,
+        rows.stride(0), weight_in_out.stride(0), weight_in_out.stride(1), weight_in_out.stride(2),
+        *(bias.stride() if bias is not None else (0, 0)), out.stride(0),
+        *(u.stride() if lora is not None else (0, 0)), *(lw.stride() if lora is not None else (0, 0, 0)),
+        GATHER=gather is not None, HAS_BIAS=bias is not None, SCALE=routing_weights is not None,
+        HAS_LORA=lora is not None, BLOCK_R=rank_block(rank), COLUMN_PAIRS=mode == COLUMN_PAIRS,
+        BLOCK_E=block_e(num_experts), GROUP_M=8, BLOCK_M=bm, BLOCK_N=BLOCK_N, STAGES=STAGES, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
