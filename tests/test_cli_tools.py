@@ -199,48 +199,6 @@ def _ab_bench():
     return _tool("ab_bench")
 
 
-# compiles tools/nf4_gluon_gemm.py's kernel for sm_90 and writes its PTX to argv[2] (argv[1]: the tools folder)
-_COMPILE_GLUON_GEMM = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-import nf4_gluon_gemm
-signature = {"x_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*bf16",
-             "M": "i32", "N": "i32", "K": "i32"}
-constants = {"BM": 128, "BN": 128, "STAGES": 3, "num_warps": 8}
-aligned = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # as triton specializes torch tensors and sizes
-source = GluonASTSource(nf4_gluon_gemm.nf4_gemm_pipelined, signature | dict.fromkeys(constants, "constexpr"),
-                        constexprs=constants, attrs=aligned)
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": 8})
-open(sys.argv[2], "w").write(kernel.asm["ptx"])
-"""
-
-
-def test_nf4_gluon_gemm_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
-    """tools/nf4_gluon_gemm.py, which gluon cannot run on the CPU, compiled offline for sm_90 with this triton: it
-    builds, keeps its warpgroup MMAs asynchronous (ptxas prints advisory C7515 when it serializes them) and does
-    not spill. In a process of its own: the interpreter, which this suite runs kernels under, patches triton's
-    language in place, which gluon's compiler cannot take."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.experimental.gluon")
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    ptx = tmp_path / "k.ptx"
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", _COMPILE_GLUON_GEMM, str(tools), str(ptx)], env=env, check=True,
-                   capture_output=True, text=True)  # fmt: skip
-    assert ptx.read_text().count("wgmma.mma_async") >= 4
-    info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True, check=True).stderr  # fmt: skip
-    assert "C7515" not in info and "0 bytes spill stores" in info, info
-
-
 def test_nf4_operand_bench_checks_every_kernel(capsys):
     """tools/nf4_operand_bench.py --check: the dense, B-operand and register-A GEMMs equal the fp32 product on the
     dequantized weight; the register-A kernel on moekit's byte pairs instead of its halves is caught."""

@@ -120,19 +120,27 @@ ab)
   ;;
 quant)
   # NF4 experts, sections QUANT_PARTS (default all, in this order; a call fits about three):
-  #   tests    tests/test_triton_nf4.py natively at tile configs QUANT_TEST_CONFIGS (default 0 1 3: row tiles of 128
-  #            and 256, wide column tiles; 5 and 6 are 4-warp programs); a failure stops the part
+  #   tests    tests/gpu/test_gpu_nf4.py (the Hopper gluon kernel), then tests/test_triton_nf4.py natively at tile
+  #            configs QUANT_TEST_CONFIGS (default 0 1 3: row tiles of 128 and 256, wide column tiles; 5 and 6 are
+  #            4-warp programs); a failure stops the part
   #   cold     first calls (cold cache) of the NF4 paths at the four shapes, T = 2048 then 8192
   #   bench    the NF4 LoRA step beside bf16 LoRA and grouped_mm + PEFT, T = 8192 and 32768 (tuned by cold)
   #   real     Qwen3-30B-A3B at full size (tools/qlora_real_size.py)
   #   loading  the loading path (tools/measure_loading.py)
   #   linear   linear="nf4" (bitsandbytes 4-bit linears) with NF4 experts, LoRA on both, on CUDA (not in the default)
-  #   operand  tools/nf4_operand_bench.py: one NF4 GEMM per wgmma operand form and the gluon kernel (not in the default)
+  #   operand  tools/nf4_operand_bench.py: one NF4 GEMM per wgmma operand form and the engine's gluon kernel (not in
+  #            the default)
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
   export MOEKIT_CACHE_DIR=$cache
   for section in $(echo "${QUANT_PARTS:-tests,cold,bench,real,loading}" | tr ',' ' '); do
     case "$section" in
     tests)
+      timeout "${TESTS_TIMEOUT:-150}" python -m pytest -m gpu -q -rfE -p no:cacheprovider tests/gpu/test_gpu_nf4.py \
+        > "$out/nf4_hopper_tests.log" 2>&1
+      rc=$?
+      echo "Hopper NF4 kernel tests: exit $rc ($(tail -1 "$out/nf4_hopper_tests.log"))" | tee -a "$out/card.txt"
+      grep -E "^(FAILED|ERROR)" "$out/nf4_hopper_tests.log" | head -10
+      [ $rc -eq 0 ] || exit 1
       for config in ${QUANT_TEST_CONFIGS:-0 1 3}; do
         MOEKIT_TRITON_AUTOTUNE=config:$config timeout "${TESTS_TIMEOUT:-150}" python -m pytest -m triton -q -n 8 \
           -p no:cacheprovider tests/test_triton_nf4.py > "$out/nf4_tests_$config.log" 2>&1

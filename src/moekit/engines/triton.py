@@ -65,8 +65,11 @@ reads such a weight (up_proj, the forward down-projection, dA's GEMM, dX) runs o
 grouped_mm (which cannot read codes): the main loop dequantizes each [BLOCK_K, BLOCK_N] weight tile as it loads it
 (codebook value × block scale in fp32, rounded to the operand dtype as the reference's dequantization rounds;
 ``kernels.nf4``), so no dequantized copy of any expert weight exists, not even of one expert, and the weights are
-read at a quarter of bf16's bytes. No weight gradient is asked for (frozen); bias and LoRA-factor gradients are
-those of a dense base.
+read at a quarter of bf16's bytes. On Hopper, with bf16 / fp16 activations and the codes' byte pairs along a tile
+axis (every benchmark shape), those GEMMs run on the gluon kernel of ``kernels.nf4_hopper``, which overlaps each
+tile's dequantization with the previous tile's MMA (the up-projection there as its plain product, then the
+activation pass ``kernels.act_forward``). No weight gradient is asked for (frozen); bias and LoRA-factor gradients
+are those of a dense base.
 
 Memory plan. Forward saves x, the routing weights, the weights/biases (parameters, no copy), the plan (with
 its inverse permutation row_of_slot, S int64) and the pre-activation h [S, W] in the input dtype: nothing

@@ -9,7 +9,10 @@ One idea per module:
   tuning_cache.py  tuned configs persisted on disk, shared between processes
   launch.py        repeat launches straight to the compiled kernel (skips triton's per-call argument binding)
   activation.py    activation forward / derivative helpers switched on ``Activation.kernel_id``
+  act_forward.py   a = act(h) as a pass of its own (after an up-projection GEMM without the activation epilogue)
   nf4.py           NF4 weights as a GEMM operand: a weight tile dequantized in the main loop's loads (``W_NF4``)
+  nf4_hopper.py    the NF4 grouped GEMM on Hopper in gluon: each MMA overlaps the next tile's dequantization
+                   (``grouped_gemm``'s contract; the NF4 calls of ``grouped_gemm`` and ``up_proj`` take it there)
   up_proj.py       gather + grouped GEMM (+ fused LoRA u @ Bᵀ) + bias + activation epilogue (stores h and a);
                    dense or NF4 W_up
   grouped_gemm.py  the grouped GEMM (+ fused LoRA) + bias + routing weight epilogue: the forward down-projection,

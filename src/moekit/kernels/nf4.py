@@ -107,7 +107,7 @@ def _decode(code, table_ptr):
     return value
 
 
-# The PTX of ``_decode_bytes`` (tools/nf4_gluon_gemm.py takes it too): $0-$3 receive the values of the high codes of
+# The PTX of ``_decode_bytes`` (``nf4_hopper`` takes it too): $0-$3 receive the values of the high codes of
 # the four bytes packed in $8, $4-$7 those of the low codes; $9-$12 are the codebook
 _WORD_LOOKUP_PTX: tl.constexpr = tl.constexpr(
     "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "

@@ -22,7 +22,6 @@ kernel of ``grouped_gemm`` and the reference (tests/gpu/test_gpu_nf4.py).
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -274,11 +273,12 @@ def _grouped_nf4_kernel(
     gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(out_m < row_end)[:, None] & n_in[None, :])
 
 
-def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather, bias, routing_weights, sorted_rows,
-                     lora):  # fmt: skip
-    """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N]."""
+def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, bias=None, routing_weights=None,
+                     sorted_rows=None, lora=None, row_tile=None):  # fmt: skip
+    """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N]. ``row_tile``: 128 or
+    256 instead of ``block_m``'s choice (tools/nf4_operand_bench.py times both)."""
     num_experts, k_dim, n_dim = weight_in_out.shape
-    bm = block_m(n, num_experts)
+    bm = row_tile or block_m(n, num_experts)
     u, lw = lora if lora is not None else (out, out)
     rank = u.shape[1] if lora is not None else 0
     grid = (num_row_tiles(n, num_experts, bm) * cdiv(n_dim, BLOCK_N),)

@@ -1,0 +1,104 @@
+"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``), which gluon cannot run on the CPU, compiled
+offline for sm_90 with this triton: each variant the engine launches (byte pairs along K and along N, row tiles
+of 128 and 256, plain and with every epilogue: gathered rows, bias, routing weight, LoRA) builds, keeps its
+warpgroup MMAs asynchronous (ptxas prints advisory C7515 when it serializes them) and does not spill; and the
+host's choice of kernel (``runs``) takes only what the kernel handles. Its values are checked on the GPU
+(tests/gpu/test_gpu_nf4.py). The compiles run in a process of their own: the interpreter, which this suite runs
+kernels under, patches triton's language in place, which gluon's compiler cannot take."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+# argv[1]: a folder; compiles each variant of argv[2:] (COLUMN_PAIRS,BLOCK_M,epilogues) to a PTX file in it
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from moekit.kernels import nf4_hopper
+
+kernel = nf4_hopper._grouped_nf4_kernel
+names = list(kernel.arg_names)
+pointers = {"a_ptr": "*bf16", "gather_ptr": "*i64", "codes_ptr": "*u8", "scales_ptr": "*fp32", "table_ptr": "*fp32",
+            "b_ptr": "*bf16", "rw_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": "*bf16", "counts_ptr": "*i64",
+            "u_ptr": "*bf16", "l_ptr": "*fp32"}
+for variant in sys.argv[2:]:
+    column_pairs, block_m, epilogues = (int(v) for v in variant.split(","))
+    constants = dict(GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
+                     HAS_LORA=bool(epilogues), BLOCK_R=16, COLUMN_PAIRS=bool(column_pairs), BLOCK_E=128, GROUP_M=8,
+                     BLOCK_M=block_m, BLOCK_N=nf4_hopper.BLOCK_N, STAGES=nf4_hopper.STAGES,
+                     num_warps=nf4_hopper.NUM_WARPS)
+    signature = {name: pointers.get(name, "i32") for name in names if name not in constants} | dict.fromkeys(constants, "constexpr")
+    unit = {"stride_ur", "stride_ln", "stride_bn", "stride_wn" if column_pairs else "stride_wk"}
+    # as triton specializes torch tensors and sizes: 16-aligned pointers, multiples of 16, unit strides
+    aligned = {(names.index(name),): [["tt.divisibility", 16]]
+               for name in [*pointers, "N", "K", "stride_am", "stride_we", "stride_wk", "stride_wn", "stride_om"]
+               if name not in unit}
+    source = GluonASTSource(kernel, signature, constexprs=constants, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": nf4_hopper.NUM_WARPS})
+    open(f"{sys.argv[1]}/{variant.replace(',', '_')}.ptx", "w").write(compiled.asm["ptx"])
+"""
+VARIANTS = ["0,256,0", "1,256,0", "0,128,1", "1,256,1"]
+
+
+def test_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _COMPILE, str(tmp_path), *VARIANTS], env=env, check=True,
+                   capture_output=True, text=True)  # fmt: skip
+    for variant in VARIANTS:
+        ptx = tmp_path / f"{variant.replace(',', '_')}.ptx"
+        assert ptx.read_text().count("wgmma.mma_async") >= 8, variant
+        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx.with_suffix(".o"))],
+                              capture_output=True, text=True, check=True).stderr  # fmt: skip
+        assert "C7515" not in info and "0 bytes spill stores" in info, (variant, info)
+
+
+def test_runs_only_where_the_kernel_applies(monkeypatch):
+    """``runs``: never on the CPU or the interpreter, and on an sm_90 GPU only for bf16 / fp16 rows with unit
+    column stride, byte pairs along a tile axis, K a multiple of 64 (N of 16 for pairs along N), no low-rank GEMM."""
+    from moekit.kernels import nf4_hopper
+    from moekit.kernels.nf4 import COLUMN_PAIRS, DENSE, ELEMENTS, ROW_PAIRS
+
+    class Rows:  # a CUDA tensor's face, on the CPU
+        def __init__(self, dtype=torch.bfloat16, strides=(64, 1), ptr=0):
+            self.is_cuda, self.device, self.dtype, self._strides, self._ptr = True, "cuda", dtype, strides, ptr
+
+        def stride(self, dim):
+            return self._strides[dim]
+
+        def data_ptr(self):
+            return self._ptr
+
+    weight = torch.empty(4, 128, 96)  # viewed [E, K, N]
+    monkeypatch.setattr(nf4_hopper, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert nf4_hopper.runs(Rows(), weight, ROW_PAIRS, False)
+    assert nf4_hopper.runs(Rows(torch.float16), weight, COLUMN_PAIRS, False)
+    refused = [
+        (Rows(), weight, ROW_PAIRS, True),  # low-rank
+        (Rows(), weight, ELEMENTS, False),
+        (Rows(), weight, DENSE, False),
+        (Rows(torch.float32), weight, ROW_PAIRS, False),
+        (Rows(strides=(1, 64)), weight, ROW_PAIRS, False),
+        (Rows(strides=(60, 1)), weight, ROW_PAIRS, False),
+        (Rows(ptr=8), weight, ROW_PAIRS, False),
+        (Rows(), torch.empty(4, 96, 128), ROW_PAIRS, False),  # K = 96
+        (Rows(), torch.empty(4, 128, 40), COLUMN_PAIRS, False),  # N = 40
+    ]
+    for args in refused:
+        assert not nf4_hopper.runs(*args)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert not nf4_hopper.runs(Rows(), weight, ROW_PAIRS, False)
+    monkeypatch.setattr(nf4_hopper, "interpreting", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not nf4_hopper.runs(Rows(), weight, ROW_PAIRS, False)
