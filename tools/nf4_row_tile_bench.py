@@ -1,0 +1,56 @@
+"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``) at row tiles of 128 and 256 on the same buffers
+(GPU only): the measurement behind ``nf4_hopper.block_m``'s choice.
+
+    PYTHONPATH=src python tools/nf4_row_tile_bench.py
+
+Random top-k routing at Nemotron-3-Nano's and Qwen3-30B-A3B's widths; per GEMM (the forward read of a stored
+[E, out, in] weight, byte pairs along K; dX's transposed read, pairs along N) the µs at each row tile, the tile
+``block_m`` picks, and the two outputs' max relative difference (the same sums: 0).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton.testing
+
+from moekit.kernels import nf4_hopper
+from moekit.kernels.nf4 import code_table, nf4_mode
+from moekit.plan import build_plan
+from moekit.quant import NF4Tensor
+
+CASES = [  # label, tokens, experts, top-k, hidden, intermediate
+    ("nemotron 8k", 8192, 128, 6, 2688, 1856),
+    ("qwen3 8k", 8192, 128, 8, 2048, 768),
+    ("nemotron 2k", 2048, 128, 6, 2688, 1856),
+]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    table = code_table(torch.device("cuda"))
+    for label, tokens, experts, top_k, hidden, inner in CASES:
+        plan = build_plan(torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices, experts)
+        n = plan.num_rows
+        for name, stored, transposed in (("down/up-fwd (pairs along K)", (experts, hidden, inner), True),
+                                         ("dX (pairs along N)", (experts, inner, hidden), False)):  # fmt: skip
+            weight = NF4Tensor.quantize(torch.randn(stored, device="cuda") / inner**0.5, dtype=torch.bfloat16)
+            view = weight.transpose(1, 2) if transposed else weight
+            mode = nf4_mode(view, view.shape[2])
+            rows = torch.randn(n, view.shape[1], device="cuda", dtype=torch.bfloat16)
+            outs, times = [], []
+            for row_tile in (128, 256):
+                out = torch.empty(n, view.shape[2], device="cuda", dtype=torch.bfloat16)
+                launch = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, plan.tokens_per_expert, n, out,
+                                           mode, table, row_tile=row_tile)  # fmt: skip
+                launch()
+                times.append(triton.testing.do_bench(launch, warmup=10, rep=60) * 1e3)
+                outs.append(out.float())
+            diff = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+            print(f"{label:12s} {name:28s} mode {mode} n={n}: bm128 {times[0]:8.1f} us  bm256 {times[1]:8.1f} us  "
+                  f"choice {nf4_hopper.block_m(n, experts)}  diff {diff:.1e}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
