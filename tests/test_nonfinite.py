@@ -388,12 +388,16 @@ _RULE_LAYOUTS = [n for n in LAYOUTS if not n.endswith("interleaved")]  # with I 
 
 def _rules_case(name, device="cpu"):
     """(activation with gpt-oss's limit, h [n, 1 or 2] on every special combination, dL/da [n, 1], eager's a, dh)
-    on ``device``: eager's own special values differ by device and torch version (torch 2.11's CPU gelu gives NaN
-    at +Inf, 2.13's gives Inf), so the kernels are held to eager on the device they run on."""
+    on ``device``: eager's own special values differ by device and torch version, so the kernels are held to eager
+    on the device they run on; the erf gelu leaves +Inf out (torch 2.13's CPU gelu is NaN or Inf there by the
+    element's position in the tensor)."""
     act = LAYOUTS[name][0]
     if act.kind == "clamped_glu":
         act = Activation("clamped_glu", None, True, alpha=1.702, limit=7.0)
-    values = torch.tensor(_SPECIALS, device=device)
+    specials = _SPECIALS
+    if name in ("gelu", "gelu_glu"):  # torch's CPU erf gelu at +Inf: NaN on its vectorized path, Inf on its scalar
+        specials = [v for v in _SPECIALS if v != INF]  # one (which one an element takes depends on its position)
+    values = torch.tensor(specials, device=device)
     combos = torch.cartesian_prod(values, values, torch.tensor(_GRADS, device=device))  # (gate or h, up, dL/da)
     h = combos[:, :2] if act.gated else combos[:, :1]
     grad_a = combos[:, 2:].contiguous()
