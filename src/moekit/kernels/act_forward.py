@@ -22,6 +22,12 @@ BLOCK_M = 8
 BLOCK_N = 256
 
 
+def gate_up_columns(activation, inner: int) -> tuple[int, int]:
+    """(column stride, offset of the up column) of h's gate columns: (2, 1) interleaved, else (1, I) (non-gated: the
+    offset is never read)."""
+    return (2, 1) if activation.gated and not activation.concatenated else (1, inner)
+
+
 @triton.jit
 def _act_forward_kernel(
     h_ptr, a_ptr, counts_ptr, E, I, stride_hm, stride_am, up_off, alpha, limit,
@@ -55,7 +61,7 @@ def act_forward(h, counts, activation):
     a = new_output(n, inner, dtype=h.dtype, device=h.device)
     if n == 0:
         return a
-    col_stride, up_off = (2, 1) if activation.gated and not activation.concatenated else (1, inner)
+    col_stride, up_off = gate_up_columns(activation, inner)
     grid = (cdiv(n, BLOCK_M), cdiv(inner, BLOCK_N))
     _act_forward_kernel[grid](
         h, a, counts, counts.shape[0], inner, h.stride(0), a.stride(0), up_off, float(activation.alpha),

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import nf4_hopper
-from .act_forward import act_forward
+from .act_forward import act_forward, gate_up_columns
 from .activation import act_fn, gated_forward
 from .grouped_gemm import grouped_gemm
 from .nf4 import nf4_expert, weight_operands
@@ -147,10 +147,7 @@ def up_proj(x, token_of_row, weight_in_out, bias, counts, n, activation, lora=No
     num_experts, hidden, width = weight_in_out.shape
     gated = activation.gated
     inner = width // 2 if gated else width
-    if gated and not activation.concatenated:
-        col_stride, up_off = 2, 1
-    else:
-        col_stride, up_off = 1, inner
+    col_stride, up_off = gate_up_columns(activation, inner)
     w, ws, code, w_nf4 = weight_operands(weight_in_out, inner * col_stride, up_off if gated and col_stride == 1 else 0)
     if n and nf4_hopper.runs(x, weight_in_out, w_nf4, lowrank=False):  # all of h on the Hopper NF4 GEMM, then a
         h = grouped_gemm(x, weight_in_out, counts, n, bias=bias, gather=token_of_row, lora=lora)
