@@ -1,6 +1,7 @@
 """The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``), which gluon cannot run on the CPU, compiled
 offline for sm_90 with this triton: each variant the engine launches (byte pairs along K and along N, row tiles
-of 128 and 256, plain and with every epilogue: gathered rows, bias, routing weight, LoRA) builds, keeps its
+of 128 and 256 over all rows, the 256-row heads and the 128-row tails, plain and with every epilogue: gathered
+rows, bias, routing weight, LoRA) builds, keeps its
 warpgroup MMAs asynchronous (ptxas prints advisory C7515 when it serializes them) and does not spill; and the
 host's choice of kernel (``runs``) takes only what the kernel handles. Its values are checked on the GPU
 (tests/gpu/test_gpu_nf4.py). The compiles run in a process of their own: the interpreter, which this suite runs
@@ -17,7 +18,7 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-# argv[1]: a folder; compiles each variant of argv[2:] (COLUMN_PAIRS,BLOCK_M,epilogues) to a PTX file in it
+# argv[1]: a folder; compiles each variant of argv[2:] (COLUMN_PAIRS,BLOCK_M,epilogues,ROWS) to a PTX file in it
 _COMPILE = """
 import sys
 import triton
@@ -31,8 +32,8 @@ pointers = {"a_ptr": "*bf16", "gather_ptr": "*i64", "codes_ptr": "*u8", "scales_
             "b_ptr": "*bf16", "rw_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": "*bf16", "counts_ptr": "*i64",
             "u_ptr": "*bf16", "l_ptr": "*fp32"}
 for variant in sys.argv[2:]:
-    column_pairs, block_m, epilogues = (int(v) for v in variant.split(","))
-    constants = dict(GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
+    column_pairs, block_m, epilogues, rows = (int(v) for v in variant.split(","))
+    constants = dict(ROWS=rows, GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
                      HAS_LORA=bool(epilogues), BLOCK_R=16, COLUMN_PAIRS=bool(column_pairs), BLOCK_E=128, GROUP_M=8,
                      BLOCK_M=block_m, BLOCK_N=nf4_hopper.BLOCK_N, STAGES=nf4_hopper.STAGES,
                      num_warps=nf4_hopper.NUM_WARPS)
@@ -46,7 +47,7 @@ for variant in sys.argv[2:]:
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": nf4_hopper.NUM_WARPS})
     open(f"{sys.argv[1]}/{variant.replace(',', '_')}.ptx", "w").write(compiled.asm["ptx"])
 """
-VARIANTS = ["0,256,0", "1,256,0", "0,128,1", "1,256,1"]
+VARIANTS = ["0,256,0,1", "1,256,0,1", "0,128,1,2", "1,256,1,1", "1,128,0,0"]  # ROWS: ALL_ROWS 0, HEAD 1, TAIL 2
 
 
 def test_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
@@ -102,3 +103,22 @@ def test_runs_only_where_the_kernel_applies(monkeypatch):
     monkeypatch.setattr(nf4_hopper, "interpreting", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert not nf4_hopper.runs(Rows(), weight, ROW_PAIRS, False)
+
+
+def test_row_launches():
+    """128-row tiles where the experts average under 256 rows, 256-row heads and 128-row tails (two launches) up to
+    1024, 256-row tiles above; a launch's grid bound holds every row tile it can have."""
+    from moekit.kernels import nf4_hopper
+
+    assert nf4_hopper.row_launches(256 * 128, 128) == [(256, nf4_hopper.HEAD), (128, nf4_hopper.TAIL)]
+    assert nf4_hopper.row_launches(256 * 128 - 1, 128) == [(128, nf4_hopper.ALL_ROWS)]
+    assert nf4_hopper.row_launches(0, 8) == [(128, nf4_hopper.ALL_ROWS)]
+    assert nf4_hopper.row_launches(1024 * 32, 32) == [(256, nf4_hopper.HEAD), (128, nf4_hopper.TAIL)]
+    assert nf4_hopper.row_launches(1024 * 32 + 1, 32) == [(256, nf4_hopper.ALL_ROWS)]
+    counts = [384, 0, 256, 385, 129, 1, 640, 300, 128, 513]
+    n, experts = sum(counts), len(counts)
+    heads = sum((c - c % 256 if 0 < c % 256 <= 128 else c + 255) // 256 for c in counts)
+    tails = sum(0 < c % 256 <= 128 for c in counts)
+    assert (heads, tails) == (10, 6)
+    assert nf4_hopper._row_tiles(n, experts, 256, nf4_hopper.HEAD) >= heads
+    assert nf4_hopper._row_tiles(n, experts, 128, nf4_hopper.TAIL) >= tails

@@ -1,11 +1,11 @@
-"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``) at row tiles of 128 and 256 on the same buffers
-(GPU only): the measurement behind ``nf4_hopper.block_m``'s choice.
+"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``) at row tiles of 128, of 256, and in 256-row tiles with
+128-row tails, on the same buffers (GPU only): the measurement behind ``nf4_hopper.row_launches``.
 
     PYTHONPATH=src python tools/nf4_row_tile_bench.py
 
 Random top-k routing at Nemotron-3-Nano's and Qwen3-30B-A3B's widths; per GEMM (the forward read of a stored
-[E, out, in] weight, byte pairs along K; dX's transposed read, pairs along N) the µs at each row tile, the tile
-``block_m`` picks, and the two outputs' max relative difference (the same sums: 0).
+[E, out, in] weight, byte pairs along K; dX's transposed read, pairs along N) the µs of each plan, the one
+``row_launches`` picks, and the outputs' max relative difference to the first (the same sums: 0).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ CASES = [  # label, tokens, experts, top-k, hidden, intermediate
     ("nemotron 8k", 8192, 128, 6, 2688, 1856),
     ("qwen3 8k", 8192, 128, 8, 2048, 768),
     ("nemotron 2k", 2048, 128, 6, 2688, 1856),
+    ("nemotron 32k", 32768, 128, 6, 2688, 1856),
+    ("gpt-oss 8k", 8192, 32, 4, 2880, 2880),
+    ("mixtral 8k", 8192, 8, 2, 4096, 14336),
 ]
 
 
@@ -40,16 +43,17 @@ def main() -> None:
             mode = nf4_mode(view, view.shape[2])
             rows = torch.randn(n, view.shape[1], device="cuda", dtype=torch.bfloat16)
             outs, times = [], []
-            for row_tile in (128, 256):
+            for row_tile in (128, 256, None):  # None: row_launches' plan
                 out = torch.empty(n, view.shape[2], device="cuda", dtype=torch.bfloat16)
                 launch = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, plan.tokens_per_expert, n, out,
                                            mode, table, row_tile=row_tile)  # fmt: skip
                 launch()
                 times.append(triton.testing.do_bench(launch, warmup=10, rep=60) * 1e3)
                 outs.append(out.float())
-            diff = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+            diff = max(((out - outs[0]).abs().max() / outs[0].abs().max()).item() for out in outs[1:])
+            split = "256 + 128 tails" if len(nf4_hopper.row_launches(n, experts)) == 2 else "128"
             print(f"{label:12s} {name:28s} mode {mode} n={n}: bm128 {times[0]:8.1f} us  bm256 {times[1]:8.1f} us  "
-                  f"choice {nf4_hopper.block_m(n, experts)}  diff {diff:.1e}", flush=True)  # fmt: skip
+                  f"plan ({split}) {times[2]:8.1f} us  diff {diff:.1e}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 
 Every case routes fresh random rows to its experts (one expert empty, one holding most rows, sentinel rows past the
 routed ones), with both byte-pair axes (the forward's read of a stored [E, out, in] weight, pairs along K; the
-input gradient's transposed read, pairs along N), row tiles of 128 and 256, N off the column tile, the gathered
-rows, bias and routing-weight epilogue of the forward down-projection and of dA's GEMM, and LoRA terms of one and
-of two rank chunks with the factor in fp32 or the rows' dtype. Outputs start as NaN (``poison_outputs``): a routed
+input gradient's transposed read, pairs along N), each plan of row tiles (128; 256-row heads with 128-row tails;
+256), N off the column tile, the gathered rows, bias and routing-weight epilogue of the forward down-projection and
+of dA's GEMM, and LoRA terms of one and of two rank chunks with the factor in fp32 or the rows' dtype. Outputs start as NaN (``poison_outputs``): a routed
 row left unwritten, or a row past the routed ones written, shows. Each case asserts that the gluon kernel ran.
 """
 
@@ -92,7 +92,8 @@ def triton_kernel(monkeypatch, *args, **kwargs):
 
 
 CASES = [  # tokens, top_k, experts, K, N
-    (1200, 2, 8, 256, 384),  # row tiles of 256
+    (1200, 2, 8, 256, 384),  # 256-row heads, 128-row tails
+    (3000, 3, 8, 128, 256),  # 256-row tiles over all rows (experts average over 1024 rows)
     (300, 4, 16, 192, 200),  # row tiles of 128, N off the column tile
     (64, 6, 32, 128, 2880),
 ]
@@ -118,7 +119,7 @@ def test_epilogues_gather_and_lora(monkeypatch, launches, pairs_along_k, rank, f
     """The forward down-projection's bias and routing weight, dA's gathered rows, LoRA of one and two rank chunks,
     sentinel rows."""
     dtype = torch.bfloat16
-    tokens, top_k, experts, k_dim, n_dim = 700, 3, 8, 320, 256  # row tiles of 256
+    tokens, top_k, experts, k_dim, n_dim = 700, 3, 8, 320, 256  # 256-row heads, 128-row tails
     rows, view, dense, plan = make(tokens, top_k, experts, k_dim, n_dim, pairs_along_k, dtype, seed=rank,
                                    sentinels=0.1)  # fmt: skip
     g = torch.Generator(device="cuda").manual_seed(rank + 1)
@@ -137,6 +138,25 @@ def test_epilogues_gather_and_lora(monkeypatch, launches, pairs_along_k, rank, f
     expected = truth(token_rows, dense, plan, gather=plan.token_of_row, lora=(u, factor))
     check(ours, expected, plan, dtype, triton_kernel(monkeypatch, token_rows, view, counts, n, **gathered))
     assert len(launches) == 2
+
+
+@pytest.mark.parametrize("pairs_along_k", [True, False], ids=["pairs-along-K", "pairs-along-N"])
+def test_head_and_tail_row_tiles(launches, pairs_along_k):
+    """Experts of 256 rows and more on average: 256-row tiles, and an expert's last 1 .. 128 rows in a 128-row tile
+    of a second launch; counts on each side of those edges, an empty expert and one of a single row."""
+    counts = [384, 0, 256, 385, 129, 1, 640, 300, 128, 513]
+    experts, k_dim, n_dim = len(counts), 192, 320
+    g = torch.Generator(device="cuda").manual_seed(11)
+    index = torch.repeat_interleave(torch.arange(experts), torch.tensor(counts)).to("cuda")
+    plan = build_plan(index[torch.randperm(index.numel(), device="cuda", generator=g)][:, None], experts)
+    assert nf4_hopper.row_launches(plan.num_rows, experts) == [(256, nf4_hopper.HEAD), (128, nf4_hopper.TAIL)]
+    stored = (experts, n_dim, k_dim) if pairs_along_k else (experts, k_dim, n_dim)
+    weight = NF4Tensor.quantize(torch.randn(stored, device="cuda", generator=g) / k_dim**0.5, dtype=torch.bfloat16)
+    view = weight.transpose(1, 2) if pairs_along_k else weight
+    rows = torch.randn(plan.num_rows, k_dim, device="cuda", generator=g).to(torch.bfloat16)
+    ours = grouped_gemm(rows, view, plan.tokens_per_expert, plan.num_rows)
+    assert launches
+    check(ours, truth(rows, view.dequantize(torch.float64), plan), plan, torch.bfloat16)
 
 
 @pytest.mark.parametrize("tokens", [0, 1])

@@ -46,10 +46,33 @@ STAGES = 3
 NUM_WARPS = 8
 
 
-def block_m(n: int, num_experts: int) -> int:
-    """Row tile: 256 (two warpgroups of 128 rows) where the experts average that many rows, else 128 (timed by
-    tools/nf4_row_tile_bench.py: 256 wins at 384 and 512 rows an expert even with its padding, 128 at 96)."""
-    return 256 if n >= 256 * num_experts else 128
+# Which rows of each expert's block a launch tiles (``ROWS``): all of them, in tiles of its BLOCK_M; or the rows in
+# 256-row tiles (HEAD) but the last ones where they would fill at most half of one, which a second launch takes in
+# one 128-row tile (TAIL): an expert of 384 rows is then 256 + 128 rows of MMA instead of 512.
+ALL_ROWS, HEAD, TAIL = 0, 1, 2
+SPLIT = 256  # the head's row tile; a remainder of at most SPLIT // 2 rows goes to the tail
+_ALL_ROWS: gl.constexpr = gl.constexpr(ALL_ROWS)  # the same values inside jit functions
+_HEAD: gl.constexpr = gl.constexpr(HEAD)
+_TAIL: gl.constexpr = gl.constexpr(TAIL)
+_SPLIT: gl.constexpr = gl.constexpr(SPLIT)
+
+
+def row_launches(n: int, num_experts: int) -> list[tuple[int, int]]:
+    """The launches (row tile, ``ROWS``) of a grouped GEMM over n plan rows, by the rows an expert averages (timed by
+    tools/nf4_row_tile_bench.py on an H200): under 256, 128-row tiles (a weight tile's dequantization then serves
+    few rows: 1.7x faster than 256 at 96 rows); 256 to 1024, 256-row heads and 128-row tails (4-7 % faster than
+    256-row tiles alone at 384, 512 and 1024 rows; 0-2 % at 1536); above, 256-row tiles (at 2048 rows an expert the tail launch's
+    last partial wave cost more than the padding it saves)."""
+    if n < SPLIT * num_experts:
+        return [(SPLIT // 2, ALL_ROWS)]
+    if n <= 4 * SPLIT * num_experts:
+        return [(SPLIT, HEAD), (SPLIT // 2, TAIL)]
+    return [(SPLIT, ALL_ROWS)]
+
+
+def _row_tiles(n: int, num_experts: int, block_m: int, rows: int) -> int:
+    """Upper bound on a launch's row tiles (``_expert_tile``'s count): at most one tail tile an expert."""
+    return min(num_experts, n) if rows == TAIL else num_row_tiles(n, num_experts, block_m)
 
 
 def runs(rows: torch.Tensor, weight, mode: int, lowrank: bool) -> bool:
@@ -71,19 +94,31 @@ def _add(a, b):
 
 
 @gluon.jit
-def _expert_tile(counts_ptr, E, pid_m, BLOCK_M: gl.constexpr, BLOCK_E: gl.constexpr, num_warps: gl.constexpr):
-    """``tiling.expert_tile`` in gluon: (real row tiles, expert, first row, end row of the expert) of ``pid_m``."""
+def _expert_tile(counts_ptr, E, pid_m, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_E: gl.constexpr,
+                 num_warps: gl.constexpr):  # fmt: skip
+    """``tiling.expert_tile`` in gluon, over the rows ``ROWS`` of each expert: (real row tiles, expert, first row,
+    end row of the tiled rows) of ``pid_m``."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     offs_e = gl.arange(0, BLOCK_E, layout=layout)
     cnt = gl.load(counts_ptr + offs_e, mask=offs_e < E, other=0).to(gl.int32)
-    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    first = cnt * 0
+    span = cnt
+    if ROWS != _ALL_ROWS:  # HEAD or TAIL: the head ends before a remainder of 1 .. SPLIT / 2 rows, which is the tail
+        rest = cnt % _SPLIT
+        head = gl.where((rest > 0) & (rest <= _SPLIT // 2), cnt - rest, cnt)
+        if ROWS == _HEAD:
+            span = head
+        else:
+            first = head
+            span = cnt - head
+    tiles = (span + BLOCK_M - 1) // BLOCK_M
     cum = gl.associative_scan(tiles, 0, _add)  # inclusive
     expert = gl.sum((cum <= pid_m).to(gl.int32), 0)
     before = offs_e < expert
     tile_base = gl.sum(gl.where(before, tiles, 0), 0)
-    row_base = gl.sum(gl.where(before, cnt, 0), 0)
-    count = gl.sum(gl.where(offs_e == expert, cnt, 0), 0)
-    return gl.sum(tiles, 0), expert, row_base + (pid_m - tile_base) * BLOCK_M, row_base + count
+    mine = offs_e == expert
+    start = gl.sum(gl.where(before, cnt, 0) + gl.where(mine, first, 0), 0)
+    return gl.sum(tiles, 0), expert, start + (pid_m - tile_base) * BLOCK_M, start + gl.sum(gl.where(mine, span, 0), 0)
 
 
 @gluon.jit
@@ -179,14 +214,18 @@ def _grouped_nf4_kernel(
     stride_um, stride_ur, stride_le, stride_lr, stride_ln,
     GATHER: gl.constexpr, HAS_BIAS: gl.constexpr, SCALE: gl.constexpr, HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr, COLUMN_PAIRS: gl.constexpr, BLOCK_E: gl.constexpr, GROUP_M: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     BK: gl.constexpr = 64
     dtype: gl.constexpr = a_ptr.dtype.element_ty
-    # the tile map of ``tiling.gemm_program``
+    # the tile map of ``tiling.gemm_program`` over the rows ``ROWS`` (the grid's row tiles: ``_row_tiles``)
     pid = gl.program_id(0)
-    pid_m, pid_n = swizzle(pid, gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows), gl.cdiv(N, BLOCK_N), GROUP_M)
-    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, BLOCK_M, BLOCK_E, num_warps)
+    if ROWS == _TAIL:
+        num_pid_m = gl.minimum(E, n_rows)
+    else:
+        num_pid_m = gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows)
+    pid_m, pid_n = swizzle(pid, num_pid_m, gl.cdiv(N, BLOCK_N), GROUP_M)
+    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, ROWS, BLOCK_M, BLOCK_E, num_warps)
     if pid_m >= total:
         return
 
@@ -276,23 +315,25 @@ def _grouped_nf4_kernel(
 
 def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, bias=None, routing_weights=None,
                      sorted_rows=None, lora=None, row_tile=None):  # fmt: skip
-    """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N]. ``row_tile``: 128 or
-    256 instead of ``block_m``'s choice (tools/nf4_operand_bench.py times both)."""
+    """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N], in the launches of
+    ``row_launches`` (or all rows in tiles of ``row_tile``, 128 or 256: tools/nf4_row_tile_bench.py times them)."""
     num_experts, k_dim, n_dim = weight_in_out.shape
-    bm = row_tile or block_m(n, num_experts)
+    launches = [(row_tile, ALL_ROWS)] if row_tile else row_launches(n, num_experts)
     u, lw = lora if lora is not None else (out, out)
     rank = u.shape[1] if lora is not None else 0
-    grid = (num_row_tiles(n, num_experts, bm) * cdiv(n_dim, BLOCK_N),)
-    _grouped_nf4_kernel[grid](
-        rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table,
-        bias if bias is not None else out, routing_weights if routing_weights is not None else out,
-        sorted_rows if routing_weights is not None else counts, out, counts, u, lw,
-        n, num_experts, n_dim, k_dim, rank,
-        rows.stride(0), weight_in_out.stride(0), weight_in_out.stride(1), weight_in_out.stride(2),
-        *(bias.stride() if bias is not None else (0, 0)), out.stride(0),
-        *(u.stride() if lora is not None else (0, 0)), *(lw.stride() if lora is not None else (0, 0, 0)),
-        GATHER=gather is not None, HAS_BIAS=bias is not None, SCALE=routing_weights is not None,
-        HAS_LORA=lora is not None, BLOCK_R=rank_block(rank), COLUMN_PAIRS=mode == COLUMN_PAIRS,
-        BLOCK_E=block_e(num_experts), GROUP_M=8, BLOCK_M=bm, BLOCK_N=BLOCK_N, STAGES=STAGES, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    for bm, part in launches:  # each fills its own rows of out
+        grid = (_row_tiles(n, num_experts, bm, part) * cdiv(n_dim, BLOCK_N),)
+        _grouped_nf4_kernel[grid](
+            rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table,
+            bias if bias is not None else out, routing_weights if routing_weights is not None else out,
+            sorted_rows if routing_weights is not None else counts, out, counts, u, lw,
+            n, num_experts, n_dim, k_dim, rank,
+            rows.stride(0), weight_in_out.stride(0), weight_in_out.stride(1), weight_in_out.stride(2),
+            *(bias.stride() if bias is not None else (0, 0)), out.stride(0),
+            *(u.stride() if lora is not None else (0, 0)), *(lw.stride() if lora is not None else (0, 0, 0)),
+            GATHER=gather is not None, HAS_BIAS=bias is not None, SCALE=routing_weights is not None,
+            HAS_LORA=lora is not None, BLOCK_R=rank_block(rank), COLUMN_PAIRS=mode == COLUMN_PAIRS,
+            BLOCK_E=block_e(num_experts), GROUP_M=8, ROWS=part, BLOCK_M=bm, BLOCK_N=BLOCK_N, STAGES=STAGES,
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return out
