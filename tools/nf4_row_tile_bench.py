@@ -1,11 +1,13 @@
 """The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``) at row tiles of 128, of 256, and in 256-row tiles with
-128-row tails, on the same buffers (GPU only): the measurement behind ``nf4_hopper.row_launches``.
+128-row tails, on the same buffers (GPU only): the measurement behind ``nf4_hopper.row_launches``; beside them the
+Triton NF4 kernel of ``grouped_gemm`` (autotuned), which runs where the gluon kernel does not.
 
     PYTHONPATH=src python tools/nf4_row_tile_bench.py
 
 Random top-k routing at Nemotron-3-Nano's and Qwen3-30B-A3B's widths; per GEMM (the forward read of a stored
 [E, out, in] weight, byte pairs along K; dX's transposed read, pairs along N) the µs of each plan, the one
-``row_launches`` picks, and the outputs' max relative difference to the first (the same sums: 0).
+``row_launches`` picks, the outputs' max relative difference to the first (the same sums: 0), and the Triton
+kernel's µs and difference (its own summation order).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 import torch
 import triton.testing
 
-from moekit.kernels import nf4_hopper
+from moekit.kernels import grouped_gemm, nf4_hopper
 from moekit.kernels.nf4 import code_table, nf4_mode
 from moekit.plan import build_plan
 from moekit.quant import NF4Tensor
@@ -24,6 +26,7 @@ CASES = [  # label, tokens, experts, top-k, hidden, intermediate
     ("nemotron 8k", 8192, 128, 6, 2688, 1856),
     ("qwen3 8k", 8192, 128, 8, 2048, 768),
     ("nemotron 2k", 2048, 128, 6, 2688, 1856),
+    ("qwen3 2k", 2048, 128, 8, 2048, 768),
     ("nemotron 32k", 32768, 128, 6, 2688, 1856),
     ("gpt-oss 8k", 8192, 32, 4, 2880, 2880),
     ("mixtral 8k", 8192, 8, 2, 4096, 14336),
@@ -51,9 +54,19 @@ def main() -> None:
                 times.append(triton.testing.do_bench(launch, warmup=10, rep=60) * 1e3)
                 outs.append(out.float())
             diff = max(((out - outs[0]).abs().max() / outs[0].abs().max()).item() for out in outs[1:])
-            split = "256 + 128 tails" if len(nf4_hopper.row_launches(n, experts)) == 2 else "128"
+            runs, nf4_hopper.runs = nf4_hopper.runs, lambda *args: False  # grouped_gemm: the Triton kernel
+            try:
+                triton_gemm = functools.partial(grouped_gemm, rows, view, plan.tokens_per_expert, n)
+                triton_out = triton_gemm().float()  # tunes on first call
+                triton_us = triton.testing.do_bench(triton_gemm, warmup=10, rep=60) * 1e3
+            finally:
+                nf4_hopper.runs = runs
+            triton_diff = ((triton_out - outs[0]).abs().max() / outs[0].abs().max()).item()
+            launches = nf4_hopper.row_launches(n, experts)
+            chosen = "256 + 128 tails" if len(launches) == 2 else f"{launches[0][0]}"
             print(f"{label:12s} {name:28s} mode {mode} n={n}: bm128 {times[0]:8.1f} us  bm256 {times[1]:8.1f} us  "
-                  f"plan ({split}) {times[2]:8.1f} us  diff {diff:.1e}", flush=True)  # fmt: skip
+                  f"plan ({chosen}) {times[2]:8.1f} us  diff {diff:.1e}  triton {triton_us:8.1f} us  "
+                  f"diff {triton_diff:.1e}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
