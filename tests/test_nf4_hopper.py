@@ -1,9 +1,9 @@
 """The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``), which gluon cannot run on the CPU, compiled
 offline for sm_90 with this triton: each variant the engine launches (byte pairs along K and along N, row tiles
 of 128 and 256 over all rows, the 256-row heads and the 128-row tails, plain and with every epilogue: gathered
-rows, bias, routing weight, LoRA) builds, keeps its
-warpgroup MMAs asynchronous (ptxas prints advisory C7515 when it serializes them) and does not spill; and the
-host's choice of kernel (``runs``) takes only what the kernel handles. Its values are checked on the GPU
+rows, bias, routing weight, LoRA) builds, keeps its warpgroup MMAs asynchronous (ptxas prints advisory C7515 when
+it serializes them) and does not spill; and the host's choices of kernel (``runs``) and of row tiles
+(``row_launches``) take only what the kernel handles. Its values are checked on the GPU
 (tests/gpu/test_gpu_nf4.py). The compiles run in a process of their own: the interpreter, which this suite runs
 kernels under, patches triton's language in place, which gluon's compiler cannot take."""
 

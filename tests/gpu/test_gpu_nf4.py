@@ -5,8 +5,9 @@ Every case routes fresh random rows to its experts (one expert empty, one holdin
 routed ones), with both byte-pair axes (the forward's read of a stored [E, out, in] weight, pairs along K; the
 input gradient's transposed read, pairs along N), each plan of row tiles (128; 256-row heads with 128-row tails;
 256), N off the column tile, the gathered rows, bias and routing-weight epilogue of the forward down-projection and
-of dA's GEMM, and LoRA terms of one and of two rank chunks with the factor in fp32 or the rows' dtype. Outputs start as NaN (``poison_outputs``): a routed
-row left unwritten, or a row past the routed ones written, shows. Each case asserts that the gluon kernel ran.
+of dA's GEMM, and LoRA terms of one and of two rank chunks with the factor in fp32 or the rows' dtype. Outputs
+start as NaN (``poison_outputs``): a routed row left unwritten, or a row past the routed ones written, shows. Each
+case asserts that the gluon kernel ran.
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def row_launches(n: int, num_experts: int) -> list[tuple[int, int]]:
     """The launches (row tile, ``ROWS``) of a grouped GEMM over n plan rows, by the rows an expert averages (timed by
     tools/nf4_row_tile_bench.py on an H200): under 256, 128-row tiles (a weight tile's dequantization then serves
     few rows: 1.7x faster than 256 at 96 rows); 256 to 1024, 256-row heads and 128-row tails (4-7 % faster than
-    256-row tiles alone at 384, 512 and 1024 rows; 0-2 % at 1536); above, 256-row tiles (at 2048 rows an expert the tail launch's
-    last partial wave cost more than the padding it saves)."""
+    256-row tiles alone at 384, 512 and 1024 rows; 0-2 % at 1536); above, 256-row tiles (at 2048 rows an expert
+    the tail launch's last, partly empty wave cost more than the padding it saves)."""
     if n < SPLIT * num_experts:
         return [(SPLIT // 2, ALL_ROWS)]
     if n <= 4 * SPLIT * num_experts:
