@@ -144,14 +144,12 @@ def _tile_scales(scale_ptrs, t, num_k, COLUMN_PAIRS: gl.constexpr):
 
 
 @gluon.jit
-def _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
-                     code_layout: gl.constexpr, w_layout: gl.constexpr):  # fmt: skip
-    """Wait for tile k's copies, then dequantize its code bytes with its ``scales`` into B buffer k % 2: W's
-    [BLOCK_N, BLOCK_K] rows (ROW_PAIRS, bytes [BLOCK_N, BLOCK_K / 2]) or [BLOCK_K, BLOCK_N] (COLUMN_PAIRS, bytes
-    [BLOCK_K, BLOCK_N / 2]) in the operand dtype."""
-    async_copy.wait_group(STAGES - 2)  # this thread's copies of tile k are done
-    _cta_barrier()  # and every thread's
-    byte = code_smem.index(k % STAGES).load(code_layout)
+def _dequantize(code_stage, w_buffer, scales, table_ptr, COLUMN_PAIRS: gl.constexpr, code_layout: gl.constexpr,
+                w_layout: gl.constexpr):  # fmt: skip
+    """Dequantize a tile's code bytes (``code_stage``) with its ``scales`` into ``w_buffer``: W's [BLOCK_N, BLOCK_K]
+    rows (ROW_PAIRS, bytes [BLOCK_N, BLOCK_K / 2]) or [BLOCK_K, BLOCK_N] (COLUMN_PAIRS, bytes [BLOCK_K, BLOCK_N / 2])
+    in the operand dtype."""
+    byte = code_stage.load(code_layout)
     table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=code_layout)
     high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
                                           dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
@@ -161,19 +159,29 @@ def _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES: gl.constex
     else:
         scale = scales[0][:, None]
     w = gl.reshape(gl.join(high * scale, low * scale), [byte.shape[0], 2 * byte.shape[1]])  # 2j + 1 beside 2j
-    w_smem.index(k % 2).store(gl.convert_layout(w.to(w_smem.dtype), w_layout))
+    w_buffer.store(gl.convert_layout(w.to(w_buffer.dtype), w_layout))
+
+
+@gluon.jit
+def _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
+                     code_layout: gl.constexpr, w_layout: gl.constexpr):  # fmt: skip
+    """Wait for tile k's copies, then dequantize its code bytes with its ``scales`` into B buffer k % 2."""
+    async_copy.wait_group(STAGES - 2)  # this thread's copies of tile k are done
+    _cta_barrier()  # and every thread's
+    _dequantize(code_smem.index(k % STAGES), w_smem.index(k % 2), scales, table_ptr, COLUMN_PAIRS, code_layout,
+                w_layout)  # fmt: skip
     fence_async_shared()  # the stores, before the MMA reads them through the async proxy
     _cta_barrier()
 
 
 @gluon.jit
-def _mma(a_smem, w_smem, acc, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr, use_acc: gl.constexpr):
-    """Start MMA k: acc += A stage k % STAGES @ B buffer k % 2 (asynchronous)."""
+def _mma(a_stage, w_buffer, acc, COLUMN_PAIRS: gl.constexpr, use_acc: gl.constexpr):
+    """Start an MMA: acc += ``a_stage`` @ ``w_buffer`` (asynchronous)."""
     if COLUMN_PAIRS:
-        b = w_smem.index(k % 2)
+        b = w_buffer
     else:
-        b = w_smem.index(k % 2).permute((1, 0))
-    return warpgroup_mma(a_smem.index(k % STAGES), b, acc, use_acc=use_acc, is_async=True)
+        b = w_buffer.permute((1, 0))
+    return warpgroup_mma(a_stage, b, acc, use_acc=use_acc, is_async=True)
 
 
 @gluon.jit
@@ -204,6 +212,49 @@ def _lora(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_
         acc = warpgroup_mma(u_smem, l_smem, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     return acc
+
+
+@gluon.jit
+def _operands(a_ptr, gather_ptr, codes_ptr, scales_ptr, expert, row_start, row_end, pid_n, N, stride_am, stride_we,
+              stride_wk, stride_wn, GATHER: gl.constexpr, COLUMN_PAIRS: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, a_layout: gl.constexpr, code_layout: gl.constexpr):  # fmt: skip
+    """Where a program's tiles come from: (A row pointers at k = 0 [BLOCK_M, BLOCK_K], their plan rows clamped into
+    the expert's block, code byte pointers at k = 0, which bytes are in range, the bytes' step along K, the block
+    scales' pointers for ``_tile_scales``)."""
+    BK: gl.constexpr = 64
+    if COLUMN_PAIRS:
+        CODE_ROWS: gl.constexpr = BK
+    else:
+        CODE_ROWS: gl.constexpr = BLOCK_N
+    CODE_COLS: gl.constexpr = (BK * BLOCK_N) // (2 * CODE_ROWS)
+    # A rows (token rows through ``gather`` when GATHER), clamped into the expert's block: loads stay in bounds
+    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
+    rows64 = gl.where(offs_m < row_end, offs_m, row_start).to(gl.int64)
+    if GATHER:
+        a_rows = gl.load(gather_ptr + rows64).to(gl.int64)
+    else:
+        a_rows = rows64
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout))[None, :]
+    # the expert's codes and scales; columns past N read code 0 and a scale in range (finite values, never stored)
+    w_codes, w_scales = nf4_expert(codes_ptr, scales_ptr, expert, stride_we)
+    code_r = gl.arange(0, CODE_ROWS, layout=gl.SliceLayout(1, code_layout))
+    code_c = gl.arange(0, CODE_COLS, layout=gl.SliceLayout(0, code_layout))
+    if COLUMN_PAIRS:  # bytes [BK rows k, BLOCK_N / 2 column pairs]; a row's two blocks at 64-column steps
+        gl.static_assert(BLOCK_N == 128, "two blocks of 64 columns")
+        pair = pid_n * (BLOCK_N // 2) + code_c
+        code_ptrs = w_codes + code_r[:, None] * (stride_wk // 2) + pair[None, :]
+        code_in = (pair < N // 2)[None, :]  # N a multiple of 16 (``runs``): whole words in or out
+        code_step = BK * (stride_wk // 2)
+        block = code_r * (stride_wk // 64) + pid_n * (BLOCK_N // 64)
+        last_block = code_r * (stride_wk // 64) + (N - 1) // 64
+        scale_ptrs = (w_scales + block, w_scales + gl.minimum(block + 1, last_block), BK * (stride_wk // 64))
+    else:  # bytes [BLOCK_N columns n, BK / 2 row pairs]; a column's block is the step
+        cols = gl.minimum(pid_n * BLOCK_N + code_r, N - 1)
+        code_ptrs = w_codes + cols[:, None] * (stride_wn // 2) + code_c[None, :]
+        code_in = (code_c >= 0)[None, :]
+        code_step = BK // 2
+        scale_ptrs = (w_scales + cols * (stride_wn // 64), w_scales, 0)
+    return a_ptrs, rows64, code_ptrs, code_in, code_step, scale_ptrs
 
 
 @gluon.jit
@@ -247,33 +298,10 @@ def _grouped_nf4_kernel(
                                           gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # fmt: skip
     w_smem = gl.allocate_shared_memory(dtype, [2] + W_SHAPE, gl.NVMMASharedLayout.get_default_for(W_SHAPE, dtype))
 
-    # A rows (token rows through ``gather`` when GATHER), clamped into the expert's block: loads stay in bounds
-    offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
-    rows64 = gl.where(offs_m < row_end, offs_m, row_start).to(gl.int64)
-    if GATHER:
-        a_rows = gl.load(gather_ptr + rows64).to(gl.int64)
-    else:
-        a_rows = rows64
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout))[None, :]
-    # the expert's codes and scales; columns past N read code 0 and a scale in range (finite values, never stored)
-    w_codes, w_scales = nf4_expert(codes_ptr, scales_ptr, expert, stride_we)
-    code_r = gl.arange(0, CODE_ROWS, layout=gl.SliceLayout(1, code_layout))
-    code_c = gl.arange(0, CODE_COLS, layout=gl.SliceLayout(0, code_layout))
-    if COLUMN_PAIRS:  # bytes [BK rows k, BLOCK_N / 2 column pairs]; a row's two blocks at 64-column steps
-        gl.static_assert(BLOCK_N == 128, "two blocks of 64 columns")
-        pair = pid_n * (BLOCK_N // 2) + code_c
-        code_ptrs = w_codes + code_r[:, None] * (stride_wk // 2) + pair[None, :]
-        code_in = (pair < N // 2)[None, :]  # N a multiple of 16 (``runs``): whole words in or out
-        code_step = BK * (stride_wk // 2)
-        block = code_r * (stride_wk // 64) + pid_n * (BLOCK_N // 64)
-        last_block = code_r * (stride_wk // 64) + (N - 1) // 64
-        scale_ptrs = (w_scales + block, w_scales + gl.minimum(block + 1, last_block), BK * (stride_wk // 64))
-    else:  # bytes [BLOCK_N columns n, BK / 2 row pairs]; a column's block is the step
-        cols = gl.minimum(pid_n * BLOCK_N + code_r, N - 1)
-        code_ptrs = w_codes + cols[:, None] * (stride_wn // 2) + code_c[None, :]
-        code_in = (code_c >= 0)[None, :]
-        code_step = BK // 2
-        scale_ptrs = (w_scales + cols * (stride_wn // 64), w_scales, 0)
+    a_ptrs, rows64, code_ptrs, code_in, code_step, scale_ptrs = _operands(
+        a_ptr, gather_ptr, codes_ptr, scales_ptr, expert, row_start, row_end, pid_n, N, stride_am, stride_we,
+        stride_wk, stride_wn, GATHER, COLUMN_PAIRS, BLOCK_M, BLOCK_N, a_layout, code_layout,
+    )  # fmt: skip
     num_k = K // BK
 
     for t in gl.static_range(STAGES - 1):
@@ -284,14 +312,14 @@ def _grouped_nf4_kernel(
     scales = _tile_scales(scale_ptrs, 1, num_k, COLUMN_PAIRS)  # each tile's a step ahead, off the critical path
     _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, STAGES - 1, num_k, code_step, STAGES, BK)
     acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma_layout))
-    acc = _mma(a_smem, w_smem, acc, 0, STAGES, COLUMN_PAIRS, False)
+    acc = _mma(a_smem.index(0), w_smem.index(0), acc, COLUMN_PAIRS, False)
     for k in range(1, num_k):
         _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES, COLUMN_PAIRS, code_layout, w_layout)
         scales = _tile_scales(scale_ptrs, k + 1, num_k, COLUMN_PAIRS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
         _cta_barrier()  # and every warpgroup's: its A stage and B buffer may be overwritten
         _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 1, num_k, code_step, STAGES, BK)
-        acc = _mma(a_smem, w_smem, acc, k, STAGES, COLUMN_PAIRS, True)
+        acc = _mma(a_smem.index(k % STAGES), w_smem.index(k % 2), acc, COLUMN_PAIRS, True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
