@@ -1,7 +1,7 @@
 """A warp-specialized NF4 grouped GEMM for Hopper (gluon), prototype: does a producer warpgroup that only copies and
 dequantizes, beside two warpgroups that only issue MMAs, hide the dequantization that ``kernels.nf4_hopper`` pays?
 
-    PYTHONPATH=src python tools/nf4_ws_gemm.py            (GPU: sm_90)
+    PYTHONPATH=src timeout 300 python tools/nf4_ws_gemm.py    (GPU: sm_90; a synchronization bug shows as a hang)
 
 The engine's kernel dequantizes tile k in the same warps that then issue MMA k: without the dequantization its loop
 runs 18-30 % faster at 256-row tiles (BENCHMARKS.md, the ablation), and neither a deeper pipeline, an MMA kept in
