@@ -33,40 +33,47 @@ CASES = [  # label, tokens, experts, top-k, hidden, intermediate
 ]
 
 
-def main() -> None:
+def grouped_gemms(cases):
+    """Per case (label, tokens, experts, top-k, hidden, intermediate) and GEMM (the forward read of a stored [E, out,
+    in] weight, byte pairs along K; dX's transposed read, pairs along N): (label, GEMM, plan of random top-k routing,
+    NF4 weight viewed [E, K, N], its ``nf4_mode``, random bf16 rows [n, K]) on the GPU."""
     torch.manual_seed(0)
-    table = code_table(torch.device("cuda"))
-    for label, tokens, experts, top_k, hidden, inner in CASES:
+    for label, tokens, experts, top_k, hidden, inner in cases:
         plan = build_plan(torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices, experts)
-        n = plan.num_rows
         for name, stored, transposed in (("down/up-fwd (pairs along K)", (experts, hidden, inner), True),
                                          ("dX (pairs along N)", (experts, inner, hidden), False)):  # fmt: skip
             weight = NF4Tensor.quantize(torch.randn(stored, device="cuda") / inner**0.5, dtype=torch.bfloat16)
             view = weight.transpose(1, 2) if transposed else weight
-            mode = nf4_mode(view, view.shape[2])
-            rows = torch.randn(n, view.shape[1], device="cuda", dtype=torch.bfloat16)
-            outs, times = [], []
-            for row_tile in (128, 256, None):  # None: row_launches' plan
-                out = torch.empty(n, view.shape[2], device="cuda", dtype=torch.bfloat16)
-                launch = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, plan.tokens_per_expert, n, out,
-                                           mode, table, row_tile=row_tile)  # fmt: skip
-                launch()
-                times.append(triton.testing.do_bench(launch, warmup=10, rep=60) * 1e3)
-                outs.append(out.float())
-            diff = max(((out - outs[0]).abs().max() / outs[0].abs().max()).item() for out in outs[1:])
-            runs, nf4_hopper.runs = nf4_hopper.runs, lambda *args: False  # grouped_gemm: the Triton kernel
-            try:
-                triton_gemm = functools.partial(grouped_gemm, rows, view, plan.tokens_per_expert, n)
-                triton_out = triton_gemm().float()  # tunes on first call
-                triton_us = triton.testing.do_bench(triton_gemm, warmup=10, rep=60) * 1e3
-            finally:
-                nf4_hopper.runs = runs
-            triton_diff = ((triton_out - outs[0]).abs().max() / outs[0].abs().max()).item()
-            launches = nf4_hopper.row_launches(n, experts)
-            chosen = "256 + 128 tails" if len(launches) == 2 else f"{launches[0][0]}"
-            print(f"{label:12s} {name:28s} mode {mode} n={n}: bm128 {times[0]:8.1f} us  bm256 {times[1]:8.1f} us  "
-                  f"plan ({chosen}) {times[2]:8.1f} us  diff {diff:.1e}  triton {triton_us:8.1f} us  "
-                  f"diff {triton_diff:.1e}", flush=True)  # fmt: skip
+            rows = torch.randn(plan.num_rows, view.shape[1], device="cuda", dtype=torch.bfloat16)
+            yield label, name, plan, view, nf4_mode(view, view.shape[2]), rows
+
+
+def main() -> None:
+    table = code_table(torch.device("cuda"))
+    for label, name, plan, view, mode, rows in grouped_gemms(CASES):
+        n, experts = plan.num_rows, view.shape[0]
+        outs, times = [], []
+        for row_tile in (128, 256, None):  # None: row_launches' plan
+            out = torch.empty(n, view.shape[2], device="cuda", dtype=torch.bfloat16)
+            launch = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, plan.tokens_per_expert, n, out,
+                                       mode, table, row_tile=row_tile)  # fmt: skip
+            launch()
+            times.append(triton.testing.do_bench(launch, warmup=10, rep=60) * 1e3)
+            outs.append(out.float())
+        diff = max(((out - outs[0]).abs().max() / outs[0].abs().max()).item() for out in outs[1:])
+        runs, nf4_hopper.runs = nf4_hopper.runs, lambda *args: False  # grouped_gemm: the Triton kernel
+        try:
+            triton_gemm = functools.partial(grouped_gemm, rows, view, plan.tokens_per_expert, n)
+            triton_out = triton_gemm().float()  # tunes on first call
+            triton_us = triton.testing.do_bench(triton_gemm, warmup=10, rep=60) * 1e3
+        finally:
+            nf4_hopper.runs = runs
+        triton_diff = ((triton_out - outs[0]).abs().max() / outs[0].abs().max()).item()
+        launches = nf4_hopper.row_launches(n, experts)
+        chosen = "256 + 128 tails" if len(launches) == 2 else f"{launches[0][0]}"
+        print(f"{label:12s} {name:28s} mode {mode} n={n}: bm128 {times[0]:8.1f} us  bm256 {times[1]:8.1f} us  "
+              f"plan ({chosen}) {times[2]:8.1f} us  diff {diff:.1e}  triton {triton_us:8.1f} us  "
+              f"diff {triton_diff:.1e}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

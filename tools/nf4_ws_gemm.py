@@ -26,6 +26,7 @@ import functools
 
 import torch
 import triton.testing
+from nf4_row_tile_bench import grouped_gemms  # tools/, beside this script
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -37,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from moekit.kernels import nf4_hopper
-from moekit.kernels.nf4 import COLUMN_PAIRS, code_table, nf4_mode
+from moekit.kernels.nf4 import COLUMN_PAIRS, code_table
 from moekit.kernels.nf4_hopper import (
     _copy_to_shared,
     _cta_barrier,
@@ -48,8 +49,6 @@ from moekit.kernels.nf4_hopper import (
     _tile_scales,
 )
 from moekit.kernels.tiling import block_e, cdiv, swizzle
-from moekit.plan import build_plan
-from moekit.quant import NF4Tensor
 
 BLOCK_N = 128
 STAGES = 4  # A rows, code bytes and B tiles in flight
@@ -199,32 +198,24 @@ CASES = [  # label, tokens, experts, top-k, hidden, intermediate
 
 
 def main() -> None:
-    torch.manual_seed(0)
     table = code_table(torch.device("cuda"))
-    for label, tokens, experts, top_k, hidden, inner in CASES:
-        plan = build_plan(torch.rand(tokens, experts, device="cuda").topk(top_k, dim=-1).indices, experts)
+    for label, name, plan, view, mode, rows in grouped_gemms(CASES):
         n, counts = plan.num_rows, plan.tokens_per_expert
-        for name, stored, transposed in (("down/up-fwd (pairs along K)", (experts, hidden, inner), True),
-                                         ("dX (pairs along N)", (experts, inner, hidden), False)):  # fmt: skip
-            weight = NF4Tensor.quantize(torch.randn(stored, device="cuda") / inner**0.5, dtype=torch.bfloat16)
-            view = weight.transpose(1, 2) if transposed else weight
-            mode = nf4_mode(view, view.shape[2])
-            rows = torch.randn(n, view.shape[1], device="cuda", dtype=torch.bfloat16)
-            assert nf4_hopper.runs(rows, view, mode, False), "needs an sm_90 GPU and a shape the gluon kernel takes"
-            for row_tile in (128, 256):
-                ours = torch.full((n, view.shape[2]), float("nan"), device="cuda", dtype=torch.bfloat16)
-                engine = torch.full_like(ours, float("nan"))
-                ws = functools.partial(ws_gemm_nf4, rows, view, counts, n, ours, mode, table, row_tile=row_tile)
-                base = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, counts, n, engine, mode, table,
-                                         row_tile=row_tile)  # fmt: skip
-                ws()
-                base()
-                torch.cuda.synchronize()
-                same = torch.equal(ours[: plan.num_routed], engine[: plan.num_routed])
-                ws_us = triton.testing.do_bench(ws, warmup=10, rep=60) * 1e3
-                base_us = triton.testing.do_bench(base, warmup=10, rep=60) * 1e3
-                print(f"{label:12s} {name:28s} bm{row_tile}: engine {base_us:8.1f} us  warp-specialized {ws_us:8.1f} us"
-                      f"  ({ws_us / base_us:.3f})  bit-identical {same}", flush=True)  # fmt: skip
+        assert nf4_hopper.runs(rows, view, mode, False), "needs an sm_90 GPU and a shape the gluon kernel takes"
+        for row_tile in (128, 256):
+            ours = torch.full((n, view.shape[2]), float("nan"), device="cuda", dtype=torch.bfloat16)
+            engine = torch.full_like(ours, float("nan"))
+            ws = functools.partial(ws_gemm_nf4, rows, view, counts, n, ours, mode, table, row_tile=row_tile)
+            base = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, counts, n, engine, mode, table,
+                                     row_tile=row_tile)  # fmt: skip
+            ws()
+            base()
+            torch.cuda.synchronize()
+            same = torch.equal(ours[: plan.num_routed], engine[: plan.num_routed])
+            ws_us = triton.testing.do_bench(ws, warmup=10, rep=60) * 1e3
+            base_us = triton.testing.do_bench(base, warmup=10, rep=60) * 1e3
+            print(f"{label:12s} {name:28s} bm{row_tile}: engine {base_us:8.1f} us  warp-specialized {ws_us:8.1f} us"
+                  f"  ({ws_us / base_us:.3f})  bit-identical {same}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
