@@ -177,6 +177,8 @@ def ws_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, r
     """out [n, N] = rows (through ``gather``) @ the NF4 weight viewed [E, K, N], every expert's rows in tiles of
     ``row_tile`` (``nf4_hopper.runs`` must hold)."""
     num_experts, k_dim, n_dim = weight_in_out.shape
+    if n == 0:
+        return out
     grid = ((cdiv(n, row_tile) + min(num_experts, n)) * cdiv(n_dim, BLOCK_N),)
     _ws_nf4_kernel[grid](
         rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table, out, counts,
