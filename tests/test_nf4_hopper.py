@@ -20,8 +20,8 @@ import torch
 pytest.importorskip("triton.experimental.gluon")
 
 # argv[1]: a folder; argv[2]: "engine" (kernels/nf4_hopper.py's kernel) or the folder of tools/nf4_ws_gemm.py (the
-# warp-specialized prototype's); compiles each variant of argv[3:] (COLUMN_PAIRS,BLOCK_M,gather and epilogues,ROWS)
-# to a PTX file in the folder
+# warp-specialized prototype's); compiles each variant of argv[3:] (COLUMN_PAIRS,BLOCK_M,gather and epilogues,ROWS;
+# for the prototype the last is its producer warps) to a PTX file in the folder
 _COMPILE = """
 import sys
 import triton
@@ -36,7 +36,6 @@ if which == "engine":
 else:
     sys.path.insert(0, which)
     import nf4_ws_gemm as module
-    options = {"num_warps": 8, "maxnreg": module.MAX_REGS}
     kernel = module._ws_nf4_kernel
 names = list(kernel.arg_names)
 pointers = {"a_ptr": "*bf16", "gather_ptr": "*i64", "codes_ptr": "*u8", "scales_ptr": "*fp32", "table_ptr": "*fp32",
@@ -44,12 +43,14 @@ pointers = {"a_ptr": "*bf16", "gather_ptr": "*i64", "codes_ptr": "*u8", "scales_
             "u_ptr": "*bf16", "l_ptr": "*fp32"}
 pointers = {name: kind for name, kind in pointers.items() if name in names}
 for variant in variants:
-    column_pairs, block_m, epilogues, rows = (int(v) for v in variant.split(","))
-    constants = dict(ROWS=rows, GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
+    column_pairs, block_m, epilogues, last = (int(v) for v in variant.split(","))
+    if which != "engine":
+        options = {"num_warps": 8, "maxnreg": module.PRODUCERS[last][1]}
+    constants = dict(ROWS=last, GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
                      HAS_LORA=bool(epilogues), BLOCK_R=16, COLUMN_PAIRS=bool(column_pairs), BLOCK_E=128, GROUP_M=8,
                      BLOCK_M=block_m, BLOCK_N=module.BLOCK_N, STAGES=module.STAGES, LAG=getattr(module, "LAG", 0),
-                     PRODUCER_WARPS=getattr(module, "PRODUCER_WARPS", 0),
-                     PRODUCER_REGS=getattr(module, "PRODUCER_REGS", 0), num_warps=options["num_warps"])
+                     PRODUCER_WARPS=last, PRODUCER_REGS=getattr(module, "PRODUCERS", {last: (0, 0)})[last][0],
+                     num_warps=options["num_warps"])
     constants = {name: value for name, value in constants.items() if name in names}
     signature = {name: pointers.get(name, "i32") for name in names if name not in constants}
     signature |= dict.fromkeys(constants, "constexpr")
@@ -92,7 +93,7 @@ def test_warp_specialized_prototype_compiles(tmp_path):
     partitions (registers moved between them by setmaxnreg), asynchronous MMAs, and copies that arrive on their
     barrier thread by thread."""
     tools = Path(__file__).resolve().parents[1] / "tools"
-    for variant, (ptx, info) in _compile(tmp_path, str(tools), ["0,256,0,0", "1,128,1,0"]).items():
+    for variant, (ptx, info) in _compile(tmp_path, str(tools), ["0,256,0,4", "1,128,1,4", "1,256,0,8"]).items():
         assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx, variant
         assert ptx.count("wgmma.mma_async") >= 8 and "cp.async.mbarrier.arrive.noinc" in ptx, variant
         assert "C7515" not in info, (variant, info)

@@ -7,11 +7,11 @@ The engine's kernel dequantizes tile k in the same warps that then issue MMA k: 
 runs 18-30 % faster at 256-row tiles (BENCHMARKS.md, the ablation), and neither a deeper pipeline, an MMA kept in
 flight nor two programs an SM recovered it. Here the work is split by ``gl.warp_specialize``:
 
-    producer (4 warps)   for tile t: wait until stage t % STAGES is free; cp.async its A rows (they arrive on
-                         ready_a[s] as they land) and code bytes; then, LAG tiles behind, dequantize tile t - LAG
-                         from its landed bytes into B stage (t - LAG) % STAGES and arrive on ready_b
-    consumers (8 warps)  for tile k: wait for ready_a[s] and ready_b[s]; start MMA k; once MMA k - 1 is done in both
-                         warpgroups, release stage (k - 1) % STAGES (arrive on empty)
+    producers (4 or 8 warps)  for tile t: wait until stage t % STAGES is free; cp.async its A rows (they arrive on
+                              ready_a[s] as they land) and code bytes; then, LAG tiles behind, dequantize tile
+                              t - LAG from its landed bytes into B stage (t - LAG) % STAGES and arrive on ready_b
+    consumers (8 warps)       for tile k: wait for ready_a[s] and ready_b[s]; start MMA k; once MMA k - 1 is done in
+                              both warpgroups, release stage (k - 1) % STAGES (arrive on empty)
 
 The same contract as the engine's kernel for the plain product (no LoRA, bias or routing weight; rows optionally
 gathered), the same tile map, dequantization and MMA order over K, so the outputs must be bit-identical to
@@ -23,6 +23,7 @@ partition meets at its own barrier first; cp.async's arrive-on (no increment) is
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton.testing
@@ -53,9 +54,9 @@ from moekit.kernels.tiling import block_e, cdiv, swizzle
 BLOCK_N = 128
 STAGES = 4  # A rows, code bytes and B tiles in flight
 LAG = 2  # tiles the producer's copies run ahead of its dequantization
-PRODUCER_WARPS = 4
-PRODUCER_REGS = 136
-MAX_REGS = 168  # registers a thread at launch (12 warps share 64 K); setmaxnreg moves them to the consumers
+# producer warps: (their registers, registers a thread at launch: all warps share 64 K, then setmaxnreg moves the
+# producers' spare ones to the consumers: 184 with 4 producer warps, 168 with 8)
+PRODUCERS = {4: (136, 168), 8: (88, 128)}
 
 
 @gluon.jit
@@ -173,9 +174,11 @@ def _ws_nf4_kernel(
     )  # fmt: skip
 
 
-def ws_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, row_tile=256):
+def ws_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, row_tile=256, producer_warps=4):
     """out [n, N] = rows (through ``gather``) @ the NF4 weight viewed [E, K, N], every expert's rows in tiles of
-    ``row_tile`` (``nf4_hopper.runs`` must hold)."""
+    ``row_tile``, ``producer_warps`` (a key of ``PRODUCERS``) copying and dequantizing (``nf4_hopper.runs`` must
+    hold)."""
+    producer_regs, max_regs = PRODUCERS[producer_warps]
     num_experts, k_dim, n_dim = weight_in_out.shape
     if n == 0:
         return out
@@ -185,8 +188,8 @@ def ws_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, r
         n, num_experts, n_dim, k_dim,
         rows.stride(0), weight_in_out.stride(0), weight_in_out.stride(1), weight_in_out.stride(2), out.stride(0),
         GATHER=gather is not None, COLUMN_PAIRS=mode == COLUMN_PAIRS, BLOCK_E=block_e(num_experts), GROUP_M=8,
-        BLOCK_M=row_tile, BLOCK_N=BLOCK_N, STAGES=STAGES, LAG=LAG, PRODUCER_WARPS=PRODUCER_WARPS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=8, maxnreg=MAX_REGS,
+        BLOCK_M=row_tile, BLOCK_N=BLOCK_N, STAGES=STAGES, LAG=LAG, PRODUCER_WARPS=producer_warps,
+        PRODUCER_REGS=producer_regs, num_warps=8, maxnreg=max_regs,
     )  # fmt: skip
     return out
 
@@ -204,10 +207,11 @@ def main() -> None:
     for label, name, plan, view, mode, rows in grouped_gemms(CASES):
         n, counts = plan.num_rows, plan.tokens_per_expert
         assert nf4_hopper.runs(rows, view, mode, False), "needs an sm_90 GPU and a shape the gluon kernel takes"
-        for row_tile in (128, 256):
+        for row_tile, producer_warps in itertools.product((128, 256), PRODUCERS):
             ours = torch.full((n, view.shape[2]), float("nan"), device="cuda", dtype=torch.bfloat16)
             engine = torch.full_like(ours, float("nan"))
-            ws = functools.partial(ws_gemm_nf4, rows, view, counts, n, ours, mode, table, row_tile=row_tile)
+            ws = functools.partial(ws_gemm_nf4, rows, view, counts, n, ours, mode, table, row_tile=row_tile,
+                                   producer_warps=producer_warps)  # fmt: skip
             base = functools.partial(nf4_hopper.grouped_gemm_nf4, rows, view, counts, n, engine, mode, table,
                                      row_tile=row_tile)  # fmt: skip
             ws()
@@ -216,8 +220,9 @@ def main() -> None:
             same = torch.equal(ours[: plan.num_routed], engine[: plan.num_routed])
             ws_us = triton.testing.do_bench(ws, warmup=10, rep=60) * 1e3
             base_us = triton.testing.do_bench(base, warmup=10, rep=60) * 1e3
-            print(f"{label:12s} {name:28s} bm{row_tile}: engine {base_us:8.1f} us  warp-specialized {ws_us:8.1f} us"
-                  f"  ({ws_us / base_us:.3f})  bit-identical {same}", flush=True)  # fmt: skip
+            print(f"{label:12s} {name:28s} bm{row_tile}: engine {base_us:8.1f} us  warp-specialized "
+                  f"({producer_warps} producer warps) {ws_us:8.1f} us ({ws_us / base_us:.3f})  bit-identical {same}",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
