@@ -48,6 +48,7 @@ from moekit.kernels.nf4_hopper import (
     _mma,
     _operands,
     _tile_scales,
+    _tile_shapes,
 )
 from moekit.kernels.tiling import block_e, cdiv, swizzle
 
@@ -142,12 +143,8 @@ def _ws_nf4_kernel(
     if pid_m >= total:
         return
 
-    if COLUMN_PAIRS:
-        CODE_SHAPE: gl.constexpr = [BK, BLOCK_N // 2]
-        W_SHAPE: gl.constexpr = [BK, BLOCK_N]
-    else:
-        CODE_SHAPE: gl.constexpr = [BLOCK_N, BK // 2]
-        W_SHAPE: gl.constexpr = [BLOCK_N, BK]
+    CODE_SHAPE: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[0]
+    W_SHAPE: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[1]
     a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BK],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BK], dtype))  # fmt: skip
     code_smem = gl.allocate_shared_memory(gl.uint8, [STAGES] + CODE_SHAPE, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))

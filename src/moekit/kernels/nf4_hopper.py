@@ -88,6 +88,15 @@ def runs(rows: torch.Tensor, weight, mode: int, lowrank: bool) -> bool:
     return torch.cuda.get_device_capability(rows.device) == (9, 0)
 
 
+@gluon.constexpr_function
+def _tile_shapes(column_pairs, block_n):
+    """(code bytes, dequantized W) shapes of one BLOCK_K = 64 step of a weight tile: [64, BLOCK_N / 2] and
+    [64, BLOCK_N] for byte pairs along N, [BLOCK_N, 32] and [BLOCK_N, 64] for pairs along K."""
+    if column_pairs:
+        return [BLOCK_K, block_n // 2], [BLOCK_K, block_n]
+    return [block_n, BLOCK_K // 2], [block_n, BLOCK_K]
+
+
 @gluon.jit
 def _add(a, b):
     return a + b
@@ -222,11 +231,8 @@ def _operands(a_ptr, gather_ptr, codes_ptr, scales_ptr, expert, row_start, row_e
     the expert's block, code byte pointers at k = 0, which bytes are in range, the bytes' step along K, the block
     scales' pointers for ``_tile_scales``)."""
     BK: gl.constexpr = 64
-    if COLUMN_PAIRS:
-        CODE_ROWS: gl.constexpr = BK
-    else:
-        CODE_ROWS: gl.constexpr = BLOCK_N
-    CODE_COLS: gl.constexpr = (BK * BLOCK_N) // (2 * CODE_ROWS)
+    CODE_ROWS: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[0][0]
+    CODE_COLS: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[0][1]
     # A rows (token rows through ``gather`` when GATHER), clamped into the expert's block: loads stay in bounds
     offs_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
     rows64 = gl.where(offs_m < row_end, offs_m, row_start).to(gl.int64)
@@ -285,17 +291,11 @@ def _grouped_nf4_kernel(
     w_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    if COLUMN_PAIRS:
-        CODE_ROWS: gl.constexpr = BK
-        W_SHAPE: gl.constexpr = [BK, BLOCK_N]
-    else:
-        CODE_ROWS: gl.constexpr = BLOCK_N
-        W_SHAPE: gl.constexpr = [BLOCK_N, BK]
-    CODE_COLS: gl.constexpr = (BK * BLOCK_N) // (2 * CODE_ROWS)
+    CODE_SHAPE: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[0]
+    W_SHAPE: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[1]
     a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BK],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BK], dtype))  # fmt: skip
-    code_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, CODE_ROWS, CODE_COLS],
-                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))  # fmt: skip
+    code_smem = gl.allocate_shared_memory(gl.uint8, [STAGES] + CODE_SHAPE, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     w_smem = gl.allocate_shared_memory(dtype, [2] + W_SHAPE, gl.NVMMASharedLayout.get_default_for(W_SHAPE, dtype))
 
     a_ptrs, rows64, code_ptrs, code_in, code_step, scale_ptrs = _operands(
