@@ -12,16 +12,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-# argv[1]: a folder; argv[2]: "engine" (kernels/nf4_hopper.py's kernel) or the folder of tools/nf4_ws_gemm.py (the
-# warp-specialized prototype's); compiles each variant of argv[3:] (COLUMN_PAIRS,BLOCK_M,gather and epilogues,ROWS;
-# for the prototype the last is its producer warps) to a PTX file in the folder
+# argv[1]: a folder; compiles each variant of argv[2:] (COLUMN_PAIRS,BLOCK_M,gather and epilogues,ROWS) of the
+# engine's kernel to a PTX file in the folder
 _COMPILE = """
 import sys
 import triton
@@ -29,29 +27,18 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from moekit.kernels import nf4_hopper
 
-folder, which, *variants = sys.argv[1:]
-if which == "engine":
-    module, options = nf4_hopper, {"num_warps": nf4_hopper.NUM_WARPS}
-    kernel = module._grouped_nf4_kernel
-else:
-    sys.path.insert(0, which)
-    import nf4_ws_gemm as module
-    kernel = module._ws_nf4_kernel
+folder, *variants = sys.argv[1:]
+kernel = nf4_hopper._grouped_nf4_kernel
 names = list(kernel.arg_names)
 pointers = {"a_ptr": "*bf16", "gather_ptr": "*i64", "codes_ptr": "*u8", "scales_ptr": "*fp32", "table_ptr": "*fp32",
             "b_ptr": "*bf16", "rw_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": "*bf16", "counts_ptr": "*i64",
             "u_ptr": "*bf16", "l_ptr": "*fp32"}
-pointers = {name: kind for name, kind in pointers.items() if name in names}
 for variant in variants:
-    column_pairs, block_m, epilogues, last = (int(v) for v in variant.split(","))
-    if which != "engine":
-        options = {"num_warps": 8, "maxnreg": module.PRODUCERS[last][1]}
-    constants = dict(ROWS=last, GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
+    column_pairs, block_m, epilogues, rows = (int(v) for v in variant.split(","))
+    constants = dict(ROWS=rows, GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
                      HAS_LORA=bool(epilogues), BLOCK_R=16, COLUMN_PAIRS=bool(column_pairs), BLOCK_E=128, GROUP_M=8,
-                     BLOCK_M=block_m, BLOCK_N=module.BLOCK_N, STAGES=module.STAGES, LAG=getattr(module, "LAG", 0),
-                     PRODUCER_WARPS=last, PRODUCER_REGS=getattr(module, "PRODUCERS", {last: (0, 0)})[last][0],
-                     num_warps=options["num_warps"])
-    constants = {name: value for name, value in constants.items() if name in names}
+                     BLOCK_M=block_m, BLOCK_N=nf4_hopper.BLOCK_N, STAGES=nf4_hopper.STAGES,
+                     num_warps=nf4_hopper.NUM_WARPS)
     signature = {name: pointers.get(name, "i32") for name in names if name not in constants}
     signature |= dict.fromkeys(constants, "constexpr")
     unit = {"stride_ur", "stride_ln", "stride_bn", "stride_wn" if column_pairs else "stride_wk"}
@@ -60,18 +47,18 @@ for variant in variants:
                for name in [*pointers, "N", "K", "stride_am", "stride_we", "stride_wk", "stride_wn", "stride_om"]
                if name not in unit}
     source = GluonASTSource(kernel, signature, constexprs=constants, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": nf4_hopper.NUM_WARPS})
     open(f"{folder}/{variant.replace(',', '_')}.ptx", "w").write(compiled.asm["ptx"])
 """
 VARIANTS = ["0,256,0,1", "1,256,0,1", "0,128,1,2", "1,256,1,1", "1,128,0,0"]  # ROWS: ALL_ROWS 0, HEAD 1, TAIL 2
 
 
-def _compile(folder, which, variants):
-    """{variant: (its PTX, ptxas -v's report)} of the kernel ``which`` (see ``_COMPILE``)."""
+def _compile(folder, variants):
+    """{variant: (its PTX, ptxas -v's report)} of the engine's kernel (see ``_COMPILE``)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", _COMPILE, str(folder), which, *variants], env=env, check=True,
+    subprocess.run([sys.executable, "-c", _COMPILE, str(folder), *variants], env=env, check=True,
                    capture_output=True, text=True)  # fmt: skip
     built = {}
     for variant in variants:
@@ -83,20 +70,9 @@ def _compile(folder, which, variants):
 
 
 def test_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
-    for variant, (ptx, info) in _compile(tmp_path, "engine", VARIANTS).items():
+    for variant, (ptx, info) in _compile(tmp_path, VARIANTS).items():
         assert ptx.count("wgmma.mma_async") >= 8, variant
         assert "C7515" not in info and "0 bytes spill stores" in info, (variant, info)
-
-
-def test_warp_specialized_prototype_compiles(tmp_path):
-    """tools/nf4_ws_gemm.py, the warp-specialized prototype (not yet run on a GPU), builds for sm_90 with its two
-    partitions (registers moved between them by setmaxnreg), asynchronous MMAs, and copies that arrive on their
-    barrier thread by thread."""
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    for variant, (ptx, info) in _compile(tmp_path, str(tools), ["0,256,0,4", "1,128,1,4", "1,256,0,8"]).items():
-        assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx, variant
-        assert ptx.count("wgmma.mma_async") >= 8 and "cp.async.mbarrier.arrive.noinc" in ptx, variant
-        assert "C7515" not in info, (variant, info)
 
 
 def test_runs_only_where_the_kernel_applies(monkeypatch):

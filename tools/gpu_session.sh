@@ -130,8 +130,8 @@ quant)
   #   linear   linear="nf4" (bitsandbytes 4-bit linears) with NF4 experts, LoRA on both, on CUDA (not in the default)
   #   operand  tools/nf4_operand_bench.py: one NF4 GEMM per wgmma operand form and the engine's gluon kernel (not in
   #            the default)
-  #   kernels  tools/nf4_ws_gemm.py (the warp-specialized prototype against the engine's kernel: bits and µs), then
-  #            tools/nf4_row_tile_bench.py (row-tile plans and the Triton NF4 kernel) (not in the default)
+  #   kernels  tools/nf4_row_tile_bench.py (the Hopper kernel's row-tile plans and the Triton NF4 kernel) (not in the
+  #            default)
   cache=${MOEKIT_CACHE_DIR:-$(mktemp -d)}
   export MOEKIT_CACHE_DIR=$cache
   for section in $(echo "${QUANT_PARTS:-tests,cold,bench,real,loading}" | tr ',' ' '); do
@@ -188,10 +188,7 @@ quant)
       echo "NF4 operand bench: exit $?" | tee -a "$out/card.txt"
       tail -40 "$out/nf4_operand.log"
       ;;
-    kernels)  # a hang of the prototype costs only its own timeout
-      timeout "${WS_TIMEOUT:-240}" python tools/nf4_ws_gemm.py > "$out/nf4_ws.log" 2>&1
-      echo "warp-specialized prototype: exit $?" | tee -a "$out/card.txt"
-      tail -16 "$out/nf4_ws.log"
+    kernels)
       timeout "${ROW_TILE_TIMEOUT:-240}" python tools/nf4_row_tile_bench.py > "$out/nf4_row_tile.log" 2>&1
       echo "row-tile bench: exit $?" | tee -a "$out/card.txt"
       tail -16 "$out/nf4_row_tile.log"
