@@ -32,6 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .launch import FastKernel
 from .nf4 import _WORD_LOOKUP_PTX, COLUMN_PAIRS, ROW_PAIRS, nf4_expert
 from .numerics import interpreting
 from .tiling import block_e, cdiv, num_row_tiles, rank_block, swizzle
@@ -341,6 +342,9 @@ def _grouped_nf4_kernel(
     gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(out_m < row_end)[:, None] & n_in[None, :])
 
 
+_GROUPED_NF4 = FastKernel(_grouped_nf4_kernel)  # repeat launches skip gluon's per-call argument binding
+
+
 def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, bias=None, routing_weights=None,
                      sorted_rows=None, lora=None, row_tile=None):  # fmt: skip
     """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N], in the launches of
@@ -351,7 +355,7 @@ def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=No
     rank = u.shape[1] if lora is not None else 0
     for bm, part in launches:  # each fills its own rows of out
         grid = (_row_tiles(n, num_experts, bm, part) * cdiv(n_dim, BLOCK_N),)
-        _grouped_nf4_kernel[grid](
+        _GROUPED_NF4[grid](
             rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table,
             bias if bias is not None else out, routing_weights if routing_weights is not None else out,
             sorted_rows if routing_weights is not None else counts, out, counts, u, lw,
