@@ -1,15 +1,18 @@
-"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``), which gluon cannot run on the CPU, compiled
-offline for sm_90 with this triton: each variant the engine launches (byte pairs along K and along N, row tiles
-of 128 and 256 over all rows, the 256-row heads and the 128-row tails, plain and with every epilogue: gathered
-rows, bias, routing weight, LoRA) builds, keeps its warpgroup MMAs asynchronous (ptxas prints advisory C7515 when
-it serializes them) and does not spill; and the host's choices of kernel (``runs``) and of row tiles
-(``row_launches``) take only what the kernel handles. Its values are checked on the GPU
+"""The Hopper NF4 grouped GEMMs (``moekit.kernels.nf4_hopper``), which gluon cannot run on the CPU, compiled
+offline for sm_90 with this triton: each variant the engine launches (the shared-memory-operand kernel: byte pairs
+along K and along N, row tiles of 128 and 256 over all rows, the 256-row heads and the 128-row tails; the
+register-operand kernel: pairs along K at 256-row tiles, an even and an odd count of K steps; plain and with every
+epilogue: gathered rows, bias, routing weight, LoRA) builds, keeps its warpgroup MMAs asynchronous (ptxas prints
+advisory C7515 when it serializes them) and does not spill; in the register-operand kernel no instruction writes a
+register that an MMA still in flight reads (read from the SASS); and the host's choices of kernel (``runs``) and
+of row tiles (``row_launches``) take only what the kernels handle. Their values are checked on the GPU
 (tests/gpu/test_gpu_nf4.py). The compiles run in a process of their own: the interpreter, which this suite runs
 kernels under, patches triton's language in place, which gluon's compiler cannot take."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,8 +21,8 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon")
 
-# argv[1]: a folder; compiles each variant of argv[2:] (COLUMN_PAIRS,BLOCK_M,gather and epilogues,ROWS) of the
-# engine's kernel to a PTX file in the folder
+# argv[1]: a folder; compiles each variant of argv[2:] (COLUMN_PAIRS,BLOCK_M,gather and epilogues,ROWS of the
+# shared-memory-operand kernel, or with a fifth field, EVEN_STEPS, the register-operand kernel) to a PTX file there
 _COMPILE = """
 import sys
 import triton
@@ -28,17 +31,21 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from moekit.kernels import nf4_hopper
 
 folder, *variants = sys.argv[1:]
-kernel = nf4_hopper._grouped_nf4_kernel
-names = list(kernel.arg_names)
 pointers = {"a_ptr": "*bf16", "gather_ptr": "*i64", "codes_ptr": "*u8", "scales_ptr": "*fp32", "table_ptr": "*fp32",
             "b_ptr": "*bf16", "rw_ptr": "*fp32", "rows_ptr": "*i64", "out_ptr": "*bf16", "counts_ptr": "*i64",
             "u_ptr": "*bf16", "l_ptr": "*fp32"}
 for variant in variants:
-    column_pairs, block_m, epilogues, rows = (int(v) for v in variant.split(","))
+    column_pairs, block_m, epilogues, rows, *even = (int(v) for v in variant.split(","))
     constants = dict(ROWS=rows, GATHER=bool(epilogues), HAS_BIAS=bool(epilogues), SCALE=bool(epilogues),
-                     HAS_LORA=bool(epilogues), BLOCK_R=16, COLUMN_PAIRS=bool(column_pairs), BLOCK_E=128, GROUP_M=8,
-                     BLOCK_M=block_m, BLOCK_N=nf4_hopper.BLOCK_N, STAGES=nf4_hopper.STAGES,
-                     num_warps=nf4_hopper.NUM_WARPS)
+                     HAS_LORA=bool(epilogues), BLOCK_R=16, BLOCK_E=128, GROUP_M=8, BLOCK_M=block_m,
+                     BLOCK_N=nf4_hopper.BLOCK_N, num_warps=nf4_hopper.NUM_WARPS)
+    if even:
+        kernel = nf4_hopper._register_nf4_kernel
+        constants |= dict(STAGES=nf4_hopper.REGISTER_STAGES, EVEN_STEPS=bool(even[0]))
+    else:
+        kernel = nf4_hopper._grouped_nf4_kernel
+        constants |= dict(STAGES=nf4_hopper.STAGES, COLUMN_PAIRS=bool(column_pairs))
+    names = list(kernel.arg_names)
     signature = {name: pointers.get(name, "i32") for name in names if name not in constants}
     signature |= dict.fromkeys(constants, "constexpr")
     unit = {"stride_ur", "stride_ln", "stride_bn", "stride_wn" if column_pairs else "stride_wk"}
@@ -50,7 +57,8 @@ for variant in variants:
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": nf4_hopper.NUM_WARPS})
     open(f"{folder}/{variant.replace(',', '_')}.ptx", "w").write(compiled.asm["ptx"])
 """
-VARIANTS = ["0,256,0,1", "1,256,0,1", "0,128,1,2", "1,256,1,1", "1,128,0,0"]  # ROWS: ALL_ROWS 0, HEAD 1, TAIL 2
+VARIANTS = ["1,256,0,1", "0,128,1,2", "1,256,1,1", "1,128,0,0"]  # ROWS: ALL_ROWS 0, HEAD 1, TAIL 2
+REGISTER_VARIANTS = ["0,256,0,1,0", "0,256,1,0,1", "0,256,1,1,0", "0,256,0,0,1"]  # pairs along K, 256-row tiles
 
 
 def _compile(folder, variants):
@@ -70,9 +78,60 @@ def _compile(folder, variants):
 
 
 def test_compiles_for_hopper_with_asynchronous_mmas(tmp_path):
-    for variant, (ptx, info) in _compile(tmp_path, VARIANTS).items():
+    for variant, (ptx, info) in _compile(tmp_path, VARIANTS + REGISTER_VARIANTS).items():
         assert ptx.count("wgmma.mma_async") >= 8, variant
         assert "C7515" not in info and "0 bytes spill stores" in info, (variant, info)
+
+
+def _sass(obj):
+    """[(address, instruction)] of a cubin, by the cuobjdump beside triton's ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    text = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    return [(int(a, 16), i.strip()) for a, i in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", text)]
+
+
+def _writes_to_registers_in_flight(instructions):
+    """Instructions that write a register an issued MMA reads before a ``WARPGROUP.DEPBAR`` retires that MMA:
+    HGMMA's second operand, four registers from the one named, is its register A operand (a descriptor otherwise);
+    ``DEPBAR.LE gsb0, N`` leaves the last N MMA groups in flight."""
+    in_flight, group, found = [], set(), []
+    for address, text in instructions:
+        text = re.sub(r"^@!?U?P\w+\s+", "", text)
+        opcode, _, operands = text.partition(" ")
+        if opcode.startswith("HGMMA"):
+            a = re.match(r"\s*R\d+,\s*R(\d+),", operands)
+            group |= set(range(int(a.group(1)), int(a.group(1)) + 4)) if a else set()
+            if "gsb0" in operands:
+                in_flight, group = [*in_flight, group], set()
+        elif text.startswith("WARPGROUP.DEPBAR.LE gsb0"):
+            keep = int(operands.rsplit(",", 1)[1], 16)
+            in_flight = in_flight[len(in_flight) - keep :] if keep else []
+        elif not opcode.startswith(("ST", "BAR", "WARPGROUP", "BRA", "LDGSTS", "LDGDEPBAR", "DEPBAR", "EXIT")):
+            target = re.match(r"R(\d+)\b", operands.split(",")[0].strip())
+            width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+            busy = set().union(*in_flight)
+            if target and busy & set(range(int(target.group(1)), int(target.group(1)) + width)):
+                found.append((hex(address), text))
+    return found
+
+
+def test_register_operands_are_not_overwritten_in_flight(tmp_path):
+    """The register-operand kernel's main loop, read from its SASS through two trips (the back edge included):
+    each MMA's weight registers stay untouched until the wait that retires it. A checker that must see this fail
+    on a loop writing one register set while its MMA runs is the single-set loop the alternation replaced."""
+    _compile(tmp_path, REGISTER_VARIANTS[:1] + REGISTER_VARIANTS[3:])
+    for variant in (REGISTER_VARIANTS[0], REGISTER_VARIANTS[3]):
+        instructions = _sass(tmp_path / f"{variant.replace(',', '_')}.o")
+        jumps = [(int(m.group(1), 16), a) for a, i in instructions if (m := re.search(r"BRA\s+0x([0-9a-f]+)", i))]
+        start, end = next((to, at) for to, at in jumps if to < at)  # the main loop: the first backward branch
+        body = [x for x in instructions if start <= x[0] <= end]
+        assert sum("HGMMA" in i for _, i in body) >= 8, variant
+        before = [x for x in instructions if x[0] < start]
+        assert not _writes_to_registers_in_flight(before + body + body), variant
+    hazard = [(0, "HGMMA.64x256x16.F32.BF16 R24, R152, gdesc[UR4], R24, gsb0"), (16, "LDS.U8 R153, [R1]")]
+    assert _writes_to_registers_in_flight(hazard) == [("0x10", "LDS.U8 R153, [R1]")]
 
 
 def test_runs_only_where_the_kernel_applies(monkeypatch):

@@ -1,4 +1,5 @@
-"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``, gluon: GPU only) against the Triton kernel of
+"""The Hopper NF4 grouped GEMMs (``moekit.kernels.nf4_hopper``, gluon: GPU only; the register-operand kernel for
+byte pairs along K at 256-row tiles, the shared-memory-operand kernel elsewhere) against the Triton kernel of
 ``grouped_gemm`` and a float64 product on the dequantized weight, through ``grouped_gemm`` itself.
 
 Every case routes fresh random rows to its experts (one expert empty, one holding most rows, sentinel rows past the
@@ -155,8 +156,13 @@ def test_head_and_tail_row_tiles(launches, pairs_along_k):
     weight = NF4Tensor.quantize(torch.randn(stored, device="cuda", generator=g) / k_dim**0.5, dtype=torch.bfloat16)
     view = weight.transpose(1, 2) if pairs_along_k else weight
     rows = torch.randn(plan.num_rows, k_dim, device="cuda", generator=g).to(torch.bfloat16)
-    ours = grouped_gemm(rows, view, plan.tokens_per_expert, plan.num_rows)
+    chosen = []
+    uses = nf4_hopper._uses_register_weight
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nf4_hopper, "_uses_register_weight", lambda *a: chosen.append(uses(*a)) or chosen[-1])
+        ours = grouped_gemm(rows, view, plan.tokens_per_expert, plan.num_rows)
     assert launches
+    assert chosen == ([True, False] if pairs_along_k else [False, False]), "the heads of pairs along K: registers"
     check(ours, truth(rows, view.dequantize(torch.float64), plan), plan, torch.bfloat16)
 
 
@@ -171,8 +177,9 @@ def test_zero_and_one_row_all_on_one_expert(launches, tokens):
     check(ours, truth(rows, dense, plan), plan, torch.bfloat16)
 
 
-def test_nan_and_inf_stay_in_their_rows(launches):
-    rows, view, _, plan = make(256, 2, 4, 192, 256, False, torch.bfloat16, seed=5)
+@pytest.mark.parametrize("pairs_along_k", [True, False], ids=["pairs-along-K", "pairs-along-N"])
+def test_nan_and_inf_stay_in_their_rows(launches, pairs_along_k):
+    rows, view, _, plan = make(1024, 2, 4, 192, 256, pairs_along_k, torch.bfloat16, seed=5)  # 256-row heads
     rows[7, 3], rows[100, 0] = float("nan"), float("inf")
     ours = grouped_gemm(rows, view, plan.tokens_per_expert, plan.num_rows)
     assert launches

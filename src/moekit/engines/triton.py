@@ -66,7 +66,7 @@ grouped_mm (which cannot read codes): the main loop dequantizes each [BLOCK_K, B
 (codebook value × block scale in fp32, rounded to the operand dtype as the reference's dequantization rounds;
 ``kernels.nf4``), so no dequantized copy of any expert weight exists, not even of one expert, and the weights are
 read at a quarter of bf16's bytes. On Hopper, with bf16 / fp16 activations and the codes' byte pairs along a tile
-axis (every benchmark shape), those GEMMs run on the gluon kernel of ``kernels.nf4_hopper``, which overlaps each
+axis (every benchmark shape), those GEMMs run on the gluon kernels of ``kernels.nf4_hopper``, which overlap each
 tile's dequantization with the previous tile's MMA (the up-projection there as its plain product, then the
 activation pass ``kernels.act_forward``). No weight gradient is asked for (frozen); bias and LoRA-factor gradients
 are those of a dense base.

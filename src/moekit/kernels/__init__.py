@@ -11,8 +11,9 @@ One idea per module:
   activation.py    activation forward / derivative helpers switched on ``Activation.kernel_id``
   act_forward.py   a = act(h) as a pass of its own (after an up-projection GEMM without the activation epilogue)
   nf4.py           NF4 weights as a GEMM operand: a weight tile dequantized in the main loop's loads (``W_NF4``)
-  nf4_hopper.py    the NF4 grouped GEMM on Hopper in gluon: each MMA overlaps the next tile's dequantization
-                   (``grouped_gemm``'s contract; the NF4 calls of ``grouped_gemm`` and ``up_proj`` take it there)
+  nf4_hopper.py    the NF4 grouped GEMMs on Hopper in gluon: each MMA overlaps the next tile's dequantization,
+                   the tile in shared memory or, for byte pairs along K at 256-row tiles, in the MMA's registers
+                   (``grouped_gemm``'s contract; the NF4 calls of ``grouped_gemm`` and ``up_proj`` take them there)
   up_proj.py       gather + grouped GEMM (+ fused LoRA u @ Bᵀ) + bias + activation epilogue (stores h and a);
                    dense or NF4 W_up
   grouped_gemm.py  the grouped GEMM (+ fused LoRA) + bias + routing weight epilogue: the forward down-projection,

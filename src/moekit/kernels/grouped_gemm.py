@@ -9,8 +9,8 @@ out is the weighted expert output, which the combine kernel sums over K); dX (A 
 viewed [E, H, I], see act_grad.py). Operands are read through strides, so stored [E, out, in] and transposed
 [E, in, out] weights both work without copies. Accumulation in fp32, one rounding to the output dtype. An NF4
 weight (``W_NF4``) is read as codes and scales, each tile dequantized in the main loop's loads (``kernels.nf4``);
-on Hopper, bf16 / fp16 rows and byte pairs along a tile axis, by the gluon kernel of ``kernels.nf4_hopper`` instead
-(the same contract; it overlaps each tile's dequantization with the previous tile's MMA).
+on Hopper, bf16 / fp16 rows and byte pairs along a tile axis, by the gluon kernels of ``kernels.nf4_hopper`` instead
+(the same contract; they overlap each tile's dequantization with the previous tile's MMA).
 
 LoRA (``lora=(u, L)``): after the main loop the rank's reduction adds u[r] @ L[e] (u [n, R] plan rows, L viewed
 [E, R, N]) into the same accumulator, before bias and routing weight; with one rank step its tiles are loaded

@@ -1,4 +1,4 @@
-"""The NF4 grouped GEMM on Hopper, in gluon: each warpgroup MMA runs while the next weight tile is dequantized.
+"""The NF4 grouped GEMMs on Hopper, in gluon: each warpgroup MMA runs while the next weight tile is dequantized.
 
     out[r] = (A[r] @ W[e] (+ u[r] @ L[e]) (+ bias[e])) * (routing_weight[sorted_rows[r]] if SCALE)
 
@@ -14,9 +14,12 @@ registers makes every MMA wait for its tile's stores (BENCHMARKS.md, "NF4 expert
 
 Steps of BLOCK_K = 64 (K a multiple of 64, so every block of 64 scales one step of a column or one row of 64
 columns). LoRA: after the main loop each rank chunk of u [BLOCK_M, BLOCK_R] and L [BLOCK_R, BLOCK_N] is rounded
-to the rows' dtype in shared memory and one more MMA adds it into the accumulator. Gluon has no interpreter: the
-CPU suite compiles this kernel for sm_90 (tests/test_nf4_hopper.py), the GPU suite checks it against the Triton
-kernel of ``grouped_gemm`` and the reference (tests/gpu/test_gpu_nf4.py).
+to the rows' dtype in shared memory and one more MMA adds it into the accumulator.
+
+Byte pairs along K at 256-row tiles take a second kernel (``_register_nf4_kernel``, described above it), which
+computes the transposed tile with the dequantized weight as the MMA's register operand: no B tile in shared memory
+at all. Gluon has no interpreter: the CPU suite compiles both kernels for sm_90 (tests/test_nf4_hopper.py), the
+GPU suite checks them against the Triton kernel of ``grouped_gemm`` and the reference (tests/gpu/test_gpu_nf4.py).
 """
 
 from __future__ import annotations
@@ -345,17 +348,207 @@ def _grouped_nf4_kernel(
 _GROUPED_NF4 = FastKernel(_grouped_nf4_kernel)  # repeat launches skip gluon's per-call argument binding
 
 
+# The weight as the register operand (byte pairs along K at 256-row tiles, ``_uses_register_weight``): the
+# transposed product out[rows, cols]ᵀ = W[e]ᵀ[cols, K] @ A[rows, K]ᵀ, its first operand the weight tile
+# dequantized in the registers the warpgroup MMA reads (``_WEIGHT_BYTES`` is the layout of a tile's code bytes
+# whose elements land there), its second the A rows in shared memory. Each warpgroup dequantizes only its own 64
+# weight rows and the tile never goes through shared memory: no B-tile stores, fence or barrier for them, and the
+# wgmma reads only the A rows from shared memory. A loop step:
+#
+#     wait for tile k's A rows and code bytes (cp.async, STAGES - 2 tiles ahead); barrier: every warpgroup is past
+#     its wait for MMA k - 2, so its stage takes tile k + STAGES - 2's copies now
+#     dequantize tile k into register set k % 2                       <- MMA k - 1 runs meanwhile
+#     start MMA k; wait for MMA k - 1, which frees register set (k - 1) % 2
+#
+# Two register sets alternate (an MMA reads its register operand until the wait that retires it), so the loop is
+# unrolled by two and K's steps of 64 are counted even or odd on the host (``EVEN_STEPS``).
+REGISTER_STAGES = 4
+# tile row n's byte j holds elements 2j and 2j + 1 of W[e]ᵀ's row n: the operand layout's (n, k) with k // 2 = j
+_WEIGHT_BYTES: gl.constexpr = gl.DistributedLinearLayout(
+    reg_bases=[[8, 0], [0, 4], [0, 8], [0, 16]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[[16, 0], [32, 0], [64, 0]], block_bases=[], shape=[BLOCK_N, BLOCK_K // 2])  # fmt: skip
+
+
+def _uses_register_weight(mode: int, block_m: int) -> bool:
+    """Whether a launch takes the register-operand kernel: byte pairs along K at 256-row tiles (timed against the
+    kernel above on the same buffers by an A/B run: 2-11 % faster per GEMM there, 5-13 % slower at 128-row tiles)."""
+    return mode == ROW_PAIRS and block_m == SPLIT
+
+
+@gluon.jit
+def _weight_registers(code_stage, scale, table_ptr, dtype: gl.constexpr, byte_layout: gl.constexpr,
+                      w_layout: gl.constexpr):  # fmt: skip
+    """A weight tile [BLOCK_N, 64] in the registers of the MMA's first operand (``w_layout``) from its code bytes
+    (``code_stage`` [BLOCK_N, 32], loaded in ``byte_layout``: ``_WEIGHT_BYTES``) and the scale of each of its rows."""
+    byte = code_stage.load(byte_layout)
+    table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=byte_layout)
+    high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
+                                          dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
+    row_scale = scale[:, None]
+    w = gl.reshape(gl.join(high * row_scale, low * row_scale), [byte.shape[0], 2 * byte.shape[1]])
+    return gl.convert_layout(w.to(dtype), w_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, k, num_k,
+                   STAGES: gl.constexpr, dtype: gl.constexpr, byte_layout: gl.constexpr,
+                   w_layout: gl.constexpr):  # fmt: skip
+    """Wait for tile k's copies, start tile k + STAGES - 2's, dequantize tile k: (its registers, tile k + 1's row
+    scales)."""
+    async_copy.wait_group(STAGES - 3)  # this thread's copies of tile k are done
+    _cta_barrier()  # and every thread's; every warpgroup is past its wait for MMA k - 2, whose stage is reused now
+    _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 2, num_k, 32, STAGES, 64)
+    w = _weight_registers(code_smem.index(k % STAGES), scale, table_ptr, dtype, byte_layout, w_layout)
+    return w, gl.load(scale_ptrs + (k + 1), mask=k + 1 < num_k, other=1.0)
+
+
+@gluon.jit
+def _register_mma(w, a_smem, acc, k, older, STAGES: gl.constexpr):
+    """Start MMA k (acc += w @ A stage k ᵀ), then wait for MMA k - 1, whose registers ``older`` are free after it."""
+    acc = warpgroup_mma(w, a_smem.index(k % STAGES).permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(acc, older))
+
+
+@gluon.jit
+def _lora_transposed(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr,
+                     stride_ln, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr,
+                     num_warps: gl.constexpr):  # fmt: skip
+    """``_lora`` for the transposed accumulator [BLOCK_N, BLOCK_M]: acc + (u[rows] @ L[expert])ᵀ = L[expert]ᵀ @ uᵀ."""
+    dtype: gl.constexpr = u_ptr.dtype.element_ty
+    u_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
+    l_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])
+    u_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype))  # fmt: skip
+    l_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_R],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_R], dtype))  # fmt: skip
+    u_rows = gl.convert_layout(rows64, gl.SliceLayout(1, u_layout))
+    l_cols = gl.convert_layout(offs_n, gl.SliceLayout(1, l_layout))
+    l_cols_in = gl.convert_layout(n_in, gl.SliceLayout(1, l_layout))
+    for r0 in range(0, R, BLOCK_R):
+        ur = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, u_layout))
+        u = gl.load(u_ptr + u_rows[:, None] * stride_um + ur[None, :] * stride_ur, mask=(ur < R)[None, :], other=0.0)
+        lr = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, l_layout))
+        l_ptrs = l_ptr + expert.to(gl.int64) * stride_le + lr[None, :] * stride_lr + l_cols[:, None] * stride_ln
+        lt = gl.load(l_ptrs, mask=(lr < R)[None, :] & l_cols_in[:, None], other=0.0)
+        _cta_barrier()  # every warpgroup's previous chunk MMA is done with the buffers
+        u_smem.store(u.to(dtype))
+        l_smem.store(lt.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        acc = warpgroup_mma(l_smem, u_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    return acc
+
+
+@gluon.jit
+def _register_nf4_kernel(
+    a_ptr, gather_ptr, codes_ptr, scales_ptr, table_ptr, b_ptr, rw_ptr, rows_ptr, out_ptr, counts_ptr, u_ptr, l_ptr,
+    n_rows, E, N, K, R,
+    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_om,
+    stride_um, stride_ur, stride_le, stride_lr, stride_ln,
+    GATHER: gl.constexpr, HAS_BIAS: gl.constexpr, SCALE: gl.constexpr, HAS_LORA: gl.constexpr,
+    BLOCK_R: gl.constexpr, BLOCK_E: gl.constexpr, GROUP_M: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_STEPS: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    BK: gl.constexpr = 64
+    dtype: gl.constexpr = a_ptr.dtype.element_ty
+    gl.static_assert(BLOCK_N == 128 and num_warps == 8, "_WEIGHT_BYTES: 128 weight rows over two warpgroups")
+    # the tile map of ``_grouped_nf4_kernel``
+    pid = gl.program_id(0)
+    if ROWS == _TAIL:
+        num_pid_m = gl.minimum(E, n_rows)
+    else:
+        num_pid_m = gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows)
+    pid_m, pid_n = swizzle(pid, num_pid_m, gl.cdiv(N, BLOCK_N), GROUP_M)
+    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, ROWS, BLOCK_M, BLOCK_E, num_warps)
+    if pid_m >= total:
+        return
+
+    a_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    code_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [num_warps, 1], [1, 0])
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])  # fmt: skip
+    w_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    byte_layout: gl.constexpr = _WEIGHT_BYTES
+    out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])  # 8 columns a store
+    a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BK],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BK], dtype))  # fmt: skip
+    code_smem = gl.allocate_shared_memory(
+        gl.uint8, [STAGES, BLOCK_N, BK // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    a_ptrs, rows64, code_ptrs, code_in, code_step, _ = _operands(
+        a_ptr, gather_ptr, codes_ptr, scales_ptr, expert, row_start, row_end, pid_n, N, stride_am, stride_we,
+        stride_wk, stride_wn, GATHER, False, BLOCK_M, BLOCK_N, a_layout, code_layout,
+    )  # fmt: skip
+    _, w_scales = nf4_expert(codes_ptr, scales_ptr, expert, stride_we)
+    scale_rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_layout)), N - 1)
+    scale_ptrs = w_scales + scale_rows * (stride_wn // 64)  # a weight row's block is the step
+    num_k = K // BK
+
+    for t in gl.static_range(STAGES - 2):
+        _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES, BK)
+    scale = gl.load(scale_ptrs)
+    acc = warpgroup_mma_init(gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_layout))
+    # the loop takes steps in pairs (register sets b, then a) after a step in set a: an even count peels two
+    if EVEN_STEPS:
+        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 0,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
+        acc = warpgroup_mma(w_b, a_smem.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
+        acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 1,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
+        acc, w_b = _register_mma(w_a, a_smem, acc, 1, w_b, STAGES)
+    else:
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 0,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
+        acc = warpgroup_mma(w_a, a_smem.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
+        acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
+    for k in range(1 + EVEN_STEPS, num_k, 2):
+        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, k,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
+        acc, w_a = _register_mma(w_b, a_smem, acc, k, w_a, STAGES)
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr,
+                                    k + 1, num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
+        acc, w_b = _register_mma(w_a, a_smem, acc, k + 1, w_b, STAGES)
+    acc, w_a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a))
+    async_copy.wait_group(0)
+
+    # epilogue on acc [cols, rows]: + (u @ L[e])ᵀ, + bias per column, * routing weight per row; one rounding, then
+    # each thread's 8 consecutive columns of a row in one store
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+    n_in = offs_n < N
+    if HAS_LORA:
+        acc = _lora_transposed(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le,
+                               stride_lr, stride_ln, BLOCK_M, BLOCK_N, BLOCK_R, num_warps)  # fmt: skip
+    if HAS_BIAS:
+        bias = gl.load(b_ptr + expert.to(gl.int64) * stride_be + offs_n * stride_bn, mask=n_in, other=0.0)
+        acc += bias.to(gl.float32)[:, None]
+    if SCALE:
+        slot = gl.load(rows_ptr + gl.convert_layout(rows64, gl.SliceLayout(0, mma_layout)))
+        acc *= gl.load(rw_ptr + slot).to(gl.float32)[None, :]
+    out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
+    out_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
+    out_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_layout))
+    out_rows = gl.convert_layout(rows64, gl.SliceLayout(0, out_layout))
+    out_ptrs = out_ptr + out_rows[None, :] * stride_om + out_n[:, None]
+    gl.store(out_ptrs, out, mask=(out_m < row_end)[None, :] & (out_n < N)[:, None])
+
+
+_REGISTER_NF4 = FastKernel(_register_nf4_kernel)
+
+
 def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=None, bias=None, routing_weights=None,
                      sorted_rows=None, lora=None, row_tile=None):  # fmt: skip
-    """``grouped_gemm`` on this kernel (``runs`` said yes): fills and returns ``out`` [n, N], in the launches of
-    ``row_launches`` (or all rows in tiles of ``row_tile``, 128 or 256: tools/nf4_row_tile_bench.py times them)."""
+    """``grouped_gemm`` on these kernels (``runs`` said yes): fills and returns ``out`` [n, N], in the launches of
+    ``row_launches`` (or all rows in tiles of ``row_tile``, 128 or 256: tools/nf4_row_tile_bench.py times them),
+    each on the register-operand kernel where ``_uses_register_weight``."""
     num_experts, k_dim, n_dim = weight_in_out.shape
     launches = [(row_tile, ALL_ROWS)] if row_tile else row_launches(n, num_experts)
     u, lw = lora if lora is not None else (out, out)
     rank = u.shape[1] if lora is not None else 0
     for bm, part in launches:  # each fills its own rows of out
         grid = (_row_tiles(n, num_experts, bm, part) * cdiv(n_dim, BLOCK_N),)
-        _GROUPED_NF4[grid](
+        args = (
             rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table,
             bias if bias is not None else out, routing_weights if routing_weights is not None else out,
             sorted_rows if routing_weights is not None else counts, out, counts, u, lw,
@@ -363,9 +556,22 @@ def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=No
             rows.stride(0), weight_in_out.stride(0), weight_in_out.stride(1), weight_in_out.stride(2),
             *(bias.stride() if bias is not None else (0, 0)), out.stride(0),
             *(u.stride() if lora is not None else (0, 0)), *(lw.stride() if lora is not None else (0, 0, 0)),
-            GATHER=gather is not None, HAS_BIAS=bias is not None, SCALE=routing_weights is not None,
-            HAS_LORA=lora is not None, BLOCK_R=rank_block(rank), COLUMN_PAIRS=mode == COLUMN_PAIRS,
-            BLOCK_E=block_e(num_experts), GROUP_M=8, ROWS=part, BLOCK_M=bm, BLOCK_N=BLOCK_N, STAGES=STAGES,
-            num_warps=NUM_WARPS,
         )  # fmt: skip
+        shared = {
+            "GATHER": gather is not None,
+            "HAS_BIAS": bias is not None,
+            "SCALE": routing_weights is not None,
+            "HAS_LORA": lora is not None,
+            "BLOCK_R": rank_block(rank),
+            "BLOCK_E": block_e(num_experts),
+            "GROUP_M": 8,
+            "ROWS": part,
+            "BLOCK_M": bm,
+            "BLOCK_N": BLOCK_N,
+            "num_warps": NUM_WARPS,
+        }
+        if _uses_register_weight(mode, bm):
+            _REGISTER_NF4[grid](*args, STAGES=REGISTER_STAGES, EVEN_STEPS=(k_dim // BLOCK_K) % 2 == 0, **shared)
+        else:
+            _GROUPED_NF4[grid](*args, COLUMN_PAIRS=mode == COLUMN_PAIRS, STAGES=STAGES, **shared)
     return out
