@@ -363,69 +363,43 @@ _GROUPED_NF4 = FastKernel(_grouped_nf4_kernel)  # repeat launches skip gluon's p
 # Two register sets alternate (an MMA reads its register operand until the wait that retires it), so the loop is
 # unrolled by two and K's steps of 64 are counted even or odd on the host (``EVEN_STEPS``).
 REGISTER_STAGES = 4
-# The code bytes of a step as the operand layout holds their elements. Pairs along K: tile row n's byte j holds
-# elements 2j and 2j + 1 of W[e]ᵀ's row n, the operand's (n, k) with k // 2 = j. Pairs along N: byte (k, p) holds
-# columns 2p and 2p + 1, which the operand takes as rows i and i + 8 of one thread (the tile's rows in the order
-# ``_operand_columns``): row i of the operand is column 2 (i % 8) + (i // 8) % 2 + 16 (i // 16) of the tile.
+# tile row n's byte j holds elements 2j and 2j + 1 of W[e]ᵀ's row n: the operand layout's (n, k) with k // 2 = j
 _WEIGHT_BYTES: gl.constexpr = gl.DistributedLinearLayout(
     reg_bases=[[8, 0], [0, 4], [0, 8], [0, 16]], lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
     warp_bases=[[16, 0], [32, 0], [64, 0]], block_bases=[], shape=[BLOCK_N, BLOCK_K // 2])  # fmt: skip
-_WEIGHT_BYTES_T: gl.constexpr = gl.DistributedLinearLayout(
-    reg_bases=[[1, 0], [8, 0], [16, 0], [32, 0]], lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
-    warp_bases=[[0, 8], [0, 16], [0, 32]], block_bases=[], shape=[BLOCK_K, BLOCK_N // 2])  # fmt: skip
 
 
 def _uses_register_weight(mode: int, block_m: int) -> bool:
     """Whether a launch takes the register-operand kernel: byte pairs along K at 256-row tiles (timed against the
     kernel above on the same buffers by an A/B run: 2-11 % faster per GEMM there, 5-13 % slower at 128-row tiles)."""
-    return mode in REGISTER_MODES and block_m == SPLIT
-
-
-REGISTER_MODES = (ROW_PAIRS, COLUMN_PAIRS)
+    return mode == ROW_PAIRS and block_m == SPLIT
 
 
 @gluon.jit
-def _operand_columns(i, COLUMN_PAIRS: gl.constexpr):
-    """The tile column of the operand's row i: i itself for pairs along K, else the order of ``_WEIGHT_BYTES_T``."""
-    if COLUMN_PAIRS:
-        return (i >> 4) * 16 + (i & 7) * 2 + ((i >> 3) & 1)
-    return i
-
-
-@gluon.jit
-def _weight_registers(code_stage, scale, table_ptr, dtype: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
-                      byte_layout: gl.constexpr, w_layout: gl.constexpr):  # fmt: skip
+def _weight_registers(code_stage, scale, table_ptr, dtype: gl.constexpr, byte_layout: gl.constexpr,
+                      w_layout: gl.constexpr):  # fmt: skip
     """A weight tile [BLOCK_N, 64] in the registers of the MMA's first operand (``w_layout``) from its code bytes
-    (``code_stage``, loaded in ``byte_layout``: ``_WEIGHT_BYTES`` [BLOCK_N, 32] or ``_WEIGHT_BYTES_T`` [64,
-    BLOCK_N / 2]) and their scales (one per row of the tile, or a [64, BLOCK_N / 2] tensor beside the bytes)."""
+    (``code_stage`` [BLOCK_N, 32], loaded in ``byte_layout``: ``_WEIGHT_BYTES``) and the scale of each of its rows."""
     byte = code_stage.load(byte_layout)
     table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=byte_layout)
     high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
                                           dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
-    if COLUMN_PAIRS:  # [64 k, 64 p] -> operand [128 i, 64 k]: k's low bit the fastest register, then column 2p + b
-        high_even, high_odd = gl.split(gl.permute(gl.reshape(high * scale, [32, 2, 64]), (0, 2, 1)))
-        low_even, low_odd = gl.split(gl.permute(gl.reshape(low * scale, [32, 2, 64]), (0, 2, 1)))
-        w = gl.join(gl.join(high_even, low_even), gl.join(high_odd, low_odd))  # [k // 2, p, b, k % 2]
-        w = gl.permute(gl.reshape(w, [32, 8, 8, 2, 2]), (1, 3, 2, 0, 4))  # [p // 8, b, p % 8, k // 2, k % 2]
-        w = gl.reshape(w, [2 * byte.shape[1], byte.shape[0]])
-    else:
-        row_scale = scale[:, None]
-        w = gl.reshape(gl.join(high * row_scale, low * row_scale), [byte.shape[0], 2 * byte.shape[1]])
+    row_scale = scale[:, None]
+    w = gl.reshape(gl.join(high * row_scale, low * row_scale), [byte.shape[0], 2 * byte.shape[1]])
     return gl.convert_layout(w.to(dtype), w_layout, assert_trivial=True)
 
 
 @gluon.jit
-def _register_step(a_smem, code_smem, tiles, scale, table_ptr, k, num_k, STAGES: gl.constexpr, dtype: gl.constexpr,
-                   COLUMN_PAIRS: gl.constexpr, byte_layout: gl.constexpr, w_layout: gl.constexpr):  # fmt: skip
-    """Wait for tile k's copies, start tile k + STAGES - 2's, dequantize tile k: (its registers, tile k + 1's
-    scales). ``tiles``: (A row pointers, code byte pointers, which bytes are in range, their step, the expert's
-    scales, the int32 offsets of a tile's scales in them, their step), each at k = 0."""
-    a_ptrs, code_ptrs, code_in, code_step, w_scales, scale_offs, scale_step = tiles
+def _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, k, num_k,
+                   STAGES: gl.constexpr, dtype: gl.constexpr, byte_layout: gl.constexpr,
+                   w_layout: gl.constexpr):  # fmt: skip
+    """Wait for tile k's copies, start tile k + STAGES - 2's, dequantize tile k: (its registers, tile k + 1's row
+    scales)."""
     async_copy.wait_group(STAGES - 3)  # this thread's copies of tile k are done
     _cta_barrier()  # and every thread's; every warpgroup is past its wait for MMA k - 2, whose stage is reused now
-    _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 2, num_k, code_step, STAGES, 64)
-    w = _weight_registers(code_smem.index(k % STAGES), scale, table_ptr, dtype, COLUMN_PAIRS, byte_layout, w_layout)
-    return w, gl.load(w_scales + ((k + 1) * scale_step + scale_offs), mask=k + 1 < num_k, other=1.0)
+    _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 2, num_k, 32, STAGES, 64)
+    w = _weight_registers(code_smem.index(k % STAGES), scale, table_ptr, dtype, byte_layout, w_layout)
+    return w, gl.load(scale_ptrs + (k + 1), mask=k + 1 < num_k, other=1.0)
 
 
 @gluon.jit
@@ -474,8 +448,7 @@ def _register_nf4_kernel(
     stride_um, stride_ur, stride_le, stride_lr, stride_ln,
     GATHER: gl.constexpr, HAS_BIAS: gl.constexpr, SCALE: gl.constexpr, HAS_LORA: gl.constexpr,
     BLOCK_R: gl.constexpr, BLOCK_E: gl.constexpr, GROUP_M: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_STEPS: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
-    num_warps: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, EVEN_STEPS: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     BK: gl.constexpr = 64
     dtype: gl.constexpr = a_ptr.dtype.element_ty
@@ -496,66 +469,53 @@ def _register_nf4_kernel(
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_M, 16])  # fmt: skip
     w_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-    if COLUMN_PAIRS:
-        byte_layout: gl.constexpr = _WEIGHT_BYTES_T
-    else:
-        byte_layout: gl.constexpr = _WEIGHT_BYTES
-    CODE_SHAPE: gl.constexpr = _tile_shapes(COLUMN_PAIRS, BLOCK_N)[0]
+    byte_layout: gl.constexpr = _WEIGHT_BYTES
     out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])  # 8 columns a store
     a_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BK],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BK], dtype))  # fmt: skip
-    code_smem = gl.allocate_shared_memory(gl.uint8, [STAGES] + CODE_SHAPE, gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    code_smem = gl.allocate_shared_memory(
+        gl.uint8, [STAGES, BLOCK_N, BK // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
     a_ptrs, rows64, code_ptrs, code_in, code_step, _ = _operands(
         a_ptr, gather_ptr, codes_ptr, scales_ptr, expert, row_start, row_end, pid_n, N, stride_am, stride_we,
-        stride_wk, stride_wn, GATHER, COLUMN_PAIRS, BLOCK_M, BLOCK_N, a_layout, code_layout,
+        stride_wk, stride_wn, GATHER, False, BLOCK_M, BLOCK_N, a_layout, code_layout,
     )  # fmt: skip
     _, w_scales = nf4_expert(codes_ptr, scales_ptr, expert, stride_we)
-    if COLUMN_PAIRS:  # a scale per row k of the step and 64 columns: beside each code byte
-        scale_k = gl.arange(0, BK, layout=gl.SliceLayout(1, byte_layout))
-        block = pid_n * (BLOCK_N // 64) + gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, byte_layout)) // 32
-        block = gl.minimum(block, (N - 1) // 64)
-        scale_offs = scale_k[:, None] * (stride_wk // 64) + block[None, :]
-        scale_step = BK * (stride_wk // 64)
-    else:  # a weight row's block is the step
-        scale_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_layout))
-        scale_offs = gl.minimum(pid_n * BLOCK_N + scale_rows, N - 1) * (stride_wn // 64)
-        scale_step = 1
+    scale_rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_layout)), N - 1)
+    scale_ptrs = w_scales + scale_rows * (stride_wn // 64)  # a weight row's block is the step
     num_k = K // BK
 
     for t in gl.static_range(STAGES - 2):
         _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES, BK)
-    scale = gl.load(w_scales + scale_offs)
-    tiles = (a_ptrs, code_ptrs, code_in, code_step, w_scales, scale_offs, scale_step)
+    scale = gl.load(scale_ptrs)
     acc = warpgroup_mma_init(gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_layout))
     # the loop takes steps in pairs (register sets b, then a) after a step in set a: an even count peels two
     if EVEN_STEPS:
-        w_b, scale = _register_step(a_smem, code_smem, tiles, scale, table_ptr, 0, num_k, STAGES, dtype, COLUMN_PAIRS,
-                                    byte_layout, w_layout)  # fmt: skip
+        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 0,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc = warpgroup_mma(w_b, a_smem.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
         acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
-        w_a, scale = _register_step(a_smem, code_smem, tiles, scale, table_ptr, 1, num_k, STAGES, dtype, COLUMN_PAIRS,
-                                    byte_layout, w_layout)  # fmt: skip
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 1,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc, w_b = _register_mma(w_a, a_smem, acc, 1, w_b, STAGES)
     else:
-        w_a, scale = _register_step(a_smem, code_smem, tiles, scale, table_ptr, 0, num_k, STAGES, dtype, COLUMN_PAIRS,
-                                    byte_layout, w_layout)  # fmt: skip
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 0,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc = warpgroup_mma(w_a, a_smem.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
         acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
     for k in range(1 + EVEN_STEPS, num_k, 2):
-        w_b, scale = _register_step(a_smem, code_smem, tiles, scale, table_ptr, k, num_k, STAGES, dtype, COLUMN_PAIRS,
-                                    byte_layout, w_layout)  # fmt: skip
+        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, k,
+                                    num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc, w_a = _register_mma(w_b, a_smem, acc, k, w_a, STAGES)
-        w_a, scale = _register_step(a_smem, code_smem, tiles, scale, table_ptr, k + 1, num_k, STAGES, dtype,
-                                    COLUMN_PAIRS, byte_layout, w_layout)  # fmt: skip
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr,
+                                    k + 1, num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc, w_b = _register_mma(w_a, a_smem, acc, k + 1, w_b, STAGES)
     acc, w_a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a))
     async_copy.wait_group(0)
 
     # epilogue on acc [cols, rows]: + (u @ L[e])ᵀ, + bias per column, * routing weight per row; one rounding, then
     # each thread's 8 consecutive columns of a row in one store
-    offs_n = pid_n * BLOCK_N + _operand_columns(
-        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout)), COLUMN_PAIRS
-    )
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     n_in = offs_n < N
     if HAS_LORA:
         acc = _lora_transposed(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le,
@@ -566,10 +526,7 @@ def _register_nf4_kernel(
     if SCALE:
         slot = gl.load(rows_ptr + gl.convert_layout(rows64, gl.SliceLayout(0, mma_layout)))
         acc *= gl.load(rw_ptr + slot).to(gl.float32)[None, :]
-    out = acc.to(out_ptr.dtype.element_ty)
-    if COLUMN_PAIRS:  # the tile's columns in order: [p // 8, b, p % 8] -> [p // 8, p % 8, b]
-        out = gl.reshape(gl.permute(gl.reshape(out, [8, 2, 8, BLOCK_M]), (0, 2, 1, 3)), [BLOCK_N, BLOCK_M])
-    out = gl.convert_layout(out, out_layout)
+    out = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
     out_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
     out_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_layout))
     out_rows = gl.convert_layout(rows64, gl.SliceLayout(0, out_layout))
@@ -614,13 +571,7 @@ def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=No
             "num_warps": NUM_WARPS,
         }
         if _uses_register_weight(mode, bm):
-            _REGISTER_NF4[grid](
-                *args,
-                STAGES=REGISTER_STAGES,
-                EVEN_STEPS=(k_dim // BLOCK_K) % 2 == 0,
-                COLUMN_PAIRS=mode == COLUMN_PAIRS,
-                **shared,
-            )
+            _REGISTER_NF4[grid](*args, STAGES=REGISTER_STAGES, EVEN_STEPS=(k_dim // BLOCK_K) % 2 == 0, **shared)
         else:
             _GROUPED_NF4[grid](*args, COLUMN_PAIRS=mode == COLUMN_PAIRS, STAGES=STAGES, **shared)
     return out
