@@ -370,8 +370,9 @@ _WEIGHT_BYTES: gl.constexpr = gl.DistributedLinearLayout(
 
 
 def _uses_register_weight(mode: int, block_m: int) -> bool:
-    """Whether a launch takes the register-operand kernel: byte pairs along K at 256-row tiles (timed against the
-    kernel above on the same buffers by an A/B run: 2-11 % faster per GEMM there, 5-13 % slower at 128-row tiles)."""
+    """Whether a launch takes the register-operand kernel: byte pairs along K at 256-row tiles, where it beat the
+    kernel above on the same buffers at every benchmark shape; at 128-row tiles it lost (16 byte loads a thread a
+    step), and for pairs along N too (a scale load per k row: BENCHMARKS.md, "the weight as the register operand")."""
     return mode == ROW_PAIRS and block_m == SPLIT
 
 
