@@ -135,6 +135,21 @@ def _expert_tile(counts_ptr, E, pid_m, ROWS: gl.constexpr, BLOCK_M: gl.constexpr
 
 
 @gluon.jit
+def _program_tile(counts_ptr, n_rows, E, N, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_E: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The tile map of ``tiling.gemm_program`` over the rows ``ROWS`` (the grid's row tiles: ``_row_tiles``): (row
+    tile, column tile, real row tiles, expert, first row, end row) of this program; row tiles past the real ones
+    have nothing to do."""
+    if ROWS == _TAIL:
+        num_pid_m = gl.minimum(E, n_rows)
+    else:
+        num_pid_m = gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows)
+    pid_m, pid_n = swizzle(gl.program_id(0), num_pid_m, gl.cdiv(N, BLOCK_N), GROUP_M)
+    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, ROWS, BLOCK_M, BLOCK_E, num_warps)
+    return pid_m, pid_n, total, expert, row_start, row_end
+
+
+@gluon.jit
 def _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES: gl.constexpr,
                BK: gl.constexpr):  # fmt: skip
     """Start the copies of tile t's A rows and code bytes (``code_in``: those in range; the others read 0) into
@@ -279,14 +294,8 @@ def _grouped_nf4_kernel(
 ):  # fmt: skip
     BK: gl.constexpr = 64
     dtype: gl.constexpr = a_ptr.dtype.element_ty
-    # the tile map of ``tiling.gemm_program`` over the rows ``ROWS`` (the grid's row tiles: ``_row_tiles``)
-    pid = gl.program_id(0)
-    if ROWS == _TAIL:
-        num_pid_m = gl.minimum(E, n_rows)
-    else:
-        num_pid_m = gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows)
-    pid_m, pid_n = swizzle(pid, num_pid_m, gl.cdiv(N, BLOCK_N), GROUP_M)
-    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, ROWS, BLOCK_M, BLOCK_E, num_warps)
+    pid_m, pid_n, total, expert, row_start, row_end = _program_tile(counts_ptr, n_rows, E, N, ROWS, BLOCK_M, BLOCK_N,
+                                                                    BLOCK_E, GROUP_M, num_warps)  # fmt: skip
     if pid_m >= total:
         return
 
@@ -454,14 +463,8 @@ def _register_nf4_kernel(
     BK: gl.constexpr = 64
     dtype: gl.constexpr = a_ptr.dtype.element_ty
     gl.static_assert(BLOCK_N == 128 and num_warps == 8, "_WEIGHT_BYTES: 128 weight rows over two warpgroups")
-    # the tile map of ``_grouped_nf4_kernel``
-    pid = gl.program_id(0)
-    if ROWS == _TAIL:
-        num_pid_m = gl.minimum(E, n_rows)
-    else:
-        num_pid_m = gl.cdiv(n_rows, BLOCK_M) + gl.minimum(E, n_rows)
-    pid_m, pid_n = swizzle(pid, num_pid_m, gl.cdiv(N, BLOCK_N), GROUP_M)
-    total, expert, row_start, row_end = _expert_tile(counts_ptr, E, pid_m, ROWS, BLOCK_M, BLOCK_E, num_warps)
+    pid_m, pid_n, total, expert, row_start, row_end = _program_tile(counts_ptr, n_rows, E, N, ROWS, BLOCK_M, BLOCK_N,
+                                                                    BLOCK_E, GROUP_M, num_warps)  # fmt: skip
     if pid_m >= total:
         return
 
