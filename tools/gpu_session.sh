@@ -120,7 +120,7 @@ ab)
   ;;
 quant)
   # NF4 experts, sections QUANT_PARTS (default all, in this order; a call fits about three):
-  #   tests    tests/gpu/test_gpu_nf4.py (the Hopper gluon kernel), then tests/test_triton_nf4.py natively at tile
+  #   tests    tests/gpu/test_gpu_nf4.py (the Hopper gluon kernels), then tests/test_triton_nf4.py natively at tile
   #            configs QUANT_TEST_CONFIGS (default 0 1 3: row tiles of 128 and 256, wide column tiles; 5 and 6 are
   #            4-warp programs); a failure stops the part
   #   cold     first calls (cold cache) of the NF4 paths at the four shapes, T = 2048 then 8192

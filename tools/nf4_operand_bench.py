@@ -16,9 +16,10 @@ The question it answers is which operand the dequantized weight should be. Rows,
   with one operand (``_decode_lane``: each lane builds its codebook entry from its lane id, then one shuffle).
   ``×2 acc`` gives the two K-halves their own accumulators, which lets triton keep MMAs in flight across
   iterations.
-- ``pipelined (gluon)`` (GPU only): the engine's Hopper kernel (``moekit.kernels.nf4_hopper``, one expert),
-  bitsandbytes' packing as the B operand, its loop written out in gluon so that each MMA runs while the next tile
-  is dequantized into a second B buffer; row tiles of 128 and 256 (its column tile, stages and warps are fixed).
+- ``pipelined (gluon)`` (GPU only): the engine's Hopper kernels (``moekit.kernels.nf4_hopper``, one expert),
+  bitsandbytes' packing, the loop written out in gluon so that each MMA runs while the next tile is dequantized;
+  row tiles of 128 (the tile a B operand in a second shared-memory buffer) and 256 (the tile the register operand
+  of the transposed product); the column tile, stages and warps are fixed.
 
 Each row's output is checked against the fp32 product of x and the dequantized weight (tolerance 1e-2, the bf16
 rounding of the output is ~3e-3), so a fast wrong kernel shows as wrong.

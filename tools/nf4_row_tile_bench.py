@@ -1,6 +1,8 @@
-"""The Hopper NF4 grouped GEMM (``moekit.kernels.nf4_hopper``) at row tiles of 128, of 256, and in 256-row tiles with
-128-row tails, on the same buffers (GPU only): the measurement behind ``nf4_hopper.row_launches``; beside them the
-Triton NF4 kernel of ``grouped_gemm`` (autotuned), which runs where the gluon kernel does not.
+"""The Hopper NF4 grouped GEMMs (``moekit.kernels.nf4_hopper``) at row tiles of 128, of 256, and in 256-row tiles with
+128-row tails, on the same buffers (GPU only): the measurement behind ``nf4_hopper.row_launches`` (each launch on the
+kernel ``nf4_hopper._uses_register_weight`` picks: byte pairs along K at 256-row tiles on the register-operand
+kernel); beside them the Triton NF4 kernel of ``grouped_gemm`` (autotuned), which runs where the gluon kernels do
+not.
 
     PYTHONPATH=src python tools/nf4_row_tile_bench.py
 
