@@ -172,15 +172,22 @@ def _tile_scales(scale_ptrs, t, num_k, COLUMN_PAIRS: gl.constexpr):
 
 
 @gluon.jit
+def _code_values(byte, table_ptr, layout: gl.constexpr):
+    """(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]) (fp32) of uint8 code bytes in ``layout``: the word lookup of
+    ``nf4._decode_bytes``, four bytes a call."""
+    table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=layout)
+    return gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
+                                     dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
+
+
+@gluon.jit
 def _dequantize(code_stage, w_buffer, scales, table_ptr, COLUMN_PAIRS: gl.constexpr, code_layout: gl.constexpr,
                 w_layout: gl.constexpr):  # fmt: skip
     """Dequantize a tile's code bytes (``code_stage``) with its ``scales`` into ``w_buffer``: W's [BLOCK_N, BLOCK_K]
     rows (ROW_PAIRS, bytes [BLOCK_N, BLOCK_K / 2]) or [BLOCK_K, BLOCK_N] (COLUMN_PAIRS, bytes [BLOCK_K, BLOCK_N / 2])
     in the operand dtype."""
     byte = code_stage.load(code_layout)
-    table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=code_layout)
-    high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
-                                          dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
+    high, low = _code_values(byte, table_ptr, code_layout)
     if COLUMN_PAIRS:  # byte j of a row holds columns 2j, 2j + 1: the first 32 bytes are the first block
         pair = gl.arange(0, byte.shape[1], layout=gl.SliceLayout(0, code_layout))
         scale = gl.where((pair < 32)[None, :], scales[0][:, None], scales[1][:, None])
@@ -214,30 +221,43 @@ def _mma(a_stage, w_buffer, acc, COLUMN_PAIRS: gl.constexpr, use_acc: gl.constex
 
 @gluon.jit
 def _lora(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr, stride_ln,
-          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """acc + u[rows] @ L[expert] over the rank, BLOCK_R at a time, each chunk rounded to the operand dtype."""
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, num_warps: gl.constexpr,
+          TRANSPOSED: gl.constexpr):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N] + u[rows] @ L[expert], or (TRANSPOSED: the register-operand kernel's acc [BLOCK_N,
+    BLOCK_M]) acc + (u[rows] @ L[expert])ᵀ = L[expert]ᵀ @ uᵀ, over the rank BLOCK_R at a time, each chunk rounded to
+    the operand dtype. The L tile is [BLOCK_R, BLOCK_N] or, TRANSPOSED, [BLOCK_N, BLOCK_R]: ``L_AXIS`` is its N axis."""
     dtype: gl.constexpr = u_ptr.dtype.element_ty
     u_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    l_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+    if TRANSPOSED:
+        l_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])
+        L_SHAPE: gl.constexpr = [BLOCK_N, BLOCK_R]
+        L_AXIS: gl.constexpr = 0
+    else:
+        l_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        L_SHAPE: gl.constexpr = [BLOCK_R, BLOCK_N]
+        L_AXIS: gl.constexpr = 1
     u_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype))  # fmt: skip
-    l_smem = gl.allocate_shared_memory(dtype, [BLOCK_R, BLOCK_N],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_R, BLOCK_N], dtype))  # fmt: skip
+    l_smem = gl.allocate_shared_memory(dtype, L_SHAPE, gl.NVMMASharedLayout.get_default_for(L_SHAPE, dtype))
     u_rows = gl.convert_layout(rows64, gl.SliceLayout(1, u_layout))
-    l_cols = gl.convert_layout(offs_n, gl.SliceLayout(0, l_layout))
-    l_cols_in = gl.convert_layout(n_in, gl.SliceLayout(0, l_layout))
+    l_cols = gl.convert_layout(offs_n, gl.SliceLayout(1 - L_AXIS, l_layout))
+    l_cols_in = gl.convert_layout(n_in, gl.SliceLayout(1 - L_AXIS, l_layout))
     for r0 in range(0, R, BLOCK_R):
         ur = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, u_layout))
         u = gl.load(u_ptr + u_rows[:, None] * stride_um + ur[None, :] * stride_ur, mask=(ur < R)[None, :], other=0.0)
-        lr = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, l_layout))
-        l_ptrs = l_ptr + expert.to(gl.int64) * stride_le + lr[:, None] * stride_lr + l_cols[None, :] * stride_ln
-        lt = gl.load(l_ptrs, mask=(lr < R)[:, None] & l_cols_in[None, :], other=0.0)
+        lr = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(L_AXIS, l_layout))
+        l_ptrs = (l_ptr + expert.to(gl.int64) * stride_le + gl.expand_dims(lr, L_AXIS) * stride_lr
+                  + gl.expand_dims(l_cols, 1 - L_AXIS) * stride_ln)  # fmt: skip
+        lt = gl.load(l_ptrs, mask=gl.expand_dims(lr < R, L_AXIS) & gl.expand_dims(l_cols_in, 1 - L_AXIS), other=0.0)
         _cta_barrier()  # every warpgroup's previous chunk MMA is done with the buffers
         u_smem.store(u.to(dtype))
         l_smem.store(lt.to(dtype))
         fence_async_shared()
         _cta_barrier()
-        acc = warpgroup_mma(u_smem, l_smem, acc, is_async=True)
+        if TRANSPOSED:
+            acc = warpgroup_mma(l_smem, u_smem.permute((1, 0)), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(u_smem, l_smem, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     return acc
 
@@ -343,7 +363,7 @@ def _grouped_nf4_kernel(
     out_m = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
     if HAS_LORA:
         acc = _lora(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr,
-                    stride_ln, BLOCK_M, BLOCK_N, BLOCK_R, num_warps)  # fmt: skip
+                    stride_ln, BLOCK_M, BLOCK_N, BLOCK_R, num_warps, False)  # fmt: skip
     if HAS_BIAS:
         bias = gl.load(b_ptr + expert.to(gl.int64) * stride_be + offs_n * stride_bn, mask=n_in, other=0.0)
         acc += bias.to(gl.float32)[None, :]
@@ -391,9 +411,7 @@ def _weight_registers(code_stage, scale, table_ptr, dtype: gl.constexpr, byte_la
     """A weight tile [BLOCK_N, 64] in the registers of the MMA's first operand (``w_layout``) from its code bytes
     (``code_stage`` [BLOCK_N, 32], loaded in ``byte_layout``: ``_WEIGHT_BYTES``) and the scale of each of its rows."""
     byte = code_stage.load(byte_layout)
-    table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=byte_layout)
-    high, low = gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
-                                          dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
+    high, low = _code_values(byte, table_ptr, byte_layout)
     row_scale = scale[:, None]
     w = gl.reshape(gl.join(high * row_scale, low * row_scale), [byte.shape[0], 2 * byte.shape[1]])
     return gl.convert_layout(w.to(dtype), w_layout, assert_trivial=True)
@@ -417,37 +435,6 @@ def _register_mma(w, a_smem, acc, k, older, STAGES: gl.constexpr):
     """Start MMA k (acc += w @ A stage k ᵀ), then wait for MMA k - 1, whose registers ``older`` are free after it."""
     acc = warpgroup_mma(w, a_smem.index(k % STAGES).permute((1, 0)), acc, is_async=True)
     return warpgroup_mma_wait(num_outstanding=1, deps=(acc, older))
-
-
-@gluon.jit
-def _lora_transposed(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr,
-                     stride_ln, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr,
-                     num_warps: gl.constexpr):  # fmt: skip
-    """``_lora`` for the transposed accumulator [BLOCK_N, BLOCK_M]: acc + (u[rows] @ L[expert])ᵀ = L[expert]ᵀ @ uᵀ."""
-    dtype: gl.constexpr = u_ptr.dtype.element_ty
-    u_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [num_warps, 1], [1, 0])
-    l_layout: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, num_warps], [0, 1])
-    u_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_R],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_R], dtype))  # fmt: skip
-    l_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_R],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_R], dtype))  # fmt: skip
-    u_rows = gl.convert_layout(rows64, gl.SliceLayout(1, u_layout))
-    l_cols = gl.convert_layout(offs_n, gl.SliceLayout(1, l_layout))
-    l_cols_in = gl.convert_layout(n_in, gl.SliceLayout(1, l_layout))
-    for r0 in range(0, R, BLOCK_R):
-        ur = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, u_layout))
-        u = gl.load(u_ptr + u_rows[:, None] * stride_um + ur[None, :] * stride_ur, mask=(ur < R)[None, :], other=0.0)
-        lr = r0 + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, l_layout))
-        l_ptrs = l_ptr + expert.to(gl.int64) * stride_le + lr[None, :] * stride_lr + l_cols[:, None] * stride_ln
-        lt = gl.load(l_ptrs, mask=(lr < R)[None, :] & l_cols_in[:, None], other=0.0)
-        _cta_barrier()  # every warpgroup's previous chunk MMA is done with the buffers
-        u_smem.store(u.to(dtype))
-        l_smem.store(lt.to(dtype))
-        fence_async_shared()
-        _cta_barrier()
-        acc = warpgroup_mma(l_smem, u_smem.permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    return acc
 
 
 @gluon.jit
@@ -522,8 +509,8 @@ def _register_nf4_kernel(
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
     n_in = offs_n < N
     if HAS_LORA:
-        acc = _lora_transposed(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le,
-                               stride_lr, stride_ln, BLOCK_M, BLOCK_N, BLOCK_R, num_warps)  # fmt: skip
+        acc = _lora(acc, u_ptr, l_ptr, rows64, expert, offs_n, n_in, R, stride_um, stride_ur, stride_le, stride_lr,
+                    stride_ln, BLOCK_M, BLOCK_N, BLOCK_R, num_warps, True)  # fmt: skip
     if HAS_BIAS:
         bias = gl.load(b_ptr + expert.to(gl.int64) * stride_be + offs_n * stride_bn, mask=n_in, other=0.0)
         acc += bias.to(gl.float32)[:, None]
