@@ -119,8 +119,8 @@ def _writes_to_registers_in_flight(instructions):
 
 def test_register_operands_are_not_overwritten_in_flight(tmp_path):
     """The register-operand kernel's main loop, read from its SASS through two trips (the back edge included):
-    each MMA's weight registers stay untouched until the wait that retires it. A checker that must see this fail
-    on a loop writing one register set while its MMA runs is the single-set loop the alternation replaced."""
+    each MMA's weight registers stay untouched until the wait that retires it. The checker itself is shown to flag
+    such a write (the fault of the one-register-set loop the alternation replaced, which gave NaN on the GPU)."""
     _compile(tmp_path, REGISTER_VARIANTS[:1] + REGISTER_VARIANTS[3:])
     for variant in (REGISTER_VARIANTS[0], REGISTER_VARIANTS[3]):
         instructions = _sass(tmp_path / f"{variant.replace(',', '_')}.o")
