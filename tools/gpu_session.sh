@@ -172,7 +172,7 @@ quant)
       tail -18 "$out/real_size.log"
       ;;
     loading)
-      timeout "${LOAD_TIMEOUT:-100}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
+      timeout "${LOAD_TIMEOUT:-240}" python tools/measure_loading.py --layers 4 --out "$out/loading.json" \
         > "$out/loading.log" 2>&1
       echo "loading: exit $?" | tee -a "$out/card.txt"
       tail -12 "$out/loading.log"
