@@ -107,20 +107,29 @@ def _decode(code, table_ptr):
     return value
 
 
-# The PTX of ``_decode_bytes`` (``nf4_hopper`` takes it too): $0-$3 receive the values of the high codes of
-# the four bytes packed in $8, $4-$7 those of the low codes; $9-$12 are the codebook
-_WORD_LOOKUP_PTX: tl.constexpr = tl.constexpr(
-    "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
-    "mul.wide.u32 entry, lane, 4; add.s64 entry, entry, $9; ld.global.nc.f32 mine, [entry]; "
-    "shr.b32 s, $8, 4; shfl.sync.idx.b32 $0, mine, s, 31, -1; "
-    "shfl.sync.idx.b32 $4, mine, $8, 31, -1; "
-    "shr.b32 s, $8, 12; shfl.sync.idx.b32 $1, mine, s, 31, -1; "
-    "shr.b32 s, $8, 8; shfl.sync.idx.b32 $5, mine, s, 31, -1; "
-    "shr.b32 s, $8, 20; shfl.sync.idx.b32 $2, mine, s, 31, -1; "
-    "shr.b32 s, $8, 16; shfl.sync.idx.b32 $6, mine, s, 31, -1; "
-    "shr.b32 s, $8, 28; shfl.sync.idx.b32 $3, mine, s, 31, -1; "
-    "shr.b32 s, $8, 24; shfl.sync.idx.b32 $7, mine, s, 31, -1; }"
+# The shuffle lookup's PTX, four bytes a call: $0-$3 receive the values of the high codes of the four bytes packed
+# in $8, $4-$7 those of the low codes, shuffled from the lane's codebook entry ``{entry}`` (lane l holds entry
+# l % 16, so the word shifted right by a code's bit position is that code's source lane: shfl.sync reads its low
+# 5 bits). ``_WORD_LOOKUP_PTX`` (``_decode_bytes``) loads the entry itself from the codebook at $9;
+# ``_ENTRY_LOOKUP_PTX`` (``nf4_hopper``) takes it in $9, loaded once before a kernel's loop by ``_CODE_ENTRY_PTX``
+# ($0 from the codebook at $1), so the loop has no load, lane read or address of it.
+_LOAD_ENTRY = (
+    "mov.u32 lane, %laneid; and.b32 lane, lane, 15; mul.wide.u32 entry, lane, 4; add.s64 entry, entry, {table}; "
+    "ld.global.nc.f32 {entry_value}, [entry]; "
+)
+_SHUFFLES = "".join(
+    f"shr.b32 s, $8, {shift}; shfl.sync.idx.b32 ${out}, {{entry}}, s, 31, -1; " if shift else
+    f"shfl.sync.idx.b32 ${out}, {{entry}}, $8, 31, -1; "
+    for out, shift in ((0, 4), (4, 0), (1, 12), (5, 8), (2, 20), (6, 16), (3, 28), (7, 24))
 )  # fmt: skip
+_WORD_LOOKUP_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .u32 lane, s; .reg .u64 entry; .reg .f32 mine; "
+    + _LOAD_ENTRY.format(table="$9", entry_value="mine") + _SHUFFLES.format(entry="mine") + "}"
+)  # fmt: skip
+_CODE_ENTRY_PTX: tl.constexpr = tl.constexpr(
+    "{ .reg .u32 lane; .reg .u64 entry; " + _LOAD_ENTRY.format(table="$1", entry_value="$0") + "}"
+)
+_ENTRY_LOOKUP_PTX: tl.constexpr = tl.constexpr("{ .reg .u32 s; " + _SHUFFLES.format(entry="$9") + "}")
 
 
 @triton.jit

@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .launch import FastKernel
-from .nf4 import _WORD_LOOKUP_PTX, COLUMN_PAIRS, ROW_PAIRS, nf4_expert
+from .nf4 import _CODE_ENTRY_PTX, _ENTRY_LOOKUP_PTX, COLUMN_PAIRS, ROW_PAIRS, nf4_expert
 from .numerics import interpreting
 from .tiling import block_e, cdiv, num_row_tiles, rank_block, swizzle
 
@@ -172,22 +172,29 @@ def _tile_scales(scale_ptrs, t, num_k, COLUMN_PAIRS: gl.constexpr):
 
 
 @gluon.jit
-def _code_values(byte, table_ptr, layout: gl.constexpr):
-    """(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]) (fp32) of uint8 code bytes in ``layout``: the word lookup of
-    ``nf4._decode_bytes``, four bytes a call."""
-    table = table_ptr + gl.zeros(byte.shape, gl.int32, layout=layout)
-    return gl.inline_asm_elementwise(_WORD_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,l,l,l,l", [byte, table],
+def _codebook_entry(table_ptr, shape: gl.constexpr, layout: gl.constexpr):
+    """This lane's codebook entry (NF4_CODE[lane % 16], fp32) as a tensor of ``shape`` in ``layout``, for
+    ``_code_values``: loaded once before a kernel's loop (ptxas keeps one register of it)."""
+    table = table_ptr + gl.zeros(shape, gl.int32, layout=layout)
+    return gl.inline_asm_elementwise(_CODE_ENTRY_PTX, "=f,l", [table], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _code_values(byte, entry):
+    """(NF4_CODE[byte >> 4], NF4_CODE[byte & 15]) (fp32) of uint8 code bytes: the word lookup of
+    ``nf4._decode_bytes``, four bytes a call, shuffled from ``entry`` (``_codebook_entry`` in the bytes' layout)."""
+    return gl.inline_asm_elementwise(_ENTRY_LOOKUP_PTX, "=f,=f,=f,=f,=f,=f,=f,=f,r,f,f,f,f", [byte, entry],
                                      dtype=(gl.float32, gl.float32), is_pure=True, pack=4)  # fmt: skip
 
 
 @gluon.jit
-def _dequantize(code_stage, w_buffer, scales, table_ptr, COLUMN_PAIRS: gl.constexpr, code_layout: gl.constexpr,
+def _dequantize(code_stage, w_buffer, scales, entry, COLUMN_PAIRS: gl.constexpr, code_layout: gl.constexpr,
                 w_layout: gl.constexpr):  # fmt: skip
     """Dequantize a tile's code bytes (``code_stage``) with its ``scales`` into ``w_buffer``: W's [BLOCK_N, BLOCK_K]
     rows (ROW_PAIRS, bytes [BLOCK_N, BLOCK_K / 2]) or [BLOCK_K, BLOCK_N] (COLUMN_PAIRS, bytes [BLOCK_K, BLOCK_N / 2])
-    in the operand dtype."""
+    in the operand dtype; ``entry``: ``_codebook_entry`` in ``code_layout``."""
     byte = code_stage.load(code_layout)
-    high, low = _code_values(byte, table_ptr, code_layout)
+    high, low = _code_values(byte, entry)
     if COLUMN_PAIRS:  # byte j of a row holds columns 2j, 2j + 1: the first 32 bytes are the first block
         pair = gl.arange(0, byte.shape[1], layout=gl.SliceLayout(0, code_layout))
         scale = gl.where((pair < 32)[None, :], scales[0][:, None], scales[1][:, None])
@@ -198,12 +205,12 @@ def _dequantize(code_stage, w_buffer, scales, table_ptr, COLUMN_PAIRS: gl.conste
 
 
 @gluon.jit
-def _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
+def _dequantize_tile(code_smem, w_smem, scales, entry, k, STAGES: gl.constexpr, COLUMN_PAIRS: gl.constexpr,
                      code_layout: gl.constexpr, w_layout: gl.constexpr):  # fmt: skip
     """Wait for tile k's copies, then dequantize its code bytes with its ``scales`` into B buffer k % 2."""
     async_copy.wait_group(STAGES - 2)  # this thread's copies of tile k are done
     _cta_barrier()  # and every thread's
-    _dequantize(code_smem.index(k % STAGES), w_smem.index(k % 2), scales, table_ptr, COLUMN_PAIRS, code_layout,
+    _dequantize(code_smem.index(k % STAGES), w_smem.index(k % 2), scales, entry, COLUMN_PAIRS, code_layout,
                 w_layout)  # fmt: skip
     fence_async_shared()  # the stores, before the MMA reads them through the async proxy
     _cta_barrier()
@@ -336,18 +343,19 @@ def _grouped_nf4_kernel(
         stride_wk, stride_wn, GATHER, COLUMN_PAIRS, BLOCK_M, BLOCK_N, a_layout, code_layout,
     )  # fmt: skip
     num_k = K // BK
+    entry = _codebook_entry(table_ptr, CODE_SHAPE, code_layout)
 
     for t in gl.static_range(STAGES - 1):
         _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES, BK)
     # step 0 peeled, so no path reaches an MMA wait through the accumulator's zeros (ptxas would serialize them)
     scales = _tile_scales(scale_ptrs, 0, num_k, COLUMN_PAIRS)
-    _dequantize_tile(code_smem, w_smem, scales, table_ptr, 0, STAGES, COLUMN_PAIRS, code_layout, w_layout)
+    _dequantize_tile(code_smem, w_smem, scales, entry, 0, STAGES, COLUMN_PAIRS, code_layout, w_layout)
     scales = _tile_scales(scale_ptrs, 1, num_k, COLUMN_PAIRS)  # each tile's a step ahead, off the critical path
     _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, STAGES - 1, num_k, code_step, STAGES, BK)
     acc = warpgroup_mma_init(gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma_layout))
     acc = _mma(a_smem.index(0), w_smem.index(0), acc, COLUMN_PAIRS, False)
     for k in range(1, num_k):
-        _dequantize_tile(code_smem, w_smem, scales, table_ptr, k, STAGES, COLUMN_PAIRS, code_layout, w_layout)
+        _dequantize_tile(code_smem, w_smem, scales, entry, k, STAGES, COLUMN_PAIRS, code_layout, w_layout)
         scales = _tile_scales(scale_ptrs, k + 1, num_k, COLUMN_PAIRS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
         _cta_barrier()  # and every warpgroup's: its A stage and B buffer may be overwritten
@@ -406,19 +414,20 @@ def _uses_register_weight(mode: int, block_m: int) -> bool:
 
 
 @gluon.jit
-def _weight_registers(code_stage, scale, table_ptr, dtype: gl.constexpr, byte_layout: gl.constexpr,
+def _weight_registers(code_stage, scale, entry, dtype: gl.constexpr, byte_layout: gl.constexpr,
                       w_layout: gl.constexpr):  # fmt: skip
     """A weight tile [BLOCK_N, 64] in the registers of the MMA's first operand (``w_layout``) from its code bytes
-    (``code_stage`` [BLOCK_N, 32], loaded in ``byte_layout``: ``_WEIGHT_BYTES``) and the scale of each of its rows."""
+    (``code_stage`` [BLOCK_N, 32], loaded in ``byte_layout``: ``_WEIGHT_BYTES``) and the scale of each of its rows;
+    ``entry``: ``_codebook_entry`` in ``byte_layout``."""
     byte = code_stage.load(byte_layout)
-    high, low = _code_values(byte, table_ptr, byte_layout)
+    high, low = _code_values(byte, entry)
     row_scale = scale[:, None]
     w = gl.reshape(gl.join(high * row_scale, low * row_scale), [byte.shape[0], 2 * byte.shape[1]])
     return gl.convert_layout(w.to(dtype), w_layout, assert_trivial=True)
 
 
 @gluon.jit
-def _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, k, num_k,
+def _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, entry, k, num_k,
                    STAGES: gl.constexpr, dtype: gl.constexpr, byte_layout: gl.constexpr,
                    w_layout: gl.constexpr):  # fmt: skip
     """Wait for tile k's copies, start tile k + STAGES - 2's, dequantize tile k: (its registers, tile k + 1's row
@@ -426,7 +435,7 @@ def _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_p
     async_copy.wait_group(STAGES - 3)  # this thread's copies of tile k are done
     _cta_barrier()  # and every thread's; every warpgroup is past its wait for MMA k - 2, whose stage is reused now
     _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 2, num_k, 32, STAGES, 64)
-    w = _weight_registers(code_smem.index(k % STAGES), scale, table_ptr, dtype, byte_layout, w_layout)
+    w = _weight_registers(code_smem.index(k % STAGES), scale, entry, dtype, byte_layout, w_layout)
     return w, gl.load(scale_ptrs + (k + 1), mask=k + 1 < num_k, other=1.0)
 
 
@@ -475,6 +484,7 @@ def _register_nf4_kernel(
     scale_rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, byte_layout)), N - 1)
     scale_ptrs = w_scales + scale_rows * (stride_wn // 64)  # a weight row's block is the step
     num_k = K // BK
+    entry = _codebook_entry(table_ptr, [BLOCK_N, BK // 2], byte_layout)
 
     for t in gl.static_range(STAGES - 2):
         _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, t, num_k, code_step, STAGES, BK)
@@ -482,23 +492,23 @@ def _register_nf4_kernel(
     acc = warpgroup_mma_init(gl.zeros((BLOCK_N, BLOCK_M), gl.float32, layout=mma_layout))
     # the loop takes steps in pairs (register sets b, then a) after a step in set a: an even count peels two
     if EVEN_STEPS:
-        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 0,
+        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, entry, 0,
                                     num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc = warpgroup_mma(w_b, a_smem.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
         acc, w_b = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_b))
-        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 1,
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, entry, 1,
                                     num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc, w_b = _register_mma(w_a, a_smem, acc, 1, w_b, STAGES)
     else:
-        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, 0,
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, entry, 0,
                                     num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc = warpgroup_mma(w_a, a_smem.index(0).permute((1, 0)), acc, use_acc=False, is_async=True)
         acc, w_a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, w_a))
     for k in range(1 + EVEN_STEPS, num_k, 2):
-        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr, k,
+        w_b, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, entry, k,
                                     num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc, w_a = _register_mma(w_b, a_smem, acc, k, w_a, STAGES)
-        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, table_ptr,
+        w_a, scale = _register_step(a_smem, code_smem, a_ptrs, code_ptrs, code_in, scale, scale_ptrs, entry,
                                     k + 1, num_k, STAGES, dtype, byte_layout, w_layout)  # fmt: skip
         acc, w_b = _register_mma(w_a, a_smem, acc, k + 1, w_b, STAGES)
     acc, w_a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w_a))
