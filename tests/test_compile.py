@@ -252,6 +252,18 @@ def test_nf4_lora_fullgraph_matches_eager(model_type, dtype):
     _assert_matches(compiled, eager, TOL[dtype], TOL[dtype])
 
 
+def test_double_quantized_nf4_lora_fullgraph_matches_eager():
+    """The same with the experts' scales in 8 bits (``quantize_experts(..., double_quant=True)``): their fp32
+    dequantization is traced into the graph before the op, which takes it as the scales."""
+    model = tm.add_lora(moekit.quantize_experts(tm.build("nemotron_h"), "nf4", double_quant=True))
+    ids = tm.sample_batch()
+    backend = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    compiled = _step(model, torch.compile(_forward, backend=backend, fullgraph=True), ids)
+    assert backend.frame_count == 1
+    assert _nf4_op_calls(backend.graphs) == len(moekit.experts_modules(model))
+    _assert_matches(compiled, _step(model, _forward, ids), TOL[torch.float32], TOL[torch.float32])
+
+
 def test_lora_wrappers_argument_survives_device_hooks(monkeypatch):
     """The PEFT wrappers reach the experts as a keyword argument (dynamo cannot trace the context variable this used
     to be). Hooks that move a call's arguments to its device (accelerate's, under device_map) must pass it through

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moekit.quant import NF4Weight, dequantize_experts, dequantize_nf4, from_bitsandbytes, quantize_nf4, to_bitsandbytes
-from moekit.quant.nf4 import NF4_VALUES
+from moekit.quant.nf4 import NF4_VALUES, absmax_code, dequantize_absmax, double_quantize
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 
@@ -102,6 +102,38 @@ def test_double_quantized_absmax_to_bitsandbytes():
     assert state.state2.blocksize == their_state.state2.blocksize == 256
     assert torch.equal(bnb.dequantize_4bit(packed, state), bnb.dequantize_4bit(their_packed, their_state))
     assert not torch.equal(bnb.dequantize_4bit(packed, state), dequantize_nf4(quantize_nf4(weight)))  # 8-bit scales
+
+
+@pytest.mark.parametrize("n_blocks", [3 * 256, 1001, 7, 40_000], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_double_quantization_is_bitsandbytes(dtype, n_blocks):
+    """moekit's own double quantization of the absmax (whole blocks of 256, a short last block, fewer than one):
+    bitsandbytes' 8-bit map, offset and block scales bit for bit; each absmax's code the nearest value, which
+    bitsandbytes' CPU kernel also picks but for a few (<= 0.5 %) that it rounds to a value at most one step of the
+    map away; exported with those codes, bitsandbytes dequantizes the weight to moekit's bits."""
+    assert torch.equal(absmax_code(), bnb.create_dynamic_map(signed=True))
+    g = torch.Generator().manual_seed(n_blocks)
+    weight = (torch.randn(n_blocks * 64, generator=g) * torch.rand(n_blocks * 64, generator=g) * 3).to(dtype)
+    ours = quantize_nf4(weight)
+    held = double_quantize(ours.absmax)
+    _, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(held.offset.reshape(()), state.offset.reshape(()))
+    assert torch.equal(held.scales, state.state2.absmax)
+    code = absmax_code()
+    normed = (ours.absmax - held.offset) / held.scales[torch.arange(n_blocks) // 256]
+    mine, theirs = code[held.codes.long()], code[state.absmax.long()]
+    assert ((normed - mine).abs() <= (normed - theirs).abs()).all()  # the nearest
+    differ = held.codes != state.absmax
+    assert differ.float().mean() <= 5e-3 and ((mine - theirs)[differ].abs() <= 0.015).all()
+    assert torch.equal(dequantize_absmax(held, 2, n_blocks - 3), dequantize_absmax(held)[2:-3])
+    held_weight = NF4Weight(ours.packed, dequantize_absmax(held), ours.shape, ours.dtype, held)
+    dense = dequantize_nf4(held_weight)
+    assert torch.equal(bnb.dequantize_4bit(*to_bitsandbytes(held_weight, double_quant=True)), dense)
+    assert _rel(dense, dequantize_nf4(ours)) <= 1e-2  # 8-bit scales: close to the fp32 ones
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_other_formats_are_refused():

@@ -78,9 +78,9 @@ def test_loads_into_nf4_experts(model_type, checkpoint, monkeypatch):
     quantized_on_load = []
     original = NF4Tensor.quantize.__func__
 
-    def spy(cls, weight, dtype=None, device=None):
+    def spy(cls, weight, dtype=None, device=None, double_quant=False):
         quantized_on_load.append(tuple(weight.shape))
-        return original(cls, weight, dtype, device)
+        return original(cls, weight, dtype, device, double_quant)
 
     monkeypatch.setattr(NF4Tensor, "quantize", classmethod(spy))
     model = _load(path, quantization_config=MoekitQuantConfig(), device_map="cpu")
@@ -120,6 +120,26 @@ def test_loads_into_nf4_experts(model_type, checkpoint, monkeypatch):
     with torch.no_grad():
         logits, want = model(input_ids).logits, plain(input_ids).logits
     assert torch.isfinite(logits).all() and tm.rel_err(logits, want) <= 1e-2
+
+
+def test_double_quantized_experts_on_load(checkpoint):
+    """``experts_double_quant=True``: each expert weight quantized as it loads with its scales in 8 bits, the same
+    weight ``quantize_experts(..., double_quant=True)`` makes of the dense model, and the device-map size per
+    element says so."""
+    path = checkpoint("qwen3_moe")
+    config = MoekitQuantConfig(experts_double_quant=True)
+    model = _load(path, quantization_config=config, device_map="cpu")
+    plain = quantize_experts(_load(path), double_quant=True)
+    want = _expert_weights(plain)
+    for name, param in _expert_weights(model).items():
+        assert isinstance(param, NF4Tensor) and param.double_quantized, name
+        assert torch.equal(param.packed, want[name].packed) and torch.equal(param.absmax, want[name].absmax), name
+    some = next(iter(_expert_weights(model)))
+    assert model.hf_quantizer.param_element_size(model, some, None) == 0.5 + (1 + 4 / 256) / 64
+    assert MoekitQuantConfig.from_dict(config.to_dict()).experts_double_quant
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, plain(input_ids).logits)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "nemotron_h"])
@@ -343,8 +363,9 @@ def test_config_is_registered_and_serializable(checkpoint, tmp_path):
         ({"linear": "nf4", "linear_skip_modules": "o_proj"}, ValueError, "list of module names"),
         ({"quant_method": "bitsandbytes"}, ValueError, "quant_method must be 'moekit'"),
         ({"bits": 4}, TypeError, r"unknown option\(s\) \['bits'\]"),
+        ({"experts_double_quant": 1}, TypeError, "experts_double_quant must be True or False, got 1"),
     ],
-    ids=["experts", "linear", "dtype", "dtype-name", "skip-without-linear", "skip-str", "method", "unknown"],
+    ids=["experts", "linear", "dtype", "dtype-name", "skip-without-linear", "skip-str", "method", "unknown", "double"],
 )
 def test_bad_config_values(kwargs, error, match):
     if kwargs.get("linear") == "nf4":

@@ -2,7 +2,7 @@
 
 (a) ``NF4Tensor`` holds bitsandbytes' codes and scales, looks like the dense weight to everything around it
     (shape, strides, dtype, ``.to()``, ``state_dict`` / ``load_state_dict``, deepcopy, one expert by index) and
-    refuses anything else with an error naming the op, and a gradient.
+    refuses anything else with an error naming the op, and a gradient; double-quantized (scales in 8 bits) too.
 (b) ``quantize_experts`` quantizes every experts module in place and nothing else.
 (c) Models: a tiny model with NF4 experts on moekit equals the same model whose experts hold bitsandbytes'
     dequantized weights on transformers' eager experts: logits and every LoRA gradient, fp32 rel <= 1e-5, for
@@ -25,9 +25,10 @@ import torch
 import moekit
 from moekit.enable import experts_modules
 from moekit.options import OPTIONS
-from moekit.quant import NF4Tensor, quantize_experts
+from moekit.quant import NF4Tensor, quantize_experts, to_bitsandbytes
 from moekit.quant.experts import expert_weight_names, quantize_module
-from moekit.quant.nf4 import quantize_nf4
+from moekit.quant.nf4 import dequantize_absmax, dequantize_nf4, double_quantize, quantize_nf4
+from moekit.quant.tensor import held_bytes
 
 bnb = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -47,13 +48,24 @@ def _bnb_dequantized(weight: torch.Tensor) -> torch.Tensor:
     return bnb.dequantize_4bit(packed, state).reshape(weight.shape)
 
 
-def _eager_on_dequantized(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` (dense) whose expert weights hold bitsandbytes' dequantized NF4 values."""
+def _eager_on_dequantized(model: torch.nn.Module, quantized: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A copy of ``model`` (dense) whose expert weights hold bitsandbytes' dequantized NF4 values: of its own
+    quantization, or (``quantized``: a quantized copy of ``model``, PEFT-wrapped or not) of the NF4 states that
+    copy exports (``to_bitsandbytes``, double-quantized scales as held)."""
     twin = copy.deepcopy(model)
+    theirs = experts_modules(quantized) if quantized is not None else [None] * len(experts_modules(twin))
     with torch.no_grad():
-        for module in experts_modules(twin):
+        for module, source in zip(experts_modules(twin), theirs, strict=True):
             for name in expert_weight_names(module):
-                getattr(module, name).copy_(_bnb_dequantized(getattr(module, name)))
+                if source is None:
+                    values = _bnb_dequantized(getattr(module, name))
+                else:
+                    held = getattr(source, name)
+                    nf4 = held.nf4_weight()
+                    values = bnb.dequantize_4bit(*to_bitsandbytes(nf4, nf4.double_quant is not None))
+                    values = values.reshape(nf4.shape)
+                    values = values.transpose(1, 2) if held.is_transposed_view else values
+                getattr(module, name).copy_(values)
     return twin
 
 
@@ -141,6 +153,51 @@ def test_refusals():
         NF4Tensor.quantize(torch.full((2, 8, 8), float("nan")))
 
 
+def test_double_quantized_weights():
+    """Scales held in 8 bits over the whole weight as stored (``nf4.double_quantize``): the same codes, fewer bytes,
+    ``absmax`` and every dequantization from the 8-bit scales; views, one expert, ``.to()``, deepcopy, state_dict and
+    copies between the two kinds keep their values; FSDP2's sharding ops refuse with a reason."""
+    weight = torch.randn(6, 40, 96, dtype=torch.bfloat16)
+    plain, double = NF4Tensor.quantize(weight), NF4Tensor.quantize(weight, double_quant=True)
+    assert double.double_quantized and not plain.double_quantized and "double_quant=True" in repr(double)
+    assert torch.equal(double.packed, plain.packed)
+    blocks = 6 * 40 * 96 // 64
+    assert held_bytes(plain) == 6 * 40 * 96 // 2 + 4 * blocks
+    assert held_bytes(double) == 6 * 40 * 96 // 2 + blocks + 4 * -(-blocks // 256) + 4
+    held = double_quantize(plain.absmax)
+    assert torch.equal(double.absmax.reshape(-1), dequantize_absmax(held))
+    assert torch.equal(double.block_scales(2, 5), double.absmax[2:5])
+    dense = double.dequantize()
+    want = dequantize_nf4(plain.nf4_weight()._replace(absmax=dequantize_absmax(held)))
+    assert torch.equal(dense, want) and not torch.equal(dense, plain.dequantize())
+    assert tm.rel_err(dense.float(), plain.dequantize().float()) <= 1e-2
+    assert torch.equal(double[3], dense[3]) and torch.equal(double.transpose(1, 2)[1], dense[1].t())
+    assert torch.equal(double.nf4_weight().double_quant.codes, held.codes)
+    moved = double.to(torch.float32)
+    assert moved.double_quantized and moved.dtype == torch.float32
+    assert torch.equal(moved.dequantize(torch.bfloat16), dense)
+    assert torch.equal(copy.deepcopy(double).dequantize(), dense)
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(double, requires_grad=False)
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)["weight"]
+    assert saved.double_quantized and torch.equal(saved.dequantize(), dense)
+    target = NF4Tensor.quantize(torch.randn(6, 40, 96), torch.bfloat16, double_quant=True)
+    for source in (saved, plain, weight):  # double-quantized, plain NF4 and dense sources give the same weight
+        target.copy_(torch.randn(6, 40, 96))
+        target.copy_(source)
+        assert torch.equal(target.dequantize(), dense)
+    fp32_scales = NF4Tensor.quantize(torch.randn(6, 40, 96), torch.bfloat16)
+    fp32_scales.copy_(double)  # the 8-bit scales, dequantized
+    assert torch.equal(fp32_scales.dequantize(), dense)
+    for refused in (lambda: double.split(3), lambda: double[1:3], lambda: double.view(-1)):
+        with pytest.raises(NotImplementedError, match="double-quantized NF4 expert weights.*double_quant=False"):
+            refused()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (b) quantize_experts
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,11 +238,15 @@ def test_quantize_experts_errors():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_model_lora_equals_eager_on_dequantized(model_type, monkeypatch):
+@pytest.mark.parametrize(
+    "model_type, double_quant", [*((m, False) for m in MODEL_TYPES), ("nemotron_h_latent", True), ("gpt_oss", True)]
+)
+def test_model_lora_equals_eager_on_dequantized(model_type, double_quant, monkeypatch):
+    """Double-quantized: the eager twin holds bitsandbytes' dequantization of the state moekit exports (its own
+    8-bit scales), so both sides compute on the same weights."""
     dense = tm.build(model_type)
-    eager = tm.add_lora(_eager_on_dequantized(dense))
-    quantized = tm.add_lora(quantize_experts(copy.deepcopy(dense)))
+    quantized = tm.add_lora(quantize_experts(copy.deepcopy(dense), double_quant=double_quant))
+    eager = tm.add_lora(_eager_on_dequantized(dense, quantized if double_quant else None))
     widest = []  # experts dequantized at once by the engine: never more than one
     original = NF4Tensor.dequantize_experts
 

@@ -72,14 +72,14 @@ def wide_tiles(monkeypatch):
 
 
 def make_case(family, dtype=torch.float32, lora=True, T=16, H=64, I=40, E=4, K=2, seed=0, sentinel_fraction=0.0,
-              one_expert=None, empty_expert=None):  # fmt: skip
+              one_expert=None, empty_expert=None, double_quant=False):  # fmt: skip
     """A quantized experts module's layout, weights (NF4 and their dequantized dense copies), biases, LoRA factors
-    on both projections (or none), routing and an upstream gradient."""
+    on both projections (or none), routing and an upstream gradient; ``double_quant``: the scales in 8 bits."""
     module = make_experts(family, hidden=H, intermediate=I, num_experts=E, dtype=dtype, seed=seed).to(DEVICE)
     with torch.no_grad():  # pre-activations of std ~2: few gpt-oss clamps (at 7) lie within bf16's rounding of h
         module.down_proj.mul_(2 / I**0.5)
         next(p for n, p in module.named_parameters() if n.endswith("up_proj")).mul_(2 / H**0.5)
-    quantize_module(module)
+    quantize_module(module, double_quant=double_quant)
     layout = experts_layout(module)
     up, down = projections(module)
     assert isinstance(up.weight, NF4Tensor) and isinstance(down.weight, NF4Tensor)
@@ -122,7 +122,7 @@ def nothing_dense(monkeypatch):
 
     with monkeypatch.context() as patch:
         for owner, name in ((NF4Tensor, "dequantize"), (NF4Tensor, "dequantize_experts"),
-                            (nf4_tensor, "dequantize_experts"), (engine, "grouped_matmul"),
+                            (nf4_tensor, "dequantize_nf4"), (engine, "grouped_matmul"),
                             (engine, "grouped_outer")):  # fmt: skip
             patch.setattr(owner, name, refuse)
         yield
@@ -169,6 +169,17 @@ def test_matches_reference(monkeypatch, wide_tiles, family, dtype, lora):
     exact = lora and dtype != torch.float32  # LoRA cases: every kernel, base terms included
     ours = assert_close(monkeypatch, make_case(family, dtype, lora, seed=3), dtype, exact)
     assert all(g is not None and g.abs().max() > 0 for g in ours[5:]) if lora else all(g is None for g in ours[5:])
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "gpt_oss"])
+def test_double_quantized_scales(monkeypatch, wide_tiles, family):
+    """Scales held in 8 bits: the kernels read their fp32 dequantization, so the engine gives the same bits as on
+    NF4 weights holding those fp32 scales, and matches the reference as above."""
+    case = make_case(family, torch.bfloat16, seed=7, double_quant=True)
+    assert all(w.double_quantized for w in case["nf4"])
+    ours = assert_close(monkeypatch, case, torch.bfloat16)
+    plain = {**case, "nf4": tuple(NF4Tensor(w.packed, w.absmax, w.shape, w.dtype, w.stride()) for w in case["nf4"])}
+    assert_matches(ours, run(experts_triton, plain), None, NAMES, 0.0, None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

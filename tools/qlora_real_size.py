@@ -103,8 +103,9 @@ def _materialize(module: torch.nn.Module, device: torch.device, generator: torch
             param.normal_(0.0, 0.02, generator=generator)
 
 
-def build_quantized(config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The model with NF4 experts, built layer by layer on ``device`` (see the module docstring)."""
+def build_quantized(config, device: torch.device, dtype: torch.dtype, double_quant: bool = False) -> torch.nn.Module:
+    """The model with NF4 experts (``double_quant``: their scales in 8 bits), built layer by layer on ``device`` (see
+    the module docstring)."""
     config._experts_implementation = moekit.BACKEND_NAME
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -114,7 +115,7 @@ def build_quantized(config, device: torch.device, dtype: torch.dtype) -> torch.n
         if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
             _materialize(module, device, generator)
         if module in experts:
-            quantize_module(module)  # this layer's bf16 experts are freed here
+            quantize_module(module, double_quant=double_quant)  # this layer's bf16 experts are freed here
     rotary = getattr(model.model, "rotary_emb", None)  # buffers computed in __init__: rebuild them on the device
     if rotary is not None:
         model.model.rotary_emb = type(rotary)(config=model.config).to(device)
@@ -173,6 +174,7 @@ def main() -> None:
         default=None,
         help="NemotronH: the Mamba-2 scan's chunk (the model's 128 by default; the scan's result does not depend on it)",
     )
+    parser.add_argument("--double-quant", action="store_true", help="the experts' NF4 scales in 8 bits")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -188,7 +190,7 @@ def main() -> None:
     config = MODELS[args.model](args.layers)
     if args.mamba_chunk:
         config.chunk_size = args.mamba_chunk  # the scan's result does not depend on it
-    model = build_quantized(config, device, dtype)
+    model = build_quantized(config, device, dtype, args.double_quant)
     build_s = time.perf_counter() - start
     build_peak = peak()
     bf16_model = bf16_footprint_gib(model)
@@ -232,6 +234,7 @@ def main() -> None:
     result = {
         "card": torch.cuda.get_device_name() if cuda else "cpu",
         "model": args.model, "layers": args.layers, "tokens": args.tokens, "rank": args.rank,
+        "double_quant": args.double_quant,
         "mamba_chunk": getattr(config, "chunk_size", None),  # NemotronH's Mamba-2 scan (None: no Mamba layers)
         "build_s": round(build_s, 1), "build_peak_gib": round(build_peak, 2),
         "resident_gib": round(resident, 2), "step_peak_gib": round(step_peak, 2),

@@ -33,6 +33,7 @@ import torch
 from .activations import ELEMENTWISE, Activation
 from .layout import ExpertsCall, ExpertsLayout, Projection
 from .lora import LoraFactors
+from .quant.nf4 import DoubleQuant, dequantize_absmax
 from .quant.tensor import NF4Tensor
 
 Tensor = torch.Tensor
@@ -69,10 +70,16 @@ def weight_args(weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | 
     """One projection's weight as op arguments: (dense weight, packed codes, absmax scales, NF4 view metadata
     ``[*shape, *strides]``); a dense weight gives ``(weight, None, None, [])``, an ``NF4Tensor`` its inner tensors
     and metadata (the dense slot None). Under torch.compile ``.packed`` / ``.absmax`` are graph inputs and the
-    metadata constants (dynamo guards them)."""
+    metadata constants (dynamo guards them). Double-quantized scales enter as their fp32 dequantization, traced from
+    their inner tensors (``nf4.dequantize_absmax``)."""
     if not isinstance(weight, NF4Tensor):
         return weight, None, None, []
-    return None, weight.packed, weight.absmax, [*weight.shape, *weight.stride()]
+    if hasattr(weight, "_absmax"):
+        scales = weight._absmax
+    else:
+        held = DoubleQuant(weight.absmax_codes, weight.absmax_scales, weight.absmax_offset)
+        scales = dequantize_absmax(held).view(weight.absmax_codes.shape)
+    return None, weight.packed, scales, [*weight.shape, *weight.stride()]
 
 
 def nf4_weight(packed: Tensor, absmax: Tensor, meta: list[int], dtype: torch.dtype) -> NF4Tensor:

@@ -48,7 +48,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..enable import enable, experts_modules, is_experts_module
 from .experts import METHODS, expert_weight_names, quantize_module
-from .nf4 import BLOCKSIZE
+from .nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
 from .tensor import NF4Tensor
 
 QUANT_METHOD = "moekit"
@@ -56,6 +56,7 @@ LINEAR_METHODS = (None, "nf4")
 # Bytes a quantized element takes: 4-bit codes and one fp32 absmax per block (transformers sizes device maps and its
 # allocator warm-up with this).
 NF4_ELEMENT_SIZE = 0.5 + 4 / BLOCKSIZE
+NF4_DOUBLE_QUANT_ELEMENT_SIZE = 0.5 + (1 + 4 / ABSMAX_BLOCKSIZE) / BLOCKSIZE  # scales in 8 bits
 
 NOT_SERIALIZABLE = (
     "moekit: a model loaded with MoekitQuantConfig cannot be saved: its NF4 experts have no checkpoint format. "
@@ -91,6 +92,8 @@ class MoekitQuantConfig(QuantizationConfigMixin):
 
     experts              "nf4": every expert weight to NF4 (bitsandbytes' numerics, blocks of 64, fp32 absmax),
                          run on moekit's engines.
+    experts_double_quant the experts' absmax in 8 bits, as bitsandbytes' double quantization holds it (4.13 bits
+                         an element instead of 4.5; such weights do not shard under FSDP2).
     linear               None (default): the nn.Linear layers stay in the load dtype. "nf4": they become
                          bitsandbytes ``Linear4bit`` (NF4) in the same load, through transformers' bitsandbytes
                          4-bit quantizer (needs bitsandbytes; not lm_head, tied/output embeddings or routers).
@@ -110,13 +113,14 @@ class MoekitQuantConfig(QuantizationConfigMixin):
         compute_dtype: torch.dtype | str | None = None,
         linear_skip_modules: list[str] | None = None,
         linear_double_quant: bool = False,
+        experts_double_quant: bool = False,
         quant_method: str = QUANT_METHOD,
         **unknown,
     ):
         if unknown:
             raise TypeError(
                 f"MoekitQuantConfig: unknown option(s) {sorted(unknown)}; the options are experts, linear, "
-                "compute_dtype, linear_skip_modules, linear_double_quant"
+                "compute_dtype, linear_skip_modules, linear_double_quant, experts_double_quant"
             )
         if quant_method != QUANT_METHOD:
             raise ValueError(f"MoekitQuantConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -135,10 +139,12 @@ class MoekitQuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"MoekitQuantConfig: linear_skip_modules must be a list of module names, got {linear_skip_modules!r}"
             )
-        if not isinstance(linear_double_quant, bool):
-            raise TypeError(
-                f"MoekitQuantConfig: linear_double_quant must be True or False, got {linear_double_quant!r}"
-            )
+        for name, flag in (
+            ("linear_double_quant", linear_double_quant),
+            ("experts_double_quant", experts_double_quant),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"MoekitQuantConfig: {name} must be True or False, got {flag!r}")
         if linear == "nf4" and not _bitsandbytes_installed():
             raise ImportError(
                 "MoekitQuantConfig(linear='nf4') quantizes the nn.Linear layers with bitsandbytes, which is not "
@@ -150,6 +156,7 @@ class MoekitQuantConfig(QuantizationConfigMixin):
         self.compute_dtype = _dtype_name(compute_dtype)
         self.linear_skip_modules = list(linear_skip_modules) if linear_skip_modules is not None else None
         self.linear_double_quant = linear_double_quant
+        self.experts_double_quant = experts_double_quant
 
     @property
     def torch_compute_dtype(self) -> torch.dtype | None:
@@ -222,7 +229,9 @@ class MoekitQuantize(ConversionOps):
             module, leaf = get_module_from_name(model, name)
             if _is_expert_weight(module, leaf):
                 dtype = quantizer.quantization_config.torch_compute_dtype or value.dtype
-                quantized = NF4Tensor.quantize(value, dtype, quantizer.target_device(name))
+                quantized = NF4Tensor.quantize(
+                    value, dtype, quantizer.target_device(name), quantizer.quantization_config.experts_double_quant
+                )
                 result[name] = torch.nn.Parameter(quantized, requires_grad=False)
             else:
                 linear[name] = value
@@ -298,7 +307,7 @@ class MoekitHfQuantizer(HfQuantizer):
     def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
         module, leaf = get_module_from_name(model, param_name)
         if _is_expert_weight(module, leaf):
-            return NF4_ELEMENT_SIZE
+            return NF4_DOUBLE_QUANT_ELEMENT_SIZE if self.quantization_config.experts_double_quant else NF4_ELEMENT_SIZE
         if self.bnb is not None:
             return self.bnb.param_element_size(model, param_name, param)
         return param.element_size()

@@ -12,6 +12,18 @@ which is what ``bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_typ
 ``dequantize_4bit`` compute (tests/test_nf4.py holds the two to the same bits). ``to_bitsandbytes`` and
 ``from_bitsandbytes`` convert between this and bitsandbytes' (packed [n/2, 1], QuantState) pair.
 
+Double quantization (bitsandbytes' ``compress_statistics=True``, the QLoRA paper's) holds the absmax in 8 bits,
+4.13 bits an element in all instead of 4.5:
+
+    offset    = the mean of absmax                            fp32, one for the weight
+    scale2[c] = max |absmax - offset| over block c of 256     fp32
+    acode[b]  = the value of ``absmax_code`` nearest to (absmax[b] - offset) / scale2[b // 256]     uint8
+    absmax'   = absmax_code[acode[b]] * scale2[b // 256] + offset     fp32, a product then a sum
+
+(``double_quantize``, ``dequantize_absmax``); w' is then computed from absmax' as above. The nearest value is
+bitsandbytes' reference rule (its torch implementation); its CPU kernel rounds a few absmax lying within a hair of
+a midpoint to the other neighbour (tests/test_nf4.py bounds them).
+
 For an experts weight [E, out, in] whose out·in is a multiple of 64, expert e's elements are whole blocks
 ``e·out·in/64 ...``: ``dequantize_experts`` dequantizes a range of experts alone, so the reference engine never
 holds more than a bounded chunk of experts in the compute dtype.
@@ -41,14 +53,71 @@ def nf4_code(device: torch.device | str = "cpu") -> Tensor:
     return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
 
 
+# bitsandbytes' blockwise 8-bit quantization of the absmax: blocks of 256 over its signed dynamic map
+ABSMAX_BLOCKSIZE = 256
+
+
+def absmax_code(device: torch.device | str = "cpu") -> Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (``create_dynamic_map(signed=True)``), fp32 [256], sorted: for each
+    exponent 10^-6 .. 10^0 the midpoints of an even split of [0.1, 1], both signs, and 0 and 1."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += ((10 ** (i - 6)) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+_ABSMAX_CODE = absmax_code()  # built once (under torch.compile the dequantization reads it as a constant)
+
+
+class DoubleQuant(NamedTuple):
+    """A weight's absmax in 8 bits (see the module docstring): ``codes`` uint8 [n_blocks] into ``absmax_code``,
+    ``scales`` fp32 [ceil(n_blocks / 256)], ``offset`` fp32 [1]."""
+
+    codes: Tensor
+    scales: Tensor
+    offset: Tensor
+
+
+def double_quantize(absmax: Tensor) -> DoubleQuant:
+    """fp32 absmax (any shape, read flat) -> ``DoubleQuant`` on its device."""
+    absmax = absmax.reshape(-1).float()
+    offset = absmax.mean().reshape(1)
+    centred = absmax - offset
+    n = centred.numel()
+    full = n - n % ABSMAX_BLOCKSIZE
+    blocks = centred[:full].view(-1, ABSMAX_BLOCKSIZE)
+    scales = blocks.abs().amax(dim=1)
+    normed = (blocks * (1.0 / scales.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+    if full < n:  # a shorter last block, as for the weight's own blocks
+        tail = centred[full:].abs().amax().clamp(min=1e-38)
+        scales = torch.cat((scales, tail[None]))
+        normed = torch.cat((normed, (centred[full:] / tail).clamp(-1.0, 1.0)))
+    code = _ABSMAX_CODE.to(absmax.device)
+    codes = torch.bucketize(normed, (code[:-1] + code[1:]) / 2).to(torch.uint8)  # a tie goes to the lower one
+    return DoubleQuant(codes, scales, offset)
+
+
+def dequantize_absmax(absmax: DoubleQuant, start: int = 0, stop: int | None = None) -> Tensor:
+    """absmax'[start:stop] (fp32 [stop - start]) of a double-quantized absmax, read flat."""
+    codes = absmax.codes.reshape(-1)
+    stop = codes.numel() if stop is None else stop
+    values = _ABSMAX_CODE.to(codes.device)[codes[start:stop].long()]
+    block = torch.arange(start, stop, device=values.device) // ABSMAX_BLOCKSIZE
+    return values * absmax.scales[block] + absmax.offset
+
+
 class NF4Weight(NamedTuple):
     """One weight in NF4: ``packed`` uint8 [ceil(n / 2)], ``absmax`` fp32 [ceil(n / 64)], and the dense weight's
-    ``shape`` and ``dtype`` (what dequantization returns)."""
+    ``shape`` and ``dtype`` (what dequantization returns). ``double_quant``: the absmax as held, when the weight
+    holds it double-quantized (``absmax`` is then its dequantization, ``dequantize_absmax``)."""
 
     packed: Tensor
     absmax: Tensor
     shape: torch.Size
     dtype: torch.dtype
+    double_quant: DoubleQuant | None = None
 
     @property
     def numel(self) -> int:
@@ -126,15 +195,22 @@ def dequantize_experts(weight: NF4Weight, first: int, last: int, dtype: torch.dt
 def to_bitsandbytes(weight: NF4Weight, double_quant: bool = False):
     """(packed uint8 [n/2, 1], ``bitsandbytes.functional.QuantState``): what ``quantize_4bit(w, blocksize=64,
     quant_type="nf4", compress_statistics=double_quant)`` returns for the same weight (imports bitsandbytes).
-    ``double_quant``: the absmax as bitsandbytes double-quantizes it (8-bit blocks of 256 around their mean)."""
+    ``double_quant``: the absmax double-quantized (8-bit blocks of 256 around their mean): as the weight holds it,
+    or else as bitsandbytes' ``quantize_blockwise`` computes it."""
     from bitsandbytes.functional import QuantState, quantize_blockwise
 
     code = nf4_code(weight.packed.device)
     nested = {}
     absmax = weight.absmax
-    if double_quant:
+    if double_quant and weight.double_quant is not None:  # the absmax as held
+        held = weight.double_quant
+        absmax = held.codes.reshape(-1)
+        state2 = QuantState(absmax=held.scales, code=_ABSMAX_CODE.to(absmax.device), blocksize=ABSMAX_BLOCKSIZE,
+                            dtype=torch.float32)  # fmt: skip
+        nested = {"offset": held.offset.reshape(()), "state2": state2}
+    elif double_quant:
         offset = absmax.mean()
-        absmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+        absmax, state2 = quantize_blockwise(absmax - offset, blocksize=ABSMAX_BLOCKSIZE)
         nested = {"offset": offset, "state2": state2}
     state = QuantState(
         absmax=absmax, shape=weight.shape, code=code, blocksize=BLOCKSIZE, quant_type="nf4", dtype=weight.dtype,

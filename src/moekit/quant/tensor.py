@@ -7,6 +7,12 @@ engines run in), while its storage is two inner tensors (``moekit.quant.nf4`` nu
     packed  uint8 [E, P / 2]   two codes a byte, high nibble first          (P = the elements of one expert)
     absmax  fp32  [E, P / 64]  one scale per block of 64 consecutive elements
 
+or, double-quantized (``quantize(..., double_quant=True)``), the scales in 8 bits over the whole weight as stored
+(``nf4.double_quantize``): ``absmax_codes`` uint8 [E, P / 64], ``absmax_scales`` fp32 [ceil(E·P / 64 / 256)],
+``absmax_offset`` fp32 [1]; ``absmax`` is then their fp32 dequantization, made when read (the engines read it once
+per GEMM: a transient of one weight's scales, 1/16 of its elements). Double-quantized weights do not shard under
+FSDP2 (their 256-scale blocks straddle experts): an error says so.
+
 So PEFT sizes its adapters from it as from the dense weight, ``.to()`` moves (or re-types) it, ``state_dict`` holds
 it, ``load_state_dict`` of a dense weight quantizes into it, and a transposed view is metadata only: element
 (e, i, j) of any view sits at the flat offset ``e·stride(0) + i·stride(1) + j·stride(2)`` of the weight as
@@ -26,12 +32,18 @@ from __future__ import annotations
 
 import torch
 
-from .nf4 import BLOCKSIZE, NF4Weight, dequantize_experts, quantize_nf4
+from .nf4 import BLOCKSIZE, DoubleQuant, NF4Weight, dequantize_absmax, dequantize_nf4, double_quantize, quantize_nf4
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
 
 QUANTIZE_CHUNK = 1 << 24  # elements quantized at a time (their fp32 copy and int64 codes are the temporaries)
+
+
+def _double_quantized(absmax: Tensor) -> DoubleQuant:
+    """fp32 scales [E, P / 64] double-quantized over the whole weight, the codes in the same shape."""
+    held = double_quantize(absmax)
+    return DoubleQuant(held.codes.view(absmax.shape), held.scales, held.offset)
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -42,33 +54,70 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+Scales = Tensor | DoubleQuant  # an NF4Tensor's scales as held: fp32 [E, P / 64], or double-quantized
+_DOUBLE_QUANT_NAMES = ("absmax_codes", "absmax_scales", "absmax_offset")  # its inner tensors, DoubleQuant's order
+
+
 class NF4Tensor(Tensor):
     """A 3-D expert weight [E, a, b] in NF4 (see the module docstring). Build it with ``NF4Tensor.quantize``.
     Under FSDP2 each rank holds a shard of whole experts; ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` gather
     them back into one of all experts."""
 
     packed: Tensor
-    absmax: Tensor
 
     @staticmethod
-    def __new__(cls, packed: Tensor, absmax: Tensor, shape, dtype: torch.dtype, strides=None):
+    def __new__(cls, packed: Tensor, scales: Scales, shape, dtype: torch.dtype, strides=None):
         strides = tuple(strides) if strides is not None else _contiguous_strides(shape)
         return Tensor._make_wrapper_subclass(
             cls, torch.Size(shape), strides=strides, dtype=dtype, device=packed.device, requires_grad=False
         )
 
-    def __init__(self, packed: Tensor, absmax: Tensor, shape, dtype: torch.dtype, strides=None):
-        self.packed, self.absmax = packed, absmax
+    def __init__(self, packed: Tensor, scales: Scales, shape, dtype: torch.dtype, strides=None):
+        self.packed = packed
+        if isinstance(scales, DoubleQuant):
+            self.absmax_codes, self.absmax_scales, self.absmax_offset = scales
+        else:
+            self._absmax = scales
+
+    @property
+    def double_quantized(self) -> bool:
+        return not hasattr(self, "_absmax")
+
+    @property
+    def scales(self) -> Scales:
+        """The scales as held: fp32 [E, P / 64], or a ``DoubleQuant`` (codes [E, P / 64])."""
+        if self.double_quantized:
+            return DoubleQuant(self.absmax_codes, self.absmax_scales, self.absmax_offset)
+        return self._absmax
+
+    @property
+    def absmax(self) -> Tensor:
+        """fp32 [E, P / 64]: one scale per block of 64 (dequantized here when held double-quantized)."""
+        if not self.double_quantized:
+            return self._absmax
+        return self.block_scales(0, self.packed.shape[0])
+
+    def block_scales(self, first: int, last: int) -> Tensor:
+        """The fp32 scales of experts [first, last): [last - first, P / 64]."""
+        if not self.double_quantized:
+            return self._absmax[first:last]
+        per_expert = self.absmax_codes.shape[1]
+        return dequantize_absmax(self.scales, first * per_expert, last * per_expert).view(last - first, per_expert)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     # ------------------------------------------------------------------------------------ building and reading
     @classmethod
     def quantize(
-        cls, weight: Tensor, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        cls,
+        weight: Tensor,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        double_quant: bool = False,
     ) -> NF4Tensor:
         """An experts weight [E, a, b] (as stored, floating point, finite; a·b a multiple of 64) in NF4 on
-        ``device`` (default: the weight's); ``dtype``: the compute dtype it stands for (default: the weight's).
+        ``device`` (default: the weight's); ``dtype``: the compute dtype it stands for (default: the weight's);
+        ``double_quant``: hold the scales in 8 bits (``nf4.double_quantize`` over the whole weight's scales).
         A few experts at a time are moved to ``device`` and quantized there, so a weight held elsewhere is never
         whole on ``device``, and the temporaries (an fp32 copy, int64 codes) stay bounded."""
         if weight.dim() != 3:
@@ -88,7 +137,8 @@ class NF4Tensor(Tensor):
             chunk = quantize_nf4(weight[first : first + step].to(device).contiguous())
             packed[first : first + step] = chunk.packed.view(-1, per_expert // 2)
             absmax[first : first + step] = chunk.absmax.view(-1, per_expert // BLOCKSIZE)
-        return cls(packed, absmax, weight.shape, dtype or weight.dtype)
+        scales = _double_quantized(absmax) if double_quant else absmax
+        return cls(packed, scales, weight.shape, dtype or weight.dtype)
 
     @property
     def stored_shape(self) -> torch.Size:
@@ -100,12 +150,21 @@ class NF4Tensor(Tensor):
         return self.dim() == 3 and self.stride(1) < self.stride(2)
 
     def nf4_weight(self) -> NF4Weight:
-        """The flat ``NF4Weight`` of the weight as stored (what ``moekit.quant.nf4`` and bitsandbytes read)."""
-        return NF4Weight(self.packed.reshape(-1), self.absmax.reshape(-1), self.stored_shape, self.dtype)
+        """The flat ``NF4Weight`` of the weight as stored (what ``moekit.quant.nf4`` and bitsandbytes read), with
+        its double-quantized scales as held, if so."""
+        held = None
+        if self.double_quantized:
+            held = DoubleQuant(self.absmax_codes.reshape(-1), self.absmax_scales, self.absmax_offset)
+        return NF4Weight(self.packed.reshape(-1), self.absmax.reshape(-1), self.stored_shape, self.dtype, held)
 
     def dequantize_experts(self, first: int, last: int, dtype: torch.dtype | None = None) -> Tensor:
         """Experts [first, last) dense, in this view's orientation: [last - first, *shape[1:]]."""
-        dense = dequantize_experts(self.nf4_weight(), first, last, dtype or self.dtype)
+        if not 0 <= first <= last <= self.shape[0]:
+            raise IndexError(f"experts [{first}, {last}) out of range for {self.shape[0]} experts")
+        stored = self.stored_shape
+        chunk = NF4Weight(self.packed[first:last].reshape(-1), self.block_scales(first, last).reshape(-1),
+                          torch.Size((last - first, *stored[1:])), self.dtype)  # fmt: skip
+        dense = dequantize_nf4(chunk, dtype or self.dtype)
         return dense.transpose(1, 2) if self.is_transposed_view else dense
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -118,28 +177,39 @@ class NF4Tensor(Tensor):
         return self
 
     def __repr__(self) -> str:
+        double = ", double_quant=True" if self.double_quantized else ""
         return (
             f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-            f"stored={tuple(self.stored_shape)})"
+            f"stored={tuple(self.stored_shape)}{double})"
         )
 
     # ------------------------------------------------------------------------ what torch.compile and FSDP see
     def __tensor_flatten__(self):
-        return ["packed", "absmax"], (tuple(self.shape), self.dtype, tuple(self.stride()))
+        scales = list(_DOUBLE_QUANT_NAMES) if self.double_quantized else ["_absmax"]
+        return ["packed", *scales], (tuple(self.shape), self.dtype, tuple(self.stride()))
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         shape, dtype, strides = meta
-        return NF4Tensor(inner["packed"], inner["absmax"], shape, dtype, strides)
+        if "_absmax" in inner:
+            scales = inner["_absmax"]
+        else:
+            scales = DoubleQuant(*(inner[name] for name in _DOUBLE_QUANT_NAMES))
+        return NF4Tensor(inner["packed"], scales, shape, dtype, strides)
 
-    def _like(self, packed: Tensor | None = None, absmax: Tensor | None = None, **meta) -> NF4Tensor:
+    def _like(self, packed: Tensor | None = None, scales: Scales | None = None, **meta) -> NF4Tensor:
         return NF4Tensor(
             self.packed if packed is None else packed,
-            self.absmax if absmax is None else absmax,
+            self.scales if scales is None else scales,
             meta.get("shape", self.shape),
             meta.get("dtype", self.dtype),
             meta.get("strides", self.stride()),
         )
+
+    def _map_scales(self, fn) -> Scales:
+        """``fn`` applied to each tensor of the scales as held (the same kind back)."""
+        scales = self.scales
+        return DoubleQuant(*map(fn, scales)) if isinstance(scales, DoubleQuant) else fn(scales)
 
     # --------------------------------------------------------------------------- FSDP2's all-gather extension
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
@@ -147,6 +217,7 @@ class NF4Tensor(Tensor):
         (``post`` rebuilds the weight from it). ``outer_size``: the whole weight's shape (FSDP2 calls this
         five-argument form). An uneven number of experts raises here on every rank alike: FSDP2's own check of a
         padded shard would fail on the padded rank only, leaving the others waiting in the all-gather."""
+        _not_double_quantized("FSDP2's all-gather", self)
         if outer_size[0] % mesh.size():
             raise ValueError(
                 f"FSDP2 cannot shard {_param_name(module, self)} (NF4 expert weights [{outer_size[0]}, ...]) over "
@@ -200,9 +271,10 @@ def _param_name(module: torch.nn.Module, weight: NF4Tensor) -> str:
 
 def held_bytes(weight: Tensor) -> int:
     """The bytes a weight takes as held: an NF4 weight's codes and scales (half a byte an element, one fp32 per 64
-    elements), a dense weight's elements."""
+    elements, or double-quantized one byte per 64 and one fp32 per 64·256), a dense weight's elements."""
     if isinstance(weight, NF4Tensor):
-        return weight.packed.nbytes + weight.absmax.nbytes
+        scales = weight.scales
+        return weight.packed.nbytes + sum(t.nbytes for t in (scales if isinstance(scales, DoubleQuant) else [scales]))
     return weight.numel() * weight.element_size()
 
 
@@ -230,7 +302,7 @@ def _detach(func, t: NF4Tensor):
 
 @_handles(aten.clone.default)
 def _clone(func, t: NF4Tensor, memory_format=None):
-    return t._like(t.packed.clone(), t.absmax.clone())
+    return t._like(t.packed.clone(), t._map_scales(torch.clone))
 
 
 @_handles(aten._to_copy.default)
@@ -239,9 +311,11 @@ def _to_copy(func, t: NF4Tensor, dtype=None, device=None, non_blocking=False, **
     stay: ``model.to(torch.bfloat16)`` keeps a quantized model quantized)."""
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"NF4 expert weights stand for a floating-point weight; cannot cast to {dtype}")
-    packed = t.packed.to(device=device, non_blocking=non_blocking) if device is not None else t.packed
-    absmax = t.absmax.to(device=device, non_blocking=non_blocking) if device is not None else t.absmax
-    return t._like(packed, absmax, dtype=dtype or t.dtype)
+    if device is None:
+        return t._like(dtype=dtype or t.dtype)
+    packed = t.packed.to(device=device, non_blocking=non_blocking)
+    scales = t._map_scales(lambda inner: inner.to(device=device, non_blocking=non_blocking))
+    return t._like(packed, scales, dtype=dtype or t.dtype)
 
 
 @_handles(aten.transpose.int)
@@ -279,11 +353,16 @@ def _copy(func, dst, src, non_blocking=False):
         )
     if not isinstance(src, NF4Tensor):
         stored = src.transpose(1, 2) if dst.is_transposed_view else src
-        src = NF4Tensor.quantize(stored.to(dst.packed.device))
+        src = NF4Tensor.quantize(stored.to(dst.packed.device), double_quant=dst.double_quantized)
     elif src.is_transposed_view != dst.is_transposed_view:
         raise ValueError("cannot copy NF4 weights between views of different orientation")
     dst.packed.copy_(src.packed, non_blocking=non_blocking)
-    dst.absmax.copy_(src.absmax, non_blocking=non_blocking)
+    if not dst.double_quantized:  # the scales in fp32, dequantized if the source holds them in 8 bits
+        dst._absmax.copy_(src.absmax, non_blocking=non_blocking)
+        return dst
+    held = src.scales if src.double_quantized else _double_quantized(src.absmax.to(dst.packed.device))
+    for mine, theirs in zip(dst.scales, held):
+        mine.copy_(theirs, non_blocking=non_blocking)
     return dst
 
 
@@ -293,7 +372,17 @@ def _is_same_size(func, t, other):
 
 
 # ----------------------------------------------- the ops FSDP2 shards with: whole experts, i.e. rows of the codes
+def _not_double_quantized(what, t: NF4Tensor) -> None:
+    if t.double_quantized:
+        raise NotImplementedError(
+            f"{what} on double-quantized NF4 expert weights {tuple(t.shape)}: their scales are quantized in blocks of "
+            "256 over the whole weight, which straddle experts, so they do not shard (FSDP2) or split by expert. "
+            "Quantize with double_quant=False to shard the experts."
+        )
+
+
 def _experts_only(func, t: NF4Tensor, dim: int = 0) -> None:
+    _not_double_quantized(func, t)
     if t.dim() != 3 or dim % 3 != 0:
         raise NotImplementedError(
             f"{func} on NF4 expert weights {tuple(t.shape)} takes whole experts (dim 0 of [E, a, b]), not dim {dim}: "
@@ -354,6 +443,7 @@ def _view(func, t: NF4Tensor, size):
     size = list(size)
     if size == list(t.shape):
         return t._like()
+    _not_double_quantized(func, t)
     if size not in ([-1], [t.numel()]) or not t.is_contiguous():
         raise NotImplementedError(
             f"{func} of NF4 expert weights {tuple(t.shape)} (strides {t.stride()}) to {size}: only their own shape "
