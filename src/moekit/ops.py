@@ -33,7 +33,7 @@ import torch
 from .activations import ELEMENTWISE, Activation
 from .layout import ExpertsCall, ExpertsLayout, Projection
 from .lora import LoraFactors
-from .quant.nf4 import DoubleQuant, dequantize_absmax
+from .quant.nf4 import dequantize_absmax
 from .quant.tensor import NF4Tensor
 
 Tensor = torch.Tensor
@@ -74,11 +74,9 @@ def weight_args(weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | 
     their inner tensors (``nf4.dequantize_absmax``)."""
     if not isinstance(weight, NF4Tensor):
         return weight, None, None, []
-    if hasattr(weight, "_absmax"):
-        scales = weight._absmax
-    else:
-        held = DoubleQuant(weight.absmax_codes, weight.absmax_scales, weight.absmax_offset)
-        scales = dequantize_absmax(held).view(weight.absmax_codes.shape)
+    scales = weight.absmax
+    if weight.double_quantized:  # traced here: the property's fresh tensor would enter dynamo's guards as an input
+        scales = dequantize_absmax(weight.scales).view(weight.packed.shape[0], -1)
     return None, weight.packed, scales, [*weight.shape, *weight.stride()]
 
 

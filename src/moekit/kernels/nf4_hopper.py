@@ -547,10 +547,11 @@ def grouped_gemm_nf4(rows, weight_in_out, counts, n, out, mode, table, gather=No
     launches = [(row_tile, ALL_ROWS)] if row_tile else row_launches(n, num_experts)
     u, lw = lora if lora is not None else (out, out)
     rank = u.shape[1] if lora is not None else 0
+    scales = weight_in_out.absmax  # fp32 (a double-quantized weight's dequantized here, once for both launches)
     for bm, part in launches:  # each fills its own rows of out
         grid = (_row_tiles(n, num_experts, bm, part) * cdiv(n_dim, BLOCK_N),)
         args = (
-            rows, gather if gather is not None else counts, weight_in_out.packed, weight_in_out.absmax, table,
+            rows, gather if gather is not None else counts, weight_in_out.packed, scales, table,
             bias if bias is not None else out, routing_weights if routing_weights is not None else out,
             sorted_rows if routing_weights is not None else counts, out, counts, u, lw,
             n, num_experts, n_dim, k_dim, rank,

@@ -21,8 +21,9 @@ Double quantization (bitsandbytes' ``compress_statistics=True``, the QLoRA paper
     absmax'   = absmax_code[acode[b]] * scale2[b // 256] + offset     fp32, a product then a sum
 
 (``double_quantize``, ``dequantize_absmax``); w' is then computed from absmax' as above. The nearest value is
-bitsandbytes' reference rule (its torch implementation); its CPU kernel rounds a few absmax lying within a hair of
-a midpoint to the other neighbour (tests/test_nf4.py bounds them).
+bitsandbytes' reference rule (its torch implementation); its CPU kernel picks another value for a few absmax
+(<= 0.5 %, within 0.015 of the nearest: tests/test_nf4.py bounds them), so moekit's codes are bitsandbytes' format
+and dequantize in bitsandbytes to moekit's bits, but are not always the codes bitsandbytes' CPU would write.
 
 For an experts weight [E, out, in] whose out·in is a multiple of 64, expert e's elements are whole blocks
 ``e·out·in/64 ...``: ``dequantize_experts`` dequantizes a range of experts alone, so the reference engine never
