@@ -6,8 +6,10 @@
 (b) ``quantize_experts`` quantizes every experts module in place and nothing else.
 (c) Models: a tiny model with NF4 experts on moekit equals the same model whose experts hold bitsandbytes'
     dequantized weights on transformers' eager experts: logits and every LoRA gradient, fp32 rel <= 1e-5, for
-    nemotron_h (plain and latent), qwen3_moe, gpt_oss, mixtral and deepseek_v3; per experts module in bf16
-    (rel <= 1e-2, routing fixed). The reference engine dequantizes one expert at a time.
+    nemotron_h (plain and latent), qwen3_moe, gpt_oss, mixtral and deepseek_v3 (double-quantized scales too, on
+    two of them); per experts module in bf16 (routing fixed): the output rel <= 1e-2, the input and routing-weight
+    gradients no further from fp64 than eager's own bf16 (or within 1e-2). The reference engine dequantizes one
+    expert at a time.
 (d) PEFT on top: a quantized base asked to train is a clear error; LoRA trains with gradient checkpointing; the
     adapter saved is a plain PEFT adapter that loads and merges on the original dense model.
 """
@@ -231,6 +233,8 @@ def test_quantize_experts_errors():
         quantize_experts(tm.build("qwen3_moe"), "int3")
     with pytest.raises(ValueError, match="no experts module"):
         quantize_experts(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="double_quant must be True or False, got 'yes'"):
+        quantize_experts(tm.build("qwen3_moe"), double_quant="yes")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,9 +282,15 @@ def test_experts_bf16_equal_eager_on_dequantized(family):
     inputs = ef.make_inputs(40, 64, 6, 2, dtype=torch.bfloat16)
     out, grads = ef.run_experts(module, moekit.BACKEND_NAME, *inputs)
     want_out, want_grads = ef.run_experts(twin, "eager", *inputs)
-    assert tm.rel_err(out, want_out) <= 1e-2
+    # the same weights and inputs in fp64: the truth both bf16 computations round away from
+    truth_out, truth = ef.run_experts(copy.deepcopy(twin).double(), "eager", *(t.double() if t.is_floating_point() else t
+                                                                                for t in inputs))  # fmt: skip
+    assert tm.rel_err(out, want_out) <= 1e-2 and tm.rel_err(out.double(), truth_out) <= 1e-2
     for name in ("x", "routing_weights"):
-        assert tm.rel_err(grads[name], want_grads[name]) <= 1e-2, name
+        # no further from the truth than eager's own bf16 (gpt-oss: bf16 moves pre-activations across its clamp,
+        # 8 % of dX in both; torch 2.14's eager lands 15 % away)
+        ours, eager = tm.rel_err(grads[name].double(), truth[name]), tm.rel_err(want_grads[name].double(), truth[name])
+        assert ours <= max(1e-2, 1.1 * eager), (name, ours, eager)
 
 
 # ---------------------------------------------------------------------------------------------------------------
