@@ -101,12 +101,19 @@ def double_quantize(absmax: Tensor) -> DoubleQuant:
 
 
 def dequantize_absmax(absmax: DoubleQuant, start: int = 0, stop: int | None = None) -> Tensor:
-    """absmax'[start:stop] (fp32 [stop - start]) of a double-quantized absmax, read flat."""
+    """absmax'[start:stop] (fp32 [stop - start]) of a double-quantized absmax, read flat: the blocks of 256 that hold
+    the range, each scaled in place (its one fp32 result is the only temporary the size of the range)."""
     codes = absmax.codes.reshape(-1)
     stop = codes.numel() if stop is None else stop
-    values = _ABSMAX_CODE.to(codes.device)[codes[start:stop].long()]
-    block = torch.arange(start, stop, device=values.device) // ABSMAX_BLOCKSIZE
-    return values * absmax.scales[block] + absmax.offset
+    first, last = start // ABSMAX_BLOCKSIZE, -(-stop // ABSMAX_BLOCKSIZE)
+    held = codes[first * ABSMAX_BLOCKSIZE : last * ABSMAX_BLOCKSIZE]
+    values = _ABSMAX_CODE.to(codes.device)[held.int()]
+    short = (last - first) * ABSMAX_BLOCKSIZE - held.numel()  # the last block of all may be shorter
+    if short:
+        values = torch.nn.functional.pad(values, (0, short))
+    blocks = values.view(last - first, ABSMAX_BLOCKSIZE).mul_(absmax.scales[first:last, None]).add_(absmax.offset)
+    offset = first * ABSMAX_BLOCKSIZE
+    return blocks.view(-1)[start - offset : stop - offset]
 
 
 class NF4Weight(NamedTuple):
