@@ -460,7 +460,7 @@ def test_backward_reuses_the_pre_activation_for_dh(monkeypatch):
     out = call_engine(
         experts_triton, case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None
     )
-    h_storage = out.grad_fn.pre_activation.untyped_storage().data_ptr()
+    h_storage = out.grad_fn.saved_tensors[-1].untyped_storage().data_ptr()  # Saved.pre_activation
     dx_gemm_rows = []
     original = engine.grouped_matmul
 
@@ -474,6 +474,38 @@ def test_backward_reuses_the_pre_activation_for_dh(monkeypatch):
     assert leaves[0].grad is not None and torch.isfinite(leaves[0].grad).all()
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         out.backward(case["grad_out"])
+
+
+def test_checkpointing_keeps_no_pre_activation():
+    """Every tensor the forward keeps goes through save_for_backward, h [S, W] included, so saved-tensor hooks see it
+    and a layer under non-reentrant activation checkpointing keeps none of it between forward and backward (it was
+    held on the autograd context once: 48 MiB a Qwen3-30B-A3B layer at 2048 tokens, for every layer); the
+    checkpointed backward then gives the plain one's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    case = make_case(T=12, E=3, act=_act("silu", "glu", True))
+    plan, width = case["plan"], None
+
+    def layer(x, rw, up_w, down_w):
+        return call_engine(experts_triton, case["layout"], plan, x, rw, up_w, None, down_w, None)
+
+    def leaves():
+        return [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        plain_in = leaves()
+        plain = layer(*plain_in)
+    width = plain.grad_fn.saved_tensors[-1].shape[1]  # Saved.pre_activation
+    assert (plan.num_rows, width) in packed
+    checked_in = leaves()
+    checked = checkpoint(layer, *checked_in, use_reentrant=False)
+    assert not any(isinstance(v, torch.Tensor) for v in vars(checked.grad_fn).values())
+    plain.backward(case["grad_out"])
+    checked.backward(case["grad_out"])
+    assert torch.equal(checked.detach(), plain.detach())
+    for got, want in zip(checked_in, plain_in, strict=True):
+        assert torch.equal(got.grad, want.grad)
 
 
 def test_sentinel_heavy_rank_computes_only_its_routed_rows(monkeypatch):

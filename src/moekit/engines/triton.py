@@ -257,7 +257,8 @@ class Needs(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What the forward keeps for the backward (besides the plan and the pre-activation h)."""
+    """What the forward keeps for the backward (besides the plan), all through ``save_for_backward``: activation
+    checkpointing and other saved-tensor hooks see every tensor, the pre-activation h included."""
 
     x: Tensor
     routing_weights: Tensor
@@ -271,6 +272,7 @@ class Saved(NamedTuple):
     down_b: Tensor | None
     u_up: Tensor | None  # x[tok] A_upᵀ [S, R]
     u_down: Tensor | None  # a A_downᵀ [S, R]
+    pre_activation: Tensor  # h [S, W], which the backward consumes: dA writes dh over it
 
 
 _STATIC_INPUTS = 3  # layout, plan, the LoRA scales; then the tensors of ``Needs``, in its order
@@ -293,10 +295,9 @@ class ExpertsTritonFunction(torch.autograd.Function):
         out = combine(y, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, x.dtype, **epilogue)
 
         ctx.layout, ctx.plan, ctx.scales = layout, plan, scales
-        # h is held outside save_for_backward so the backward can consume it: dA writes dh over it, so the
-        # backward's peak holds one [S, W] buffer, not two (memory plan above)
-        ctx.pre_activation = h
-        ctx.save_for_backward(x, routing_weights, *params, u_up, u_down)
+        # h saved like the rest, so a checkpointed layer keeps none of it; the backward consumes it (dA writes dh
+        # over it: its peak holds one [S, W] buffer, not two; memory plan above)
+        ctx.save_for_backward(x, routing_weights, *params, u_up, u_down, h)
         return out
 
     @staticmethod
@@ -306,6 +307,13 @@ class ExpertsTritonFunction(torch.autograd.Function):
             return (None,) * len(ctx.needs_input_grad)
         from ..kernels import chunk_table, wgrad_block_k
 
+        if getattr(ctx, "consumed_h", False):  # the kernels wrote dh over h without autograd seeing it
+            raise RuntimeError(
+                "moekit's Triton expert backward ran twice over one graph (backward with retain_graph=True): its "
+                "first run wrote dL/dh over the saved pre-activation. Run the forward again, or use "
+                "MOEKIT_BACKEND=reference."
+            )
+        ctx.consumed_h = True
         saved, plan = Saved(*ctx.saved_tensors), ctx.plan
         grad_out = grad_out.to(saved.x.dtype)
         chunks = None  # rows cut in chunks per expert, shared by every weight-gradient kernel
@@ -355,14 +363,7 @@ def _down_backward(ctx, saved: Saved, grad_out: Tensor, need: Needs, chunks):
     gradient, (dW_down, db_down, dA_down, dB_down), dh [S, W] or None). Consumes the pre-activation h."""
     from ..kernels import grouped_gemm
 
-    layout, plan = ctx.layout, ctx.plan
-    h, ctx.pre_activation = ctx.pre_activation, None
-    if h is None:
-        raise RuntimeError(
-            "moekit's Triton expert backward ran twice over one graph (backward with retain_graph=True): its "
-            "first run wrote dL/dh over the cached pre-activation. Run the forward again, or use "
-            "MOEKIT_BACKEND=reference."
-        )
+    layout, plan, h = ctx.layout, ctx.plan, saved.pre_activation
     lora = None  # the kernels' operands (A as it is, s·B_down): made again rather than kept from the forward
     if saved.down_a is not None:
         lora = _kernel_factors(LoraFactors(saved.down_a, saved.down_b, ctx.scales[1]), grad_out.dtype, copy_a=False)
@@ -377,7 +378,7 @@ def _down_backward(ctx, saved: Saved, grad_out: Tensor, need: Needs, chunks):
     if run_da:
         da_lora = (v_down, lora[0]) if lora is not None and (need.dh or need.routing_weights) else None
         weighted_a, dh, part = _activation_backward(layout, plan, grad_out, rows_out, saved, h, da_lora, need)
-    del h  # its last use; dh, when computed, lives in its storage
+    del h  # its last use here; dh, when computed, lives in its storage
     grad_rw = _routing_weight_grad(plan, part, grad_out, saved) if need.routing_weights else None
     del part
     left, left_index = (rows_out, None) if rows_out is not None else (grad_out, plan.token_of_row)
