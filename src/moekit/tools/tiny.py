@@ -49,6 +49,9 @@ def _nemotron_h() -> dict:
         chunk_size=8,
         routed_scaling_factor=2.5,
         use_mamba_kernels=False,
+        # no KV cache: these models train and never generate, and transformers 5.25's NemotronH cache fails when
+        # layer 0 is not attention (DummyLayer has no get_seq_length)
+        use_cache=False,
         **_TOKENS,
     )
 
