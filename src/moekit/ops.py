@@ -74,9 +74,10 @@ def weight_args(weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | 
     their inner tensors (``nf4.dequantize_absmax``)."""
     if not isinstance(weight, NF4Tensor):
         return weight, None, None, []
-    scales = weight.absmax
     if weight.double_quantized:  # traced here: the property's fresh tensor would enter dynamo's guards as an input
         scales = dequantize_absmax(weight.scales).view(weight.packed.shape[0], -1)
+    else:
+        scales = weight.absmax
     return None, weight.packed, scales, [*weight.shape, *weight.stride()]
 
 

@@ -81,23 +81,33 @@ class DoubleQuant(NamedTuple):
     offset: Tensor
 
 
+def _normalized_blocks(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' blockwise normalization of fp32 ``flat`` [n]: (values / their block's absmax, clamped to [-1, 1]
+    [n]; absmax [ceil(n / blocksize)]). Whole blocks multiply by the reciprocal (an all-zero block by 1/1e-38: its
+    values stay 0); a shorter last block stores its absmax clamped and divides."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
+    if full < n:
+        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat((absmax, tail_max[None]))
+        scaled = torch.cat((scaled, (flat[full:] / tail_max).clamp(-1.0, 1.0)))
+    return scaled, absmax
+
+
+def _nearest(values: Tensor, code: Tensor) -> Tensor:
+    """uint8 index of the value of the sorted ``code`` nearest to each of ``values`` (a tie goes to the lower one)."""
+    return torch.bucketize(values, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+
+
 def double_quantize(absmax: Tensor) -> DoubleQuant:
     """fp32 absmax (any shape, read flat) -> ``DoubleQuant`` on its device."""
     absmax = absmax.reshape(-1).float()
     offset = absmax.mean().reshape(1)
-    centred = absmax - offset
-    n = centred.numel()
-    full = n - n % ABSMAX_BLOCKSIZE
-    blocks = centred[:full].view(-1, ABSMAX_BLOCKSIZE)
-    scales = blocks.abs().amax(dim=1)
-    normed = (blocks * (1.0 / scales.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
-    if full < n:  # a shorter last block, as for the weight's own blocks
-        tail = centred[full:].abs().amax().clamp(min=1e-38)
-        scales = torch.cat((scales, tail[None]))
-        normed = torch.cat((normed, (centred[full:] / tail).clamp(-1.0, 1.0)))
-    code = _ABSMAX_CODE.to(absmax.device)
-    codes = torch.bucketize(normed, (code[:-1] + code[1:]) / 2).to(torch.uint8)  # a tie goes to the lower one
-    return DoubleQuant(codes, scales, offset)
+    normed, scales = _normalized_blocks(absmax - offset, ABSMAX_BLOCKSIZE)
+    return DoubleQuant(_nearest(normed, _ABSMAX_CODE.to(absmax.device)), scales, offset)
 
 
 def dequantize_absmax(absmax: DoubleQuant, start: int = 0, stop: int | None = None) -> Tensor:
@@ -144,23 +154,10 @@ def _check_weight(weight: Tensor) -> None:
 def quantize_nf4(weight: Tensor) -> NF4Weight:
     """``weight`` (any shape, floating point, finite) -> ``NF4Weight`` on the weight's device."""
     _check_weight(weight)
-    flat = weight.detach().reshape(-1).float()
-    n = flat.numel()
-    full = n - n % BLOCKSIZE
-    blocks = flat[:full].view(-1, BLOCKSIZE)
-    absmax = blocks.abs().amax(dim=1)  # [n // 64]
-    # w / absmax as a product with the reciprocal, clamped to [-1, 1]; an all-zero block scales by 1/1e-38 (its
-    # values are 0 and stay 0)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0).reshape(-1)
-    if full < n:  # the shorter last block: its absmax stored clamped, its values divided (bitsandbytes' numerics)
-        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
-        absmax = torch.cat((absmax, tail_max[None]))
-        scaled = torch.cat((scaled, (flat[full:] / tail_max).clamp(-1.0, 1.0)))
-    code = nf4_code(weight.device)
-    midpoints = (code[:-1] + code[1:]) / 2
-    if n % 2:  # an odd count: the last byte's low nibble codes a 0
+    scaled, absmax = _normalized_blocks(weight.detach().reshape(-1).float(), BLOCKSIZE)
+    if scaled.numel() % 2:  # an odd count: the last byte's low nibble codes a 0
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    index = torch.bucketize(scaled, midpoints).to(torch.uint8)  # nearest value; a tie goes to the lower one
+    index = _nearest(scaled, nf4_code(weight.device))
     packed = (index[0::2] << 4) | index[1::2]
     return NF4Weight(packed, absmax, weight.shape, weight.dtype)
 
