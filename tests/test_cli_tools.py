@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import moekit.engines.reference
+import moekit.quant.experts
 from moekit.tools import bench
 from moekit.tools.cli import main
 from moekit.tools.tiny import add_lora, build, lora_target_parameters
@@ -384,37 +385,44 @@ def _wrong_on_nf4(monkeypatch):
     monkeypatch.setattr(moekit.engines.reference, "_project", wrong)
 
 
-def test_bench_nf4_rows_on_cpu(tmp_path, capsys, one_thread):
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq"])
+def test_bench_nf4_rows_on_cpu(quant, tmp_path, capsys, one_thread):
     """--quant nf4 on the CPU: with --modes left out, fwd and lora; each mode gets a moekit+nf4 row beside
-    grouped_mm and moekit, with its weight bytes, its ratio to moekit's dense row and a value check marked ok."""
+    grouped_mm and moekit, with its weight bytes, its ratio to moekit's dense row and a value check marked ok
+    (--quant nf4-dq: moekit+nf4-dq rows, the scales double-quantized)."""
     json_path = tmp_path / "records.json"
-    argv = ["bench", "--device", "cpu", "--quant", "nf4", "--tokens", "16", "--lora-rank", "4", "--json",
+    argv = ["bench", "--device", "cpu", "--quant", quant, "--tokens", "16", "--lora-rank", "4", "--json",
             str(json_path)]  # fmt: skip
+    nf4_impl = f"moekit+{quant}"
     assert main(argv) == 0
     output = capsys.readouterr().out
     records = json.loads(json_path.read_text())
     assert [(r["mode"], r["impl"]) for r in records] == [
-        (mode, impl) for mode in ("fwd", "lora") for impl in ("grouped_mm", "moekit", "moekit+nf4")
+        (mode, impl) for mode in ("fwd", "lora") for impl in ("grouped_mm", "moekit", nf4_impl)
     ]
     for record in records:
         assert RECORD_KEYS <= record.keys() and record["ms"] > 0
         dense = 16 * (256 * 256 + 256 * 128) * 4  # the tiny preset's gate_up and down weights in float32
         assert record["expert_weight_bytes_dense"] == dense
-        if record["impl"] != "moekit+nf4":
+        if record["impl"] != nf4_impl:
             assert record["quant"] == "none" and record["expert_weight_bytes"] == dense and "check" not in record
             continue
         elements = dense // 4
-        assert record["quant"] == "nf4" and record["expert_weight_bytes"] == elements // 2 + 4 * (elements // 64)
+        scale_bytes = 4 * (elements // 64)  # fp32 absmax, or 8-bit codes + an fp32 per 256 (per weight) + offsets
+        if quant == "nf4-dq":
+            scale_bytes = elements // 64 + 4 * (16 * 256 * 256 // 64 // 256 + 16 * 256 * 128 // 64 // 256 + 2)
+        assert record["quant"] == quant and record["expert_weight_bytes"] == elements // 2 + scale_bytes
         check = record["check"]
         assert check["ok"] and check["max_rel_err"] <= check["tolerance"] == 1e-4, check
         names = {"output"} | ({"d hidden", "d routing weights"} if record["mode"] == "lora" else set())
         names |= {f"d {f}[default] {p}" for f in ("lora_A", "lora_B") for p in ("gate_up_proj", "down_proj")
                   if record["mode"] == "lora"}  # fmt: skip
         assert set(check["errors"]) == names
-    rows = [line for line in output.splitlines() if "moekit+nf4 │" in line]
-    assert len(rows) == 2 and all("ok " in row and "(0.14× of float32)" in row for row in rows)
+    rows = [line for line in output.splitlines() if f"{nf4_impl} │" in line]
+    ratio = "(0.14× of float32)" if quant == "nf4" else "(0.13× of float32)"
+    assert len(rows) == 2 and all("ok " in row and ratio in row for row in rows)
     assert "÷ dense" in output and "weights MiB" in output and "values" in output
-    assert "benchmarked: 6/6 tiny T=16 lora r=4 moekit+nf4: " in output
+    assert f"benchmarked: 6/6 tiny T=16 lora r=4 {nf4_impl}: " in output
 
 
 def test_bench_nf4_value_check_shows_a_wrong_result(monkeypatch, one_thread):
@@ -453,14 +461,23 @@ def test_bad_quant_is_one_line(capsys):
     for command in (["bench"], ["check", "--tiny", "qwen3_moe"]):
         assert main([*command, "--quant", "int4"]) == 2
         err = capsys.readouterr().err
-        assert "argument --quant: invalid choice: 'int4' (choose from 'none', 'nf4')" in err, err
+        assert "argument --quant: invalid choice: 'int4' (choose from 'none', 'nf4', 'nf4-dq')" in err, err
         assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
-def test_check_nf4_tiny_passes(lora, capsys):
-    argv = ["check", "--tiny", "qwen3_moe", "--quant", "nf4", "--tokens", "16", *(["--lora"] if lora else [])]
+@pytest.mark.parametrize("quant, lora", [("nf4", False), ("nf4", True), ("nf4-dq", True)])
+def test_check_nf4_tiny_passes(quant, lora, capsys, monkeypatch):
+    held = []  # each experts module's double_quant
+    original = moekit.quant.experts.quantize_module
+
+    def spy(module, dtype=None, double_quant=False):
+        held.append(double_quant)
+        original(module, dtype, double_quant)
+
+    monkeypatch.setattr(moekit.quant.experts, "quantize_module", spy)
+    argv = ["check", "--tiny", "qwen3_moe", "--quant", quant, "--tokens", "16", *(["--lora"] if lora else [])]
     assert main(argv) == 0
+    assert held == [quant == "nf4-dq"] * 2
     out = capsys.readouterr().out
     assert "on the 4 NF4 expert weights dequantized (moekit on the NF4 codes)" in out
     assert out.strip().splitlines()[-1] == ("OK: 2 MoE layers match and the adapters are live." if lora else

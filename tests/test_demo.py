@@ -271,9 +271,11 @@ def test_demo_on_cuda(tmp_path, dtype):
 
 
 # --- NF4 experts (QLoRA) ----------------------------------------------------------------------------------------
-def test_demo_nf4_loss_falls(tmp_path, capsys, monkeypatch):
-    """``moekit demo --quant nf4``: LoRA on NF4 experts learns (the plain demo's rule), moekit on NF4 matches the
-    default backend on the dequantized weights, and the summary shows the experts' bytes."""
+@pytest.mark.parametrize("quant", ["nf4", "nf4-dq"])
+def test_demo_nf4_loss_falls(quant, tmp_path, capsys, monkeypatch):
+    """``moekit demo --quant nf4`` (and ``nf4-dq``, double-quantized scales): LoRA on NF4 experts learns (the plain
+    demo's rule), moekit on NF4 matches the default backend on the dequantized weights, and the summary shows the
+    experts' bytes."""
     from moekit.quant.tensor import NF4Tensor
 
     calls = []
@@ -285,21 +287,26 @@ def test_demo_nf4_loss_falls(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(NF4Tensor, "dequantize_experts", spy)
     path = tmp_path / "result.json"
-    assert cli.main(["demo", "--quant", "nf4", "--steps", "20", *FAST, "--json", str(path)]) == 0
+    assert cli.main(["demo", "--quant", quant, "--steps", "20", *FAST, "--json", str(path)]) == 0
     out = capsys.readouterr().out
     result = json.loads(path.read_text())
     assert calls.count(1) > 100  # moekit ran on the NF4 codes, one expert dequantized at a time (the 16-expert
     # calls are the default-backend copy's dequantize(), once per weight)
     assert calls.count(demo.NUM_EXPERTS) == 6 and set(calls) == {1, demo.NUM_EXPERTS}
-    assert result["quant"] == "nf4" and result["ok"] and result["loss_checked"]
+    assert result["quant"] == quant and result["ok"] and result["loss_checked"]
     assert result["loss_end"] < (1 - demo.MIN_LOSS_DROP) * result["loss_start"]
     assert result["max_logit_diff"] < 1e-4 and result["max_logit_diff_end"] < 1e-4
     assert result["max_train_loss_diff"] < 1e-4
     elements, held = result["expert_weight_elements"], result["expert_weight_bytes"]
     assert elements == 3 * demo.NUM_EXPERTS * 2 * demo.HIDDEN * demo.MOE_INTERMEDIATE
-    assert held == elements // 2 + 4 * (elements // 64)  # codes + fp32 absmax
-    assert "NF4 experts" in out and "(NF4, frozen: QLoRA)" in out
-    assert "expert weights, moekit" in out and "NF4 648.00 KiB (bf16 2.25 MiB, fp32 4.50 MiB: 0.28× of bf16)" in out
+    if quant == "nf4":
+        assert held == elements // 2 + 4 * (elements // 64)  # codes + fp32 absmax
+        weights_text = "NF4 648.00 KiB (bf16 2.25 MiB, fp32 4.50 MiB: 0.28× of bf16)"
+    else:  # codes + 8-bit absmax + per weight (6 of 12,288 scales each) an fp32 per 256 scales and the offset
+        assert held == elements // 2 + elements // 64 + 6 * 4 * (elements // 6 // 64 // 256 + 1)
+        weights_text = "NF4-DQ 594.30 KiB (bf16 2.25 MiB, fp32 4.50 MiB: 0.26× of bf16)"
+    assert f"{quant.upper()} experts" in out and "(NF4, frozen: QLoRA)" in out
+    assert "expert weights, moekit" in out and weights_text in out
     assert "dequantized experts" in out
 
 
@@ -312,7 +319,7 @@ def test_demo_quant_none_keeps_the_plain_summary(demo_result):
 def test_demo_bad_quant_is_one_line(capsys):
     assert cli.main(["demo", "--quant", "int4"]) == 2
     captured = capsys.readouterr()
-    assert "argument --quant: invalid choice: 'int4' (choose from 'none', 'nf4')" in captured.err
+    assert "argument --quant: invalid choice: 'int4' (choose from 'none', 'nf4', 'nf4-dq')" in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and not captured.out
-    with pytest.raises(ValueError, match="quant must be one of none, nf4, got 'int4'"):
+    with pytest.raises(ValueError, match="quant must be one of none, nf4, nf4-dq, got 'int4'"):
         demo.run_demo(demo.DemoConfig(steps=1, device="cpu", quant="int4"), log=lambda _: None)

@@ -8,6 +8,14 @@ from ..enable import enable, experts_modules
 from .tensor import NF4Tensor
 
 METHODS = ("nf4",)
+TOOL_QUANTS = ("none", "nf4", "nf4-dq")  # the tools' --quant: dense, NF4, NF4 with double-quantized scales
+
+
+def tool_quant_options(quant: str) -> dict:
+    """A tool's ``--quant`` (other than "none") as ``quantize_module`` / ``quantize_experts`` keywords."""
+    if quant not in TOOL_QUANTS[1:]:
+        raise ValueError(f"quant must be one of {', '.join(TOOL_QUANTS)}, got {quant!r}")
+    return {"double_quant": quant == "nf4-dq"}
 
 
 def expert_weight_names(module: torch.nn.Module) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..options import override
+from ..quant.experts import TOOL_QUANTS
 from .cli import HelpFormatter, PlainProgress
 from .cli import console as make_console
 
@@ -71,8 +72,7 @@ PRESETS = {
 
 IMPLS = ("eager", "grouped_mm", "moekit", "moekit-reference", "moekit-triton")
 MODES = ("fwd", "full", "lora", "frozen")
-QUANTS = ("none", "nf4")
-NF4_SUFFIX = "+nf4"  # a moekit impl on NF4 expert weights: "moekit+nf4", "moekit-triton+nf4"
+QUANTS = TOOL_QUANTS  # a moekit impl on NF4 expert weights: "moekit+nf4", "moekit-triton+nf4-dq"
 NF4_MODES = ("fwd", "lora")  # full: the NF4 base is frozen; frozen: not what --quant nf4 measures
 # The value check of an NF4 row: max relative error (max |got - want| / max |want|) per compared tensor.
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -132,9 +132,8 @@ def make_routing(shape: Shape, tokens: int, device: str, dtype: torch.dtype, see
 
 def split_impl(impl: str) -> tuple[str, str]:
     """``"moekit-triton+nf4"`` -> ``("moekit-triton", "nf4")``; ``"grouped_mm"`` -> ``("grouped_mm", "none")``."""
-    if impl.endswith(NF4_SUFFIX):
-        return impl[: -len(NF4_SUFFIX)], "nf4"
-    return impl, "none"
+    base, _, quant = impl.partition("+")
+    return (base, quant) if quant in QUANTS[1:] else (impl, "none")
 
 
 def engine_of(impl: str) -> str | None:
@@ -290,10 +289,11 @@ def build_case(
 ) -> Case:
     """A configuration's ``Case``; an impl ending in ``+nf4`` runs on NF4 expert weights (quantized before PEFT)."""
     module = make_experts_module(shape, device, dtype)
-    if split_impl(impl)[1] == "nf4":
-        from ..quant.experts import quantize_module
+    quant = split_impl(impl)[1]
+    if quant != "none":
+        from ..quant.experts import quantize_module, tool_quant_options
 
-        quantize_module(module)
+        quantize_module(module, **tool_quant_options(quant))
     _select(module, impl)
     model = module
     if mode == "lora":
@@ -514,15 +514,15 @@ def _argument_problem(args, device: str) -> str | None:
     ):
         if problem:
             return problem
-    if args.quant == "nf4":
+    if args.quant != "none":
         if not any(mode in NF4_MODES for mode in args.modes):
             return (
-                f"--quant nf4 times the {' and '.join(NF4_MODES)} modes only (full fine-tuning is impossible on a "
+                f"--quant {args.quant} times the {' and '.join(NF4_MODES)} modes only (full fine-tuning is impossible on a "
                 f"frozen NF4 base), and --modes {','.join(args.modes)} has neither"
             )
         if not any(split_impl(impl)[0].startswith("moekit") for impl in args.impls):
             return (
-                f"--quant nf4 times moekit on NF4 experts, and --impls {','.join(args.impls)} names none of moekit, "
+                f"--quant {args.quant} times moekit on NF4 experts, and --impls {','.join(args.impls)} names none of moekit, "
                 "moekit-reference, moekit-triton"
             )
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -666,7 +666,7 @@ def _impls(args, mode: str) -> list[str]:
     for impl in args.impls:
         impls.append(impl)
         if quant != "none" and mode in NF4_MODES and impl.startswith("moekit"):
-            impls.append(impl + NF4_SUFFIX)
+            impls.append(f"{impl}+{quant}")
     return impls
 
 
@@ -830,6 +830,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add("--quant", choices=QUANTS, default="none",
         help="nf4: also time each moekit impl on NF4 expert weights (QLoRA: frozen base, quantized with "
         "moekit.quant; rows 'IMPL+nf4', fwd and lora modes) beside the dense rows, with the expert weights' bytes "
+        "(nf4-dq: with double-quantized scales, rows 'IMPL+nf4-dq') "
         f"and a value check against {CHECK_AGAINST}")  # fmt: skip
     add("--device", choices=["cpu", "cuda"], help="device (default: cuda when available, else cpu)")
     add("--json", metavar="PATH", help="write the records to this JSON file (default: not written)")

@@ -32,7 +32,7 @@ import torch
 from ..enable import enable, experts_modules
 from ..layout import projections
 from ..lora import DOWN_PARAMS, UP_PARAMS
-from ..quant.experts import expert_weight_names
+from ..quant.experts import TOOL_QUANTS, expert_weight_names
 from ..quant.tensor import NF4Tensor
 from .cli import HelpFormatter, positive_int
 from .cli import console as make_console
@@ -306,9 +306,11 @@ def _load(args) -> torch.nn.Module:
     model.to(args.device)
     if getattr(args, "quant", "none") != "none":
         from ..quant import quantize_experts
+        from ..quant.experts import tool_quant_options
 
         try:
-            quantize_experts(model, args.quant)  # before any adapter: LoRA on the frozen NF4 base (QLoRA)
+            # before any adapter: LoRA on the frozen NF4 base (QLoRA)
+            quantize_experts(model, "nf4", **tool_quant_options(args.quant))
         except ValueError as error:
             raise ValueError(f"--quant {args.quant}: {error}") from None
     if args.adapter:
@@ -407,9 +409,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="device (cuda when available)")  # fmt: skip
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     add("--tokens", type=positive_int, default=64, help="tokens per sequence (batch of 2)")
-    add("--quant", default="none", choices=["none", "nf4"],
+    add("--quant", default="none", choices=TOOL_QUANTS,
         help="nf4: quantize the model's expert weights to frozen NF4 (moekit.quantize_experts) before any adapter, "
         "and check moekit on them against transformers on their dequantized values; a model whose experts are "
-        "NF4 already is checked that way with none too")  # fmt: skip
+        "NF4 already is checked that way with none too; nf4-dq: the same with double-quantized scales")  # fmt: skip
     parser.set_defaults(func=command)
     return parser

@@ -43,7 +43,7 @@ import torch
 
 from ..backend import experts_layout, select_engine
 from ..enable import enable, experts_modules
-from ..quant.experts import expert_weight_names, quantize_module
+from ..quant.experts import TOOL_QUANTS, expert_weight_names, quantize_module, tool_quant_options
 from ..quant.tensor import NF4Tensor, held_bytes
 from .cli import HelpFormatter, PlainProgress, is_terminal, non_negative_int, positive_float, positive_int
 from .cli import console as make_console
@@ -140,15 +140,15 @@ def add_lora(model: torch.nn.Module, seed: int = 0):
         return get_peft_model(model, config)
 
 
-QUANT_CHOICES = ("none", "nf4")
+QUANT_CHOICES = TOOL_QUANTS
 
 
 def quantize_model_experts(model: torch.nn.Module, quant: str = "nf4") -> torch.nn.Module:
-    """Every experts module's weights to frozen NF4 in place (``moekit.quant.experts.quantize_module``)."""
-    if quant not in QUANT_CHOICES[1:]:
-        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    """Every experts module's weights to frozen NF4 in place (``moekit.quant.experts.quantize_module``); "nf4-dq":
+    their scales double-quantized."""
+    options = tool_quant_options(quant)
     for module in experts_modules(model):
-        quantize_module(module)
+        quantize_module(module, **options)
     return model
 
 
@@ -233,6 +233,7 @@ class DemoConfig:
     progress: bool = True  # a progress bar on a terminal; plain progress lines through ``log`` elsewhere
     # "nf4": the expert weights quantized to frozen NF4 before PEFT (QLoRA); the default-backend copy then holds
     # their dequantized values (transformers' backends cannot run on NF4), so the two still compute the same thing.
+    # "nf4-dq": the same with the scales double-quantized.
     quant: str = "none"
 
 
@@ -488,7 +489,7 @@ def _log_intro(log, config: DemoConfig, models: _Models, engine: str, where: str
         f"moekit demo: NemotronH-style hybrid {'/'.join(LAYERS)} · hidden {HIDDEN} · {NUM_EXPERTS} relu² experts "
         f"top-{TOP_K} (intermediate {MOE_INTERMEDIATE}) · vocab {VOCAB}"
     )
-    quantized = " (NF4, frozen: QLoRA)" if config.quant == "nf4" else ""
+    quantized = " (NF4, frozen: QLoRA)" if config.quant != "none" else ""
     log(
         f"  LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {', '.join(lora_target_parameters(models.moekit))}{quantized}: "
         f"{trainable:,} trainable of {total:,} parameters"
@@ -749,8 +750,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="torch CPU threads; 0: torch's own choice (default: 1 on cpu, where the tiny ops gain nothing from "
         "threads and a loaded machine makes them far slower; torch's own choice on cuda)")  # fmt: skip
     add("--quant", choices=QUANT_CHOICES, default=defaults.quant,
-        help="expert weights: none (dense), or nf4 (QLoRA: quantized to frozen NF4 before PEFT adds LoRA; the "
-        "default-backend copy holds the dequantized weights)")  # fmt: skip
+        help="expert weights: none (dense), nf4 (QLoRA: quantized to frozen NF4 before PEFT adds LoRA; the "
+        "default-backend copy holds the dequantized weights), or nf4-dq (the same with double-quantized scales)")  # fmt: skip
     add("--json", metavar="PATH", default=None, help="also write the result as JSON to PATH (default: not written)")
     add("--no-progress", action="store_true", help="no progress bar (or progress lines, when not on a terminal)")
     parser.set_defaults(func=command)
