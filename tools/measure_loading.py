@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="MoekitQuantConfig(linear=...): also bitsandbytes 4-bit nn.Linear (needs bitsandbytes)",
     )
+    parser.add_argument(
+        "--double-quant",
+        action="store_true",
+        help="MoekitQuantConfig(experts_double_quant=True): the experts' scales double-quantized",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--std", type=float, default=0.02, help="std of the random weights (default 0.02)")
     parser.add_argument("--workdir", default=None, help="where the temporary checkpoint goes (default: the temp dir)")
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "model": {"model_type": "qwen3_moe", "layers": args.layers, "small": args.small, **widths},
         "linear": args.linear,
+        "double_quant": args.double_quant,
         "one_layer_bf16_expert_bytes": layer_expert_bytes,
     }
     try:
@@ -233,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         record["checkpoint_bytes"] = write_checkpoint(workdir, config, args.seed, args.std)
         record["write_s"] = round(time.perf_counter() - t, 2)
 
-        quant_config = MoekitQuantConfig(linear=None if args.linear == "none" else args.linear)
+        quant_config = MoekitQuantConfig(
+            linear=None if args.linear == "none" else args.linear, experts_double_quant=args.double_quant
+        )
         model, quantized = measure_load(workdir, device, quantization_config=quant_config)
         nf4 = [p for p in model.parameters() if isinstance(p, NF4Tensor)]
         quantized["nf4_expert_weights"] = len(nf4)
         quantized["all_experts_nf4"] = len(nf4) == 2 * args.layers
+        quantized["all_double_quantized"] = all(p.double_quantized for p in nf4)
         quantized["forward_finite"] = sanity_forward(model, device, config.vocab_size)
         if quantized["peak_bytes"] is not None:
             quantized["peak_minus_final_bytes"] = quantized["peak_bytes"] - quantized["final_bytes"]
