@@ -20,7 +20,7 @@ from moekit import kernels
 from moekit.activations import ELEMENTWISE, Activation
 from moekit.backend import triton_available
 from moekit.engines.reference import experts_reference
-from moekit.engines.triton import ExpertsTritonFunction, experts_triton
+from moekit.engines.triton import ExpertsTritonFunction, Saved, experts_triton
 from moekit.grouped import grouped_matmul, grouped_outer, grouped_outer_runs
 from moekit.kernels import tuning
 from moekit.layout import ExpertsLayout
@@ -476,18 +476,27 @@ def test_backward_reuses_the_pre_activation_for_dh(monkeypatch):
         out.backward(case["grad_out"])
 
 
-def test_checkpointing_keeps_no_pre_activation():
-    """Every tensor the forward keeps goes through save_for_backward, h [S, W] included, so saved-tensor hooks see it
-    and a layer under non-reentrant activation checkpointing keeps none of it between forward and backward (it was
-    held on the autograd context once: 48 MiB a Qwen3-30B-A3B layer at 2048 tokens, for every layer); the
-    checkpointed backward then gives the plain one's gradients."""
+@pytest.mark.parametrize("engine", [experts_triton, experts_reference], ids=["triton", "reference"])
+def test_checkpointing_keeps_no_pre_activation(engine):
+    """Every tensor the forward keeps goes through save_for_backward, h [S, W] and the dispatch plan's index
+    tensors included, so saved-tensor hooks see them and a layer under non-reentrant activation checkpointing keeps
+    none of them between forward and backward (h was held on the autograd context once: 48 MiB a Qwen3-30B-A3B layer
+    at 2048 tokens, for every layer; the plan, 0.5 MiB); the checkpointed backward then gives the plain one's
+    gradients. The plan is built inside the layer, as transformers' experts call builds it."""
+    import gc
+    import weakref
+
     from torch.utils.checkpoint import checkpoint
 
     case = make_case(T=12, E=3, act=_act("silu", "glu", True))
-    plan, width = case["plan"], None
+    top_k_index = case["plan"].row_of_slot  # any [T, K] ids in range: rebuild the plan's routing from it
+    top_k_index = case["plan"].expert_of_row[top_k_index.clamp(min=0)].masked_fill(top_k_index < 0, 3)
+    plans = []
 
     def layer(x, rw, up_w, down_w):
-        return call_engine(experts_triton, case["layout"], plan, x, rw, up_w, None, down_w, None)
+        plan = build_plan(top_k_index, 3)
+        plans.append(weakref.ref(plan))
+        return call_engine(engine, case["layout"], plan, x, rw, up_w, None, down_w, None)
 
     def leaves():
         return [t.detach().clone().requires_grad_(True) for t in case["tensors"] if t is not None]
@@ -496,10 +505,14 @@ def test_checkpointing_keeps_no_pre_activation():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
         plain_in = leaves()
         plain = layer(*plain_in)
-    width = plain.grad_fn.saved_tensors[-1].shape[1]  # Saved.pre_activation
-    assert (plan.num_rows, width) in packed
+    if engine is experts_triton:
+        width = plain.grad_fn.saved_tensors[Saved._fields.index("pre_activation")].shape[1]
+        assert (case["plan"].num_rows, width) in packed
+    assert (case["plan"].num_rows,) in packed  # the plan's sorted rows
     checked_in = leaves()
     checked = checkpoint(layer, *checked_in, use_reentrant=False)
+    gc.collect()
+    assert plans[1]() is None  # the checkpointed forward's plan is gone: nothing on the graph holds it
     assert not any(isinstance(v, torch.Tensor) for v in vars(checked.grad_fn).values())
     plain.backward(case["grad_out"])
     checked.backward(case["grad_out"])

@@ -20,7 +20,7 @@ the bad ids treats them as sentinels (drops those rows), so no kernel reads out 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import torch
@@ -66,6 +66,22 @@ class DispatchPlan:
         """Host copy of ``tokens_per_expert`` for per-expert loops (one device sync, once per plan)."""
         return self.tokens_per_expert.tolist()
 
+    def for_backward(self) -> tuple[tuple, tuple[Tensor, ...]]:
+        """(host part, tensors): what an autograd function keeps of the plan, the host part on its context and the
+        tensors through ``save_for_backward``, so activation checkpointing frees and recomputes them like every
+        saved tensor (a plan held on the context stays alive from forward to backward). ``restore`` rebuilds it."""
+        tensors = tuple(getattr(self, f.name) for f in fields(self) if f.name not in _SIZES)
+        cached = {name: value for name, value in vars(self).items() if name in _HOST_COPIES}  # no second sync
+        return (self.num_tokens, self.top_k, self.num_experts, cached), tensors
+
+    @staticmethod
+    def restore(host: tuple, tensors) -> DispatchPlan:
+        """The plan ``for_backward`` split, from its host part and its tensors (as saved)."""
+        *sizes, cached = host
+        plan = DispatchPlan(*sizes, *tensors)
+        plan.__dict__.update(cached)
+        return plan
+
     def expert_blocks(self) -> list[tuple[int, int, int]]:
         """(expert, start, end) for every expert that received rows."""
         blocks, start = [], 0
@@ -74,6 +90,10 @@ class DispatchPlan:
                 blocks.append((expert, start, start + count))
             start += count
         return blocks
+
+
+_SIZES = ("num_tokens", "top_k", "num_experts")
+_HOST_COPIES = ("num_routed", "tokens_per_expert_list")
 
 
 def _range_error(low: int, high: int, num_experts: int, shape: tuple[int, ...], earlier: bool) -> ValueError | None:

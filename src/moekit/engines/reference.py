@@ -105,15 +105,15 @@ class UpProjection(torch.autograd.Function):
     def forward(ctx, layout, plan, x, up_weight, up_bias, up_lora_a, up_lora_b) -> Tensor:
         xs = x[plan.token_of_row[: plan.num_routed]]  # [n, H]
         h = _project(xs, up_weight, up_bias, up_lora_a, up_lora_b, plan, layout.transposed)  # [n, 2I|I]
-        ctx.layout, ctx.plan = layout, plan
-        ctx.save_for_backward(x, up_weight, up_lora_a, up_lora_b)
+        ctx.layout, (ctx.plan_host, plan_tensors) = layout, plan.for_backward()
+        ctx.save_for_backward(x, up_weight, up_lora_a, up_lora_b, *plan_tensors)
         ctx.bias_dtype = up_bias.dtype if up_bias is not None else None
         return h
 
     @staticmethod
     def backward(ctx, grad_h: Tensor):
-        layout, plan = ctx.layout, ctx.plan
-        x, w_up, a_up, b_up_lora = ctx.saved_tensors
+        layout, (x, w_up, a_up, b_up_lora, *plan_tensors) = ctx.layout, ctx.saved_tensors
+        plan = DispatchPlan.restore(ctx.plan_host, plan_tensors)
         needs = ctx.needs_input_grad  # (layout, plan, x, weight, bias, lora_a, lora_b)
         n, dtype, transposed = plan.num_routed, x.dtype, layout.transposed
         grad_h = grad_h.to(dtype)
@@ -154,14 +154,14 @@ class DownProjection(torch.autograd.Function):
         y = _project(a, down_weight, down_bias, down_lora_a, down_lora_b, plan, layout.transposed)  # [n, H]
         del a
         out = combine(y, plan, routing_weights)  # [T, H] in the accumulation dtype
-        ctx.layout, ctx.plan = layout, plan
-        ctx.save_for_backward(h, routing_weights, down_weight, down_bias, down_lora_a, down_lora_b)
+        ctx.layout, (ctx.plan_host, plan_tensors) = layout, plan.for_backward()
+        ctx.save_for_backward(h, routing_weights, down_weight, down_bias, down_lora_a, down_lora_b, *plan_tensors)
         return out.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        layout, plan = ctx.layout, ctx.plan
-        h, routing_weights, w_down, b_down, a_down, b_down_lora = ctx.saved_tensors
+        layout, (h, routing_weights, w_down, b_down, a_down, b_down_lora, *plan_tensors) = ctx.layout, ctx.saved_tensors
+        plan = DispatchPlan.restore(ctx.plan_host, plan_tensors)
         needs = ctx.needs_input_grad  # (layout, plan, h, routing_weights, weight, bias, lora_a, lora_b)
         n, dtype, transposed = plan.num_routed, h.dtype, layout.transposed
         acc = accumulation_dtype(dtype)  # fp32, float64 for float64

@@ -257,8 +257,8 @@ class Needs(NamedTuple):
 
 
 class Saved(NamedTuple):
-    """What the forward keeps for the backward (besides the plan), all through ``save_for_backward``: activation
-    checkpointing and other saved-tensor hooks see every tensor, the pre-activation h included."""
+    """What the forward keeps for the backward, all through ``save_for_backward`` (the plan's tensors follow these):
+    activation checkpointing and other saved-tensor hooks see every tensor, the pre-activation h included."""
 
     x: Tensor
     routing_weights: Tensor
@@ -294,10 +294,11 @@ class ExpertsTritonFunction(torch.autograd.Function):
         del a  # before the combine: the forward's peak holds y, not y and a
         out = combine(y, plan.row_of_slot.reshape(-1), plan.num_tokens, plan.top_k, x.dtype, **epilogue)
 
-        ctx.layout, ctx.plan, ctx.scales = layout, plan, scales
-        # h saved like the rest, so a checkpointed layer keeps none of it; the backward consumes it (dA writes dh
-        # over it: its peak holds one [S, W] buffer, not two; memory plan above)
-        ctx.save_for_backward(x, routing_weights, *params, u_up, u_down, h)
+        ctx.layout, ctx.scales = layout, scales
+        ctx.plan_host, plan_tensors = plan.for_backward()
+        # h and the plan saved like the rest, so a checkpointed layer keeps none of them; the backward consumes h
+        # (dA writes dh over it: its peak holds one [S, W] buffer, not two; memory plan above)
+        ctx.save_for_backward(x, routing_weights, *params, u_up, u_down, h, *plan_tensors)
         return out
 
     @staticmethod
@@ -314,13 +315,15 @@ class ExpertsTritonFunction(torch.autograd.Function):
                 "MOEKIT_BACKEND=reference."
             )
         ctx.consumed_h = True
-        saved, plan = Saved(*ctx.saved_tensors), ctx.plan
+        tensors = ctx.saved_tensors
+        saved = Saved(*tensors[: len(Saved._fields)])
+        plan = DispatchPlan.restore(ctx.plan_host, tensors[len(Saved._fields) :])
         grad_out = grad_out.to(saved.x.dtype)
         chunks = None  # rows cut in chunks per expert, shared by every weight-gradient kernel
         if need.weights:
             chunks = chunk_table(plan.tokens_per_expert, plan.num_rows, wgrad_block_k(saved.x.dtype))
-        grad_rw, down_grads, dh = _down_backward(ctx, saved, grad_out, need, chunks)
-        grad_x, up_grads = _up_backward(ctx, saved, dh, need, chunks)
+        grad_rw, down_grads, dh = _down_backward(ctx, plan, saved, grad_out, need, chunks)
+        grad_x, up_grads = _up_backward(ctx, plan, saved, dh, need, chunks)
         return (None,) * _STATIC_INPUTS + (grad_x, grad_rw, *up_grads, *down_grads)
 
 
@@ -358,12 +361,12 @@ def _down_product(layout, plan, a: Tensor, routing_weights: Tensor, weight, bias
 
 
 # ------------------------------------------------------------------------------------------------ backward
-def _down_backward(ctx, saved: Saved, grad_out: Tensor, need: Needs, chunks):
+def _down_backward(ctx, plan: DispatchPlan, saved: Saved, grad_out: Tensor, need: Needs, chunks):
     """Through the combine, the routing weight, the down projection and the activation: (the routing weights'
     gradient, (dW_down, db_down, dA_down, dB_down), dh [S, W] or None). Consumes the pre-activation h."""
     from ..kernels import grouped_gemm
 
-    layout, plan, h = ctx.layout, ctx.plan, saved.pre_activation
+    layout, h = ctx.layout, saved.pre_activation
     lora = None  # the kernels' operands (A as it is, s·B_down): made again rather than kept from the forward
     if saved.down_a is not None:
         lora = _kernel_factors(LoraFactors(saved.down_a, saved.down_b, ctx.scales[1]), grad_out.dtype, copy_a=False)
@@ -436,10 +439,10 @@ def _down_weight_grads(layout, plan, saved: Saved, left, left_index, weighted_a,
     return grad_wd, grad_bd, grad_down_b
 
 
-def _up_backward(ctx, saved: Saved, dh: Tensor | None, need: Needs, chunks):
+def _up_backward(ctx, plan: DispatchPlan, saved: Saved, dh: Tensor | None, need: Needs, chunks):
     """Through the up projection: (dX [T, H] or None, (dW_up, db_up, dA_up, dB_up)). dX first: its per-row
     partials dxs [S, H] are freed before the x-row copy and the weight gradients are allocated."""
-    layout, plan = ctx.layout, ctx.plan
+    layout = ctx.layout
     grad_x = grad_wu = grad_bu = grad_up_a = grad_up_b = None
     v_up = factor_a = None  # dh (s B_up[e]) [S, R]: the LoRA part of dL/dx[tok] is v_up A_up[e]
     if saved.up_a is not None and (need.x or need.up_a):
