@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..options import override
-from ..quant.experts import TOOL_QUANTS
+from ..quant.experts import TOOL_QUANTS, expert_weight_names, quantize_module, tool_quant_options
+from ..quant.tensor import NF4Tensor, held_bytes
 from .cli import HelpFormatter, PlainProgress
 from .cli import console as make_console
 
@@ -287,12 +288,11 @@ class Case:
 def build_case(
     shape: Shape, impl: str, mode: str, tokens: int, device: str, dtype: torch.dtype, lora_rank: int = 16
 ) -> Case:
-    """A configuration's ``Case``; an impl ending in ``+nf4`` runs on NF4 expert weights (quantized before PEFT)."""
+    """A configuration's ``Case``; an impl ending in ``+nf4`` (``+nf4-dq``) runs on NF4 expert weights (quantized
+    before PEFT; double-quantized scales)."""
     module = make_experts_module(shape, device, dtype)
     quant = split_impl(impl)[1]
     if quant != "none":
-        from ..quant.experts import quantize_module, tool_quant_options
-
         quantize_module(module, **tool_quant_options(quant))
     _select(module, impl)
     model = module
@@ -318,10 +318,7 @@ def make_step(
 
 def expert_weight_bytes(module: torch.nn.Module) -> tuple[int, int]:
     """(bytes the experts module's up and down weights take as held, bytes they would take dense in their dtype);
-    an NF4 weight holds its codes (half a byte an element) and its fp32 absmax (one per 64 elements)."""
-    from ..quant.experts import expert_weight_names
-    from ..quant.tensor import held_bytes
-
+    an NF4 weight holds its codes (half a byte an element) and its scales (``held_bytes``)."""
     held = dense = 0
     for name in expert_weight_names(module):
         weight = getattr(module, name)
@@ -333,9 +330,6 @@ def expert_weight_bytes(module: torch.nn.Module) -> tuple[int, int]:
 def _dense_reference(case: Case, lora_rank: int) -> Case:
     """The same configuration in float32 on moekit's reference engine, on a dense module holding the NF4 weights'
     ``dequantize()`` (and the same biases, LoRA factors, routing and upstream gradient)."""
-    from ..quant.experts import expert_weight_names
-    from ..quant.tensor import NF4Tensor
-
     module = copy.deepcopy(case.module)
     for name in expert_weight_names(module):
         weight = getattr(module, name)

@@ -32,7 +32,7 @@ import torch
 from ..enable import enable, experts_modules
 from ..layout import projections
 from ..lora import DOWN_PARAMS, UP_PARAMS
-from ..quant.experts import TOOL_QUANTS, expert_weight_names
+from ..quant.experts import TOOL_QUANTS, expert_weight_names, quantize_experts, tool_quant_options
 from ..quant.tensor import NF4Tensor
 from .cli import HelpFormatter, positive_int
 from .cli import console as make_console
@@ -305,9 +305,6 @@ def _load(args) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     model.to(args.device)
     if getattr(args, "quant", "none") != "none":
-        from ..quant import quantize_experts
-        from ..quant.experts import tool_quant_options
-
         try:
             # before any adapter: LoRA on the frozen NF4 base (QLoRA)
             quantize_experts(model, "nf4", **tool_quant_options(args.quant))
