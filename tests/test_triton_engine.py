@@ -460,7 +460,7 @@ def test_backward_reuses_the_pre_activation_for_dh(monkeypatch):
     out = call_engine(
         experts_triton, case["layout"], case["plan"], leaves[0], leaves[1], leaves[2], None, leaves[3], None
     )
-    h_storage = out.grad_fn.saved_tensors[-1].untyped_storage().data_ptr()  # Saved.pre_activation
+    h_storage = out.grad_fn.saved_tensors[Saved._fields.index("pre_activation")].untyped_storage().data_ptr()
     dx_gemm_rows = []
     original = engine.grouped_matmul
 
