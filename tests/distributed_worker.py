@@ -5,7 +5,9 @@
 
 A case is MODEL_TYPE:WRAP:TRAINING[:ENGINE] — WRAP ``ddp`` (DistributedDataParallel) or ``fsdp2`` (``fully_shard``
 on every decoder layer, then the root); TRAINING ``lora`` (PEFT LoRA on both expert weights and the attention's
-q/v projections, every factor random), ``qlora`` (the same on NF4 experts) or ``full`` (every parameter trains); ENGINE ``reference`` (default) or
+q/v projections, every factor random), ``qlora`` (the same on NF4 experts), ``qlora-dq`` (NF4 experts with
+double-quantized scales, the experts 4x wider so that each rank's half holds whole blocks of 256 scales) or ``full``
+(every parameter trains); ENGINE ``reference`` (default) or
 ``triton`` (the Triton kernels through TRITON_INTERPRET=1). Each rank takes its half of one global batch; every rank
 also runs the same step in one process on the whole batch. Rank 0 writes, per case, the relative error
 (max|a - b| / max|b|) of the loss and of the worst trainable gradient (FSDP2's sharded gradients gathered whole)
@@ -49,11 +51,12 @@ def build(model_type: str, training: str) -> torch.nn.Module:
     """The same tiny model on every rank (seeded), on moekit; LoRA factors random, so every term is live."""
     from peft import LoraConfig, get_peft_model
 
-    model = moekit.enable(tm.build(model_type))
+    wider = {"moe_intermediate_size": 128} if training == "qlora-dq" else {}
+    model = moekit.enable(tm.build(model_type, **wider))
     if training == "full":
         return model.to(device())
-    if training == "qlora":
-        moekit.quantize_experts(model)
+    if training.startswith("qlora"):
+        moekit.quantize_experts(model, double_quant=training == "qlora-dq")
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=tm.lora_target_parameters(model)
     )
@@ -73,19 +76,23 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def watch_nf4(model: torch.nn.Module, world: int) -> dict[str, int]:
     """FSDP2 on NF4 experts: ``nf4_params``, the NF4 parameters; ``nf4_sharded``, those held as a DTensor over an
-    ``NF4Tensor`` of 1/world of the experts; ``nf4_calls`` and ``nf4_gathered_calls`` (counted by the forward): the
-    experts calls, and those whose expert weights were each an ``NF4Tensor`` of all experts."""
+    ``NF4Tensor`` of 1/world of the experts (``nf4_double_quantized`` of them with 8-bit scales); ``nf4_calls`` and
+    ``nf4_gathered_calls`` (counted by the forward): the experts calls, and those whose expert weights were each an
+    ``NF4Tensor`` of all experts (``nf4_gathered_double_quantized_calls``: and double-quantized)."""
     from torch.distributed.tensor import DTensor
 
     locals_ = [(p.to_local() if isinstance(p, DTensor) else p, p.shape[0]) for p in model.parameters()]
     nf4 = [(local, experts) for local, experts in locals_ if isinstance(local, NF4Tensor)]
     sharded = [local for local, experts in nf4 if local.shape[0] * world == experts]
     counts = {"nf4_params": len(nf4), "nf4_sharded": len(sharded), "nf4_calls": 0, "nf4_gathered_calls": 0}
+    counts["nf4_double_quantized"] = sum(local.double_quantized for local in sharded)
+    counts["nf4_gathered_double_quantized_calls"] = 0
 
     def check(module, args):
         weights = [getattr(module, name) for name in expert_weight_names(module)]
         counts["nf4_calls"] += 1
         counts["nf4_gathered_calls"] += all(type(w) is NF4Tensor and w.shape[0] == tm.NUM_EXPERTS for w in weights)
+        counts["nf4_gathered_double_quantized_calls"] += all(w.double_quantized for w in weights)
 
     for module in experts_modules(model):
         module.register_forward_pre_hook(check)
@@ -125,7 +132,7 @@ def run_case(case: str, rank: int, world: int) -> dict:
             fully_shard(model)
         else:
             raise ValueError(f"unknown wrap {wrap!r}")
-        nf4 = watch_nf4(model, world) if (wrap, training) == ("fsdp2", "qlora") else {}
+        nf4 = watch_nf4(model, world) if wrap == "fsdp2" and training.startswith("qlora") else {}
         loss, grads = step(model, input_ids[rank * per_rank : (rank + 1) * per_rank])
     dist.all_reduce(loss)
     loss = loss / world

@@ -36,6 +36,7 @@ CASES = [
     "qwen3_moe:ddp:qlora",
     "nemotron_h_latent:fsdp2:qlora",
     "qwen3_moe:fsdp2:qlora",
+    "qwen3_moe:fsdp2:qlora-dq",
 ]
 
 
@@ -57,9 +58,13 @@ def test_matches_one_process(results, case):
     assert record["grads"] > 0
     assert record["loss_err"] <= 1e-5, record
     assert record["grad_err"] <= 1e-5, record
-    if case.split(":")[1:3] == ["fsdp2", "qlora"]:  # experts held sharded, read gathered as NF4Tensor of all experts
+    wrap, training = case.split(":")[1:3]
+    if wrap == "fsdp2" and training.startswith("qlora"):  # experts held sharded, read gathered as NF4 of all experts
         assert record["nf4_sharded"] == record["nf4_params"] > 0, record
         assert record["nf4_gathered_calls"] == record["nf4_calls"] > 0, record
+        double = record["nf4_params"] if training == "qlora-dq" else 0  # held and gathered with 8-bit scales
+        assert record["nf4_double_quantized"] == double, record
+        assert record["nf4_gathered_double_quantized_calls"] == (record["nf4_calls"] if double else 0), record
 
 
 _BAD_IDS_WORKER = """

@@ -65,7 +65,7 @@ def _all_gather(weight: NF4Tensor, world: int, param_dtype: torch.dtype | None =
         module.weight.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), module, policy) for module in modules
     ]
     (_, metadata), local = inputs[0], modules[0].weight
-    outputs = tuple(torch.cat([tensors[i] for tensors, _ in inputs]) for i in range(2))
+    outputs = tuple(torch.cat([tensors[i] for tensors, _ in inputs]) for i in range(len(inputs[0][0])))
     gathered, inner = local.fsdp_post_all_gather(outputs, metadata, param_dtype or weight.dtype)
     return gathered, inner, outputs, (local, metadata)
 
@@ -181,3 +181,72 @@ def test_fewer_experts_than_ranks_reach_the_named_error():
     module = _module(weight)
     with pytest.raises(ValueError, match="multiple of the FSDP world size"):
         weight.fsdp_pre_all_gather(Mesh(2), weight.shape, weight.stride(), module, MixedPrecisionPolicy())
+
+
+# ------------------------------------------------------------------------------------ double-quantized scales
+def _double_quantized(num_experts: int = 4, shape=(128, 128), transposed: bool = False) -> NF4Tensor:
+    """Experts of 128 · 128 elements: 256 scales each, one block of 256 8-bit scales an expert."""
+    dense = torch.randn(num_experts, *shape, generator=torch.Generator().manual_seed(1))
+    weight = NF4Tensor.quantize(dense, double_quant=True)
+    return weight.transpose(1, 2) if transposed else weight
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed_view"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_double_quantized_shard_then_gather_is_the_weight(world, transposed):
+    """Each rank holds its experts' codes, 8-bit scale codes and their blocks of 256 scales (and the weight's
+    offset), and dequantizes to their bits; the all-gather gives back the weight's codes and scales as held."""
+    weight = _double_quantized(transposed=transposed)
+    rows = weight.shape[0] // world
+    for rank, shard in enumerate(_shards(weight, world)):
+        assert shard.double_quantized and shard.absmax_scales.shape == (rows,)
+        assert torch.equal(shard.absmax_codes, weight.absmax_codes[rank * rows : (rank + 1) * rows])
+        assert torch.equal(shard.absmax_offset, weight.absmax_offset)
+        assert torch.equal(shard.dequantize(), weight.dequantize_experts(rank * rows, (rank + 1) * rows))
+
+    gathered, inner, outputs, (local, metadata) = _all_gather(weight, world)
+    assert len(outputs) == 3 and metadata[2] == (local.absmax_offset,)  # the offset stays, the rest is gathered
+    assert gathered.double_quantized and gathered.is_transposed_view == transposed
+    for name in ("packed", "absmax_codes", "absmax_scales", "absmax_offset"):
+        assert torch.equal(getattr(gathered, name), getattr(weight, name)), name
+    assert torch.equal(gathered.dequantize(), weight.dequantize())
+    assert (gathered.packed, gathered.absmax_codes, gathered.absmax_scales) == outputs and inner == outputs
+    assert local.fsdp_post_all_gather(outputs, metadata, weight.dtype, out=gathered) is None
+
+
+def test_double_quantized_world_of_one_keeps_the_scales():
+    weight = _double_quantized()
+    inputs, metadata = weight.fsdp_pre_all_gather(
+        Mesh(1), weight.shape, weight.stride(), _module(weight), MixedPrecisionPolicy()
+    )
+    assert len(inputs) == 1 and inputs[0] is weight.packed
+    gathered, _ = weight.fsdp_post_all_gather((inputs[0].clone(),), metadata, weight.dtype)
+    assert gathered.absmax_codes is weight.absmax_codes and gathered.absmax_scales is weight.absmax_scales
+    assert torch.equal(gathered.dequantize(), weight.dequantize())
+
+
+def test_double_quantized_ranges_take_whole_blocks_of_scales():
+    """128 scales an expert: ranges of experts start at even experts (or end at the last one, whose block is short);
+    a cut inside a block of 256 scales (FSDP2 over 4 ranks here) is an error saying how to shard instead."""
+    weight = _double_quantized(num_experts=3, shape=(64, 128))  # 384 scales: blocks of 256 and 128
+    dense = weight.dequantize()
+    for first, last in ((0, 2), (2, 3), (0, 3), (2, 2)):
+        piece = weight[first:last]
+        assert piece.double_quantized and torch.equal(piece.dequantize(), dense[first:last]), (first, last)
+    assert weight[2:].absmax_scales.data_ptr() == weight.absmax_scales[1:].data_ptr()  # a view of the weight
+    for cut in (lambda: weight[1:2], lambda: weight[:1], lambda: torch.chunk(_double_quantized(4, (64, 128)), 4)):
+        with pytest.raises(NotImplementedError, match=r"multiple of 2 experts \(or at the last\); 1 is not"):
+            cut()
+
+
+def test_copy_into_a_double_quantized_range_keeps_the_offset():
+    """A range's offset is the whole weight's: copying in experts whose scales have another offset would change the
+    others, so it raises; with the same offset (FSDP2's shard buffers: new_zeros keeps it) it copies."""
+    weight, other = _double_quantized(), NF4Tensor.quantize(torch.randn(4, 128, 128), double_quant=True)
+    with pytest.raises(NotImplementedError, match="another offset"):
+        weight[:2].copy_(other[:2])
+    before = weight.dequantize()
+    weight[2:].copy_(weight[:2].clone())
+    assert torch.equal(weight.dequantize()[2:], before[:2]) and torch.equal(weight.dequantize()[:2], before[:2])
+    buffer = weight.new_zeros(weight.shape)
+    assert torch.equal(buffer.absmax_offset, weight.absmax_offset) and buffer.absmax_scales.shape == (4,)

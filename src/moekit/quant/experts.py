@@ -47,7 +47,8 @@ def quantize_experts(
 
     ``method``: "nf4" (bitsandbytes' NF4 numerics, blocks of 64, fp32 absmax). ``dtype``: the compute dtype the
     quantized weights stand for (default: each weight's own). ``double_quant``: the absmax in 8 bits as
-    bitsandbytes' double quantization holds it (4.13 bits an element instead of 4.5; not shardable by FSDP2).
+    bitsandbytes' double quantization holds it (4.13 bits an element instead of 4.5; under FSDP2 each rank's
+    experts must hold whole blocks of 256 scales).
     Everything outside the experts (attention, router, shared experts, embeddings) and the expert biases are
     untouched. Quantized experts only run on moekit, so this
     also does ``moekit.enable(model)``. The quantized weights are frozen: train LoRA adapters on them (PEFT

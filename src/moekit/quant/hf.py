@@ -93,7 +93,8 @@ class MoekitQuantConfig(QuantizationConfigMixin):
     experts              "nf4": every expert weight to NF4 (bitsandbytes' numerics, blocks of 64, fp32 absmax),
                          run on moekit's engines.
     experts_double_quant the experts' absmax in 8 bits, as bitsandbytes' double quantization holds it (4.13 bits
-                         an element instead of 4.5; such weights do not shard under FSDP2).
+                         an element instead of 4.5; under FSDP2 each rank's experts must hold whole blocks of
+                         256 scales).
     linear               None (default): the nn.Linear layers stay in the load dtype. "nf4": they become
                          bitsandbytes ``Linear4bit`` (NF4) in the same load, through transformers' bitsandbytes
                          4-bit quantizer (needs bitsandbytes; not lm_head, tied/output embeddings or routers).

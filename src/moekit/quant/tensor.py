@@ -10,8 +10,9 @@ engines run in), while its storage is two inner tensors (``moekit.quant.nf4`` nu
 or, double-quantized (``quantize(..., double_quant=True)``), the scales in 8 bits over the whole weight as stored
 (``nf4.double_quantize``): ``absmax_codes`` uint8 [E, P / 64], ``absmax_scales`` fp32 [ceil(E·P / 64 / 256)],
 ``absmax_offset`` fp32 [1]; ``absmax`` is then their fp32 dequantization, made when read (the engines read it once
-per GEMM: a transient of one weight's scales, 1/16 of its elements). Double-quantized weights do not shard under
-FSDP2 (their 256-scale blocks straddle experts): an error says so.
+per GEMM: a transient of one weight's scales, 1/16 of its elements). A range of experts of a double-quantized weight
+is again one (``absmax_scales`` sliced at its blocks of 256), so it must start at a whole block: where a cut would
+split one (FSDP2 or transformers' expert parallelism sharding into too few experts a rank), an error says so.
 
 So PEFT sizes its adapters from it as from the dense weight, ``.to()`` moves (or re-types) it, ``state_dict`` holds
 it, ``load_state_dict`` of a dense weight quantizes into it, and a transposed view is metadata only: element
@@ -20,9 +21,10 @@ stored, which is how the kernels address its codes. Anything else raises, naming
 bytes. One expert (``weight[e]``) dequantizes, so code that loops over experts (transformers' eager) still works.
 
 FSDP2 (``fully_shard``, FSDP-QLoRA) shards it along the experts (dim 0): each rank holds whole experts, i.e. rows of
-``packed`` and ``absmax`` (the ops FSDP2 shards with, split / new_zeros / slice / copy_ / view(-1) / as_strided,
-act on those rows; new_empty(0) is a rank's empty shard), and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes and scales as they
-are into an ``NF4Tensor`` of every expert, which the engines read (no dense copy is made; the weight is frozen, so
+``packed`` and ``absmax`` (or of ``absmax_codes``, with their blocks of ``absmax_scales`` and the weight's offset)
+(the ops FSDP2 shards with, split / new_zeros / slice / copy_ / view(-1) / as_strided, act on those rows;
+new_empty(0) is a rank's empty shard), and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes
+and scales as they are into an ``NF4Tensor`` of every expert, which the engines read (no dense copy is made; the weight is frozen, so
 no gradient is reduce-scattered). The number of experts must be a multiple of the FSDP world size: a padded shard's
 all-gather inputs must have the dense shard's padded shape, which codes and scales cannot have. ``view(-1)`` gives
 the flat 1-D NF4Tensor FSDP2 keeps of a shard, held only (every other op on it raises).
@@ -30,9 +32,20 @@ the flat 1-D NF4Tensor FSDP2 keeps of a shard, held only (every other op on it r
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .nf4 import BLOCKSIZE, DoubleQuant, NF4Weight, dequantize_absmax, dequantize_nf4, double_quantize, quantize_nf4
+from .nf4 import (
+    ABSMAX_BLOCKSIZE,
+    BLOCKSIZE,
+    DoubleQuant,
+    NF4Weight,
+    dequantize_absmax,
+    dequantize_nf4,
+    double_quantize,
+    quantize_nf4,
+)
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -206,6 +219,32 @@ class NF4Tensor(Tensor):
             meta.get("strides", self.stride()),
         )
 
+    def _inner_tensors(self) -> tuple[Tensor, ...]:
+        """packed, then the scales as held, in ``__tensor_flatten__``'s order."""
+        return tuple(getattr(self, name) for name in self.__tensor_flatten__()[0])
+
+    def _experts(self, first: int, last: int) -> NF4Tensor:
+        """Experts [first, last) as a view (writing into it writes into this weight). Double-quantized, the range
+        holds its blocks of ``absmax_scales`` and the weight's offset, so both ends must fall on a block of 256
+        scales (or at the last expert)."""
+        if not self.double_quantized:
+            scales = self._absmax[first:last]
+        else:
+            per_expert = self.absmax_codes.shape[1]
+            for cut in (first, last) if last > first else ():
+                if cut != self.shape[0] and cut * per_expert % ABSMAX_BLOCKSIZE:
+                    every = ABSMAX_BLOCKSIZE // math.gcd(per_expert, ABSMAX_BLOCKSIZE)
+                    raise NotImplementedError(
+                        f"experts [{first}, {last}) of double-quantized NF4 expert weights {tuple(self.shape)}: each "
+                        f"expert holds {per_expert} scales, quantized in blocks of {ABSMAX_BLOCKSIZE} over the whole "
+                        f"weight, so a range of experts must start and end at a multiple of {every} experts (or at "
+                        f"the last); {cut} is not. Shard over fewer ranks (whole blocks a rank), or quantize with "
+                        "double_quant=False"
+                    )
+            blocks = slice(first * per_expert // ABSMAX_BLOCKSIZE, -(-last * per_expert // ABSMAX_BLOCKSIZE))
+            scales = DoubleQuant(self.absmax_codes[first:last], self.absmax_scales[blocks], self.absmax_offset)
+        return self._like(self.packed[first:last], scales, shape=(last - first, *self.shape[1:]))
+
     def _map_scales(self, fn) -> Scales:
         """``fn`` applied to each tensor of the scales as held (the same kind back)."""
         scales = self.scales
@@ -217,7 +256,6 @@ class NF4Tensor(Tensor):
         (``post`` rebuilds the weight from it). ``outer_size``: the whole weight's shape (FSDP2 calls this
         five-argument form). An uneven number of experts raises here on every rank alike: FSDP2's own check of a
         padded shard would fail on the padded rank only, leaving the others waiting in the all-gather."""
-        _not_double_quantized("FSDP2's all-gather", self)
         if outer_size[0] % mesh.size():
             raise ValueError(
                 f"FSDP2 cannot shard {_param_name(module, self)} (NF4 expert weights [{outer_size[0]}, ...]) over "
@@ -225,27 +263,27 @@ class NF4Tensor(Tensor):
                 f"multiple of the FSDP world size ({outer_size[0]} experts over {mesh.size()} ranks would need "
                 "FSDP2's padding, which does not apply to NF4 codes)"
             )
-        layout = (tuple(self.shape[1:]), tuple(self.stride()))
-        if mesh.size() == 1:
-            # FSDP2 copies a world of one's first all-gather input only: the scales (the whole weight's) go along
-            # as metadata, kept as they are
-            return (self.packed,), (*layout, self.absmax)
-        return (self.packed, self.absmax), layout
+        inner = self._inner_tensors()  # packed, then the scales as held (fp32 absmax, or codes, scales, offset)
+        # gathered: packed and the per-expert scales; a double-quantized weight's offset (one for the whole weight,
+        # the same on every rank) stays as metadata. FSDP2 copies a world of one's first all-gather input only: the
+        # scales (the whole weight's) all go along as metadata, kept as they are.
+        gathered = 1 if mesh.size() == 1 else 3 if self.double_quantized else 2
+        return inner[:gathered], (tuple(self.shape[1:]), tuple(self.stride()), inner[gathered:])
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        """Every expert's (packed, absmax), gathered: the whole ``NF4Tensor`` over them (standing for
+        """Every expert's codes and scales, gathered: the whole ``NF4Tensor`` over them (standing for
         ``param_dtype``, the compute dtype of FSDP2's mixed precision), with the shard's per-expert shape and
         strides. ``out``: the weight built by the first gather, which already views FSDP2's reused buffers."""
-        expert_shape, strides, *own_scales = metadata
-        packed, absmax = (*all_gather_outputs, *own_scales)
+        expert_shape, strides, kept = metadata
+        packed, *scales = (*all_gather_outputs, *kept)
         if out is not None:
-            if (out.packed.untyped_storage().data_ptr(), out.absmax.untyped_storage().data_ptr()) != (
-                packed.untyped_storage().data_ptr(),
-                absmax.untyped_storage().data_ptr(),
-            ):
+            if [t.untyped_storage().data_ptr() for t in out._inner_tensors()[: len(all_gather_outputs)]] != [
+                t.untyped_storage().data_ptr() for t in all_gather_outputs
+            ]:
                 raise RuntimeError("fsdp_post_all_gather: out does not view the all-gather outputs of NF4 weights")
             return None
-        gathered = NF4Tensor(packed, absmax, (packed.shape[0], *expert_shape), param_dtype, strides)
+        scales = scales[0] if len(scales) == 1 else DoubleQuant(*scales)
+        gathered = NF4Tensor(packed, scales, (packed.shape[0], *expert_shape), param_dtype, strides)
         return gathered, tuple(all_gather_outputs)  # what FSDP2 frees after use: never the scales it did not gather
 
     @classmethod
@@ -361,6 +399,13 @@ def _copy(func, dst, src, non_blocking=False):
         dst._absmax.copy_(src.absmax, non_blocking=non_blocking)
         return dst
     held = src.scales if src.double_quantized else _double_quantized(src.absmax.to(dst.packed.device))
+    codes = dst.absmax_codes
+    if codes.numel() < codes.untyped_storage().nbytes() and not torch.equal(held.offset, dst.absmax_offset):
+        raise NotImplementedError(
+            f"copying into {tuple(dst.shape)}, experts of a larger double-quantized NF4 weight, from a weight whose "
+            "scales have another offset: the offset is the whole weight's, so the copy would change the experts "
+            "outside the range. Copy whole weights (or quantize with double_quant=False)"
+        )
     for mine, theirs in zip(dst.scales, held):
         mine.copy_(theirs, non_blocking=non_blocking)
     return dst
@@ -372,17 +417,7 @@ def _is_same_size(func, t, other):
 
 
 # ----------------------------------------------- the ops FSDP2 shards with: whole experts, i.e. rows of the codes
-def _not_double_quantized(what, t: NF4Tensor) -> None:
-    if t.double_quantized:
-        raise NotImplementedError(
-            f"{what} on double-quantized NF4 expert weights {tuple(t.shape)}: their scales are quantized in blocks of "
-            "256 over the whole weight, which straddle experts, so they do not shard (FSDP2) or split by expert. "
-            "Quantize with double_quant=False to shard the experts."
-        )
-
-
 def _experts_only(func, t: NF4Tensor, dim: int = 0) -> None:
-    _not_double_quantized(func, t)
     if t.dim() != 3 or dim % 3 != 0:
         raise NotImplementedError(
             f"{func} on NF4 expert weights {tuple(t.shape)} takes whole experts (dim 0 of [E, a, b]), not dim {dim}: "
@@ -393,10 +428,7 @@ def _experts_only(func, t: NF4Tensor, dim: int = 0) -> None:
 @_handles(aten.split.Tensor)
 def _split(func, t: NF4Tensor, split_size: int, dim: int = 0):
     _experts_only(func, t, dim)
-    return [
-        t._like(packed, absmax, shape=(packed.shape[0], *t.shape[1:]))
-        for packed, absmax in zip(t.packed.split(split_size), t.absmax.split(split_size))
-    ]
+    return [t._experts(first, min(first + split_size, t.shape[0])) for first in range(0, t.shape[0], split_size)]
 
 
 @_handles(aten.slice.Tensor)
@@ -405,13 +437,14 @@ def _slice(func, t: NF4Tensor, dim: int = 0, start=None, end=None, step: int = 1
     _experts_only(func, t, dim)
     if step != 1:
         raise NotImplementedError(f"{func} on NF4 expert weights takes a contiguous range of experts, not step {step}")
-    packed, absmax = t.packed[start:end], t.absmax[start:end]
-    return t._like(packed, absmax, shape=(packed.shape[0], *t.shape[1:]))
+    first, last, _ = slice(start, end).indices(t.shape[0])
+    return t._experts(first, max(first, last))
 
 
 @_handles(aten.new_zeros.default)
 def _new_zeros(func, t: NF4Tensor, size, dtype=None, layout=None, device=None, pin_memory=None):
-    """Zero experts [n, *t.shape[1:]] (zero scales), contiguous: FSDP2's buffer for one rank's shard."""
+    """Experts [n, *t.shape[1:]] of zero codes and zero scales (a double-quantized weight's with its offset), contiguous:
+    FSDP2's buffer for one rank's shard."""
     _experts_only(func, t)
     size = tuple(size)
     if size[1:] != tuple(t.shape[1:]):
@@ -423,8 +456,14 @@ def _new_zeros(func, t: NF4Tensor, size, dtype=None, layout=None, device=None, p
         raise TypeError(f"{func}: NF4 expert weights stand for a floating-point weight, not {dtype}")
     device = t.device if device is None else device
     packed = torch.zeros(size[0], t.packed.shape[1], dtype=torch.uint8, device=device)
-    absmax = torch.zeros(size[0], t.absmax.shape[1], dtype=torch.float32, device=device)
-    return NF4Tensor(packed, absmax, size, dtype or t.dtype)
+    if not t.double_quantized:
+        scales = torch.zeros(size[0], t._absmax.shape[1], dtype=torch.float32, device=device)
+    else:
+        per_expert = t.absmax_codes.shape[1]
+        codes = torch.zeros(size[0], per_expert, dtype=torch.uint8, device=device)
+        blocks = torch.zeros(-(-size[0] * per_expert // ABSMAX_BLOCKSIZE), dtype=torch.float32, device=device)
+        scales = DoubleQuant(codes, blocks, t.absmax_offset.to(device, copy=True))
+    return NF4Tensor(packed, scales, size, dtype or t.dtype)
 
 
 @_handles(aten.new_empty.default)
@@ -443,7 +482,6 @@ def _view(func, t: NF4Tensor, size):
     size = list(size)
     if size == list(t.shape):
         return t._like()
-    _not_double_quantized(func, t)
     if size not in ([-1], [t.numel()]) or not t.is_contiguous():
         raise NotImplementedError(
             f"{func} of NF4 expert weights {tuple(t.shape)} (strides {t.stride()}) to {size}: only their own shape "
