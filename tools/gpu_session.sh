@@ -35,8 +35,8 @@
 #                                             each its own timeout; QUANT_PARTS picks sections (see the part)
 #   bash tools/gpu_session.sh OUT dist [CASES]
 #                                             tests/distributed_worker.py on this machine's GPUs (NCCL, one process per
-#                                             GPU, the Triton kernels native; default cases: FSDP2 LoRA, full and QLoRA
-#                                             and DDP LoRA), each case against one process on the same batch; then
+#                                             GPU, the Triton kernels native; default cases: FSDP2 LoRA, full, QLoRA (and
+#                                             double-quantized) and DDP LoRA), each case against one process on the same batch; then
 #                                             tests/test_distributed_hf.py on the GPUs (DistributedConfig expert
 #                                             parallelism, the Trainer with FSDP2 at load and through accelerate)
 #   bash tools/gpu_session.sh OUT curves      the CUDA demo and 50-step LoRA loss curves against transformers
@@ -201,7 +201,7 @@ quant)
   done
   ;;
 dist)
-  cases=${3:-qwen3_moe:fsdp2:lora:triton,nemotron_h_latent:fsdp2:lora:triton,qwen3_moe:fsdp2:full:triton,qwen3_moe:fsdp2:qlora:triton,nemotron_h_latent:fsdp2:qlora:triton,qwen3_moe:ddp:lora:triton}
+  cases=${3:-qwen3_moe:fsdp2:lora:triton,nemotron_h_latent:fsdp2:lora:triton,qwen3_moe:fsdp2:full:triton,qwen3_moe:fsdp2:qlora:triton,nemotron_h_latent:fsdp2:qlora:triton,qwen3_moe:fsdp2:qlora-dq:triton,qwen3_moe:ddp:lora:triton}
   gpus=$(nvidia-smi -L | wc -l)
   MOEKIT_DIST_DEVICE=cuda timeout "$limit" python -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
     tests/distributed_worker.py "$out/dist.json" $(echo "$cases" | tr ',' ' ') > "$out/dist.log" 2>&1

@@ -11,8 +11,8 @@ or, double-quantized (``quantize(..., double_quant=True)``), the scales in 8 bit
 (``nf4.double_quantize``): ``absmax_codes`` uint8 [E, P / 64], ``absmax_scales`` fp32 [ceil(E·P / 64 / 256)],
 ``absmax_offset`` fp32 [1]; ``absmax`` is then their fp32 dequantization, made when read (the engines read it once
 per GEMM: a transient of one weight's scales, 1/16 of its elements). A range of experts of a double-quantized weight
-is again one (``absmax_scales`` sliced at its blocks of 256), so it must start at a whole block: where a cut would
-split one (FSDP2 or transformers' expert parallelism sharding into too few experts a rank), an error says so.
+is again one (its codes, ``absmax_scales`` cut at its blocks of 256, the weight's offset), so it must start and end on
+a whole block: where a cut would split one (FSDP2 sharding into too few experts a rank), an error says so.
 
 So PEFT sizes its adapters from it as from the dense weight, ``.to()`` moves (or re-types) it, ``state_dict`` holds
 it, ``load_state_dict`` of a dense weight quantizes into it, and a transposed view is metadata only: element
@@ -21,13 +21,13 @@ stored, which is how the kernels address its codes. Anything else raises, naming
 bytes. One expert (``weight[e]``) dequantizes, so code that loops over experts (transformers' eager) still works.
 
 FSDP2 (``fully_shard``, FSDP-QLoRA) shards it along the experts (dim 0): each rank holds whole experts, i.e. rows of
-``packed`` and ``absmax`` (or of ``absmax_codes``, with their blocks of ``absmax_scales`` and the weight's offset)
-(the ops FSDP2 shards with, split / new_zeros / slice / copy_ / view(-1) / as_strided, act on those rows;
-new_empty(0) is a rank's empty shard), and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes
-and scales as they are into an ``NF4Tensor`` of every expert, which the engines read (no dense copy is made; the weight is frozen, so
-no gradient is reduce-scattered). The number of experts must be a multiple of the FSDP world size: a padded shard's
-all-gather inputs must have the dense shard's padded shape, which codes and scales cannot have. ``view(-1)`` gives
-the flat 1-D NF4Tensor FSDP2 keeps of a shard, held only (every other op on it raises).
+``packed`` and ``absmax`` (or of ``absmax_codes``, with their blocks of ``absmax_scales`` and the weight's offset);
+the ops FSDP2 shards with (split / new_zeros / slice / copy_ / view(-1) / as_strided) act on those rows, new_empty(0)
+is a rank's empty shard, and ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` all-gather the codes and scales as
+they are into an ``NF4Tensor`` of every expert, which the engines read (no dense copy is made; the weight is frozen,
+so no gradient is reduce-scattered). The number of experts must be a multiple of the FSDP world size: a padded
+shard's all-gather inputs must have the dense shard's padded shape, which codes and scales cannot have.
+``view(-1)`` gives the flat 1-D NF4Tensor FSDP2 keeps of a shard, held only (every other op on it raises).
 """
 
 from __future__ import annotations
