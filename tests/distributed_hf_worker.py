@@ -26,8 +26,9 @@ layouts the installed transformers offers:
   outputs are all-reduced; everything else replicated.
 
 TRAINING ``full`` (every parameter trains), ``lora_attn`` (PEFT LoRA on q/v, the experts frozen: their backward
-still runs, for the input gradients) or ``lora`` (PEFT LoRA on the experts' ``target_parameters`` and q/v: moekit
-applies this rank's experts' rows of PEFT's all-experts factors, ``moekit.lora``). ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through
+still runs, for the input gradients), ``lora`` (PEFT LoRA on the experts' ``target_parameters`` and q/v: moekit
+applies this rank's experts' rows of PEFT's all-experts factors, ``moekit.lora``) or ``qlora`` (the same on NF4
+experts, quantized as they load: ``quantization_config=MoekitQuantConfig()``; each rank holds its experts' codes). ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through
 TRITON_INTERPRET=1).
 
 PEFT's adapters, added after ``from_pretrained`` sharded the model, stay plain tensors, one copy per rank: their
@@ -73,6 +74,7 @@ from distributed_ranks import DEVICE, device, init_process_group
 import moekit
 import moekit.backend
 from moekit.options import override
+from moekit.quant import MoekitQuantConfig, NF4Tensor
 
 GLOBAL_BATCH = 4
 SEQ = 12
@@ -150,9 +152,16 @@ def with_training(model: torch.nn.Module, training: str) -> torch.nn.Module:
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(model, experts=training == "lora"))
+    if training == "qlora" and not any(isinstance(full_local(p), NF4Tensor) for p in model.parameters()):
+        moekit.quantize_experts(model)  # the one-process model (the sharded one loads quantized)
+    model = get_peft_model(model, lora_config(model, experts=training in ("lora", "qlora")))
     set_lora(model)  # B too: every term of the gradient is live
     return model
+
+
+def full_local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -293,6 +302,11 @@ def run_ep_case(case: str, root: str) -> dict:
             experts_implementation="moekit",
             attn_implementation="eager",
             dtype=torch.float32,
+            **({"quantization_config": MoekitQuantConfig()} if training == "qlora" else {}),
+        )
+        nf4_shards = sum(  # expert weights held as this rank's experts in NF4
+            isinstance(full_local(p), NF4Tensor) and full_local(p).shape[0] * world == p.shape[0]
+            for p in model.parameters()
         )
         if DEVICE == "cuda" and next(model.parameters()).device.type == "cpu":
             model.to(device())  # at world size 1 transformers 5.17 distributes nothing and leaves it where it loaded
@@ -342,6 +356,7 @@ def run_ep_case(case: str, root: str) -> dict:
         "expert_lora_rows_one_process": filled_expert_rows(want_grads),  # (an expert may get no token)
         "engine_experts": sorted({call["experts"] for call in log.calls}),
         "engine_calls": len(log.calls),
+        "nf4_expert_shards": sum_over_ranks(nf4_shards),
         # summed over the ranks and the experts calls (forward only: backward does not go through run_engine)
         "sentinel_rows": sum_over_ranks(sentinel_rows),
         "routed_rows": sum_over_ranks(routed_rows),

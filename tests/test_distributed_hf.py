@@ -83,6 +83,7 @@ if "ep_fsdp" in LAYOUTS:
         ]
         + [f"{model_type}:ep_tp:lora_attn{ENGINE}" for model_type in EXPERT_WEIGHTS]
         + [f"{model_type}:ep_fsdp:lora{ENGINE}" for model_type in EXPERT_WEIGHTS]
+        + [f"{model_type}:ep_fsdp:qlora{ENGINE}" for model_type in EXPERT_WEIGHTS]
         + ([] if ON_GPU else ["qwen3_moe:ep_fsdp:full:triton"])
     )
 elif "ep_legacy" in LAYOUTS:
@@ -157,7 +158,9 @@ def check_case(record: dict) -> None:
         # frozen expert weights; the adapters' gradients (the experts' LoRA included, PEFT's plain tensors, reduced
         # over the ranks as the worker's sync_replicated_grads says) are among the dense ones, compared whole
         assert record["expert_grads"] == 0, record
-    if training == "lora":
+    # QLoRA: every expert weight loaded as this rank's experts in NF4, on every rank
+    assert record["nf4_expert_shards"] == (WORLD * EXPERT_WEIGHTS[model_type] if training == "qlora" else 0), record
+    if training in ("lora", "qlora"):
         # before that reduction, each rank had filled the rows of its own experts of every expert-LoRA gradient
         # (those that one process fills: the experts with tokens), no others
         whole = record["expert_lora_rows_one_process"]

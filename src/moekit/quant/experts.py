@@ -29,7 +29,7 @@ def quantize_module(module: torch.nn.Module, dtype: torch.dtype | None = None, d
     ``double_quant``: their scales in 8 bits (``NF4Tensor.quantize``)."""
     for name in expert_weight_names(module):
         weight = getattr(module, name)
-        if isinstance(weight, NF4Tensor):
+        if isinstance(getattr(weight, "_local_tensor", weight), NF4Tensor):  # a DTensor's shard too (FSDP2, EP)
             continue
         if weight.device.type == "meta":
             raise ValueError(

@@ -379,9 +379,10 @@ class MoekitHfQuantizer(HfQuantizer):
 
     # ------------------------------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
-        dtype = self.quantization_config.torch_compute_dtype
+        config = self.quantization_config
         for module in experts_modules(model):
-            quantize_module(module, dtype)  # weights the checkpoint lacked (initialised dense); the rest is NF4
+            # weights the checkpoint lacked (initialised dense); the rest is NF4
+            quantize_module(module, config.torch_compute_dtype, config.experts_double_quant)
         enable(model)
         if self.bnb is not None:
             self.bnb._process_model_after_weight_loading(model, **kwargs)

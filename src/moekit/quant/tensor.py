@@ -277,6 +277,7 @@ class NF4Tensor(Tensor):
         expert_shape, strides, kept = metadata
         packed, *scales = (*all_gather_outputs, *kept)
         if out is not None:
+            out = getattr(out, "_local_tensor", out)  # a DTensor's (expert parallelism's mesh under FSDP2's)
             if [t.untyped_storage().data_ptr() for t in out._inner_tensors()[: len(all_gather_outputs)]] != [
                 t.untyped_storage().data_ptr() for t in all_gather_outputs
             ]:
