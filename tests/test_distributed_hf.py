@@ -92,6 +92,7 @@ elif "ep_legacy" in LAYOUTS:
         + [
             f"qwen3_moe:ep_legacy:lora_attn{ENGINE}",
             f"qwen3_moe:ep_legacy:lora{ENGINE}",
+            f"qwen3_moe:ep_legacy:qlora{ENGINE}",
         ]
         + ([] if ON_GPU else ["qwen3_moe:ep_legacy:full:triton"])
     )
