@@ -105,6 +105,40 @@ def test_bad_expert_ids_on_one_rank_fail_the_run_without_hanging(tmp_path):
     assert "rank 0 passed the all-reduce" not in log and "rank 1 passed the all-reduce" not in log
 
 
+_SHARDED_THEN_QUANTIZED_WORKER = """
+import sys
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import tiny_models as tm
+import moekit
+
+dist.init_process_group("gloo")
+model = tm.build("qwen3_moe")
+for layer in model.model.layers:
+    fully_shard(layer)
+try:
+    moekit.quantize_experts(model)
+except ValueError as error:
+    print("ERROR " + str(error), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_quantizing_a_sharded_model_is_a_clear_error(tmp_path):
+    """Experts already FSDP2-sharded (DTensors of dense weights) are not quantized in place: the error says to
+    quantize before sharding, naming the weight."""
+    worker = tmp_path / "sharded_then_quantized_worker.py"
+    worker.write_text(_SHARDED_THEN_QUANTIZED_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(worker),
+               os.path.dirname(__file__)]  # fmt: skip
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "ERROR Qwen3MoeExperts.gate_up_proj is a DTensor of dense weights" in done.stdout, done.stdout
+    assert "quantize first (moekit.quantize_experts before fully_shard)" in done.stdout
+
+
 _TUNING_WORKER = """
 import json, os, sys
 import torch, torch.distributed as dist

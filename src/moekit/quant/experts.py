@@ -31,6 +31,12 @@ def quantize_module(module: torch.nn.Module, dtype: torch.dtype | None = None, d
         weight = getattr(module, name)
         if isinstance(getattr(weight, "_local_tensor", weight), NF4Tensor):  # a DTensor's shard too (FSDP2, EP)
             continue
+        if hasattr(weight, "_local_tensor"):
+            raise ValueError(
+                f"{type(module).__name__}.{name} is a DTensor of dense weights (the model was sharded before its "
+                "experts were quantized): quantize first (moekit.quantize_experts before fully_shard), or load "
+                "with from_pretrained(..., quantization_config=moekit.quant.MoekitQuantConfig())"
+            )
         if weight.device.type == "meta":
             raise ValueError(
                 f"{type(module).__name__}.{name} is on the meta device (not loaded yet): quantize after loading, or "
