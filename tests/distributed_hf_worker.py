@@ -28,8 +28,8 @@ layouts the installed transformers offers:
 TRAINING ``full`` (every parameter trains), ``lora_attn`` (PEFT LoRA on q/v, the experts frozen: their backward
 still runs, for the input gradients), ``lora`` (PEFT LoRA on the experts' ``target_parameters`` and q/v: moekit
 applies this rank's experts' rows of PEFT's all-experts factors, ``moekit.lora``) or ``qlora`` (the same on NF4
-experts, quantized as they load: ``quantization_config=MoekitQuantConfig()``; each rank holds its experts' codes). ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through
-TRITON_INTERPRET=1).
+experts, quantized as they load: ``quantization_config=MoekitQuantConfig()``; each rank holds its experts' codes).
+ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through TRITON_INTERPRET=1).
 
 PEFT's adapters, added after ``from_pretrained`` sharded the model, stay plain tensors, one copy per rank: their
 gradients are reduced as training needs (``sync_replicated_grads``); before that, which experts' rows of the
@@ -152,14 +152,14 @@ def with_training(model: torch.nn.Module, training: str) -> torch.nn.Module:
         return model
     from peft import get_peft_model
 
-    if training == "qlora" and not any(isinstance(full_local(p), NF4Tensor) for p in model.parameters()):
+    if training == "qlora" and not any(isinstance(local_of(p), NF4Tensor) for p in model.parameters()):
         moekit.quantize_experts(model)  # the one-process model (the sharded one loads quantized)
     model = get_peft_model(model, lora_config(model, experts=training in ("lora", "qlora")))
     set_lora(model)  # B too: every term of the gradient is live
     return model
 
 
-def full_local(tensor: torch.Tensor) -> torch.Tensor:
+def local_of(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard, or the tensor itself."""
     return getattr(tensor, "_local_tensor", tensor)
 
@@ -305,7 +305,7 @@ def run_ep_case(case: str, root: str) -> dict:
             **({"quantization_config": MoekitQuantConfig()} if training == "qlora" else {}),
         )
         nf4_shards = sum(  # expert weights held as this rank's experts in NF4
-            isinstance(full_local(p), NF4Tensor) and full_local(p).shape[0] * world == p.shape[0]
+            isinstance(local_of(p), NF4Tensor) and local_of(p).shape[0] * world == p.shape[0]
             for p in model.parameters()
         )
         if DEVICE == "cuda" and next(model.parameters()).device.type == "cpu":
