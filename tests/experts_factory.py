@@ -8,7 +8,10 @@ Three families cover every layout moekit must honour:
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import transformers
 from transformers import GptOssConfig, NemotronHConfig, Qwen3MoeConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
@@ -19,6 +22,21 @@ from moekit.layout import ExpertsCall, Projection
 from moekit.lora import LoraFactors
 
 FAMILIES = ("nemotron_h", "qwen3_moe", "gpt_oss")
+
+
+@functools.cache
+def eager_takes_sentinels() -> bool:
+    """Whether transformers' eager Qwen3-MoE experts accept expert-parallel sentinel ids (id == num_experts), the
+    oracle of the sentinel tests; 5.17's one-hot over num_experts rejects them (the tests then skip that oracle)."""
+    module = make_experts("qwen3_moe", hidden=8, intermediate=4, num_experts=2)
+    try:
+        module(torch.randn(2, 8), torch.tensor([[0, 2], [2, 1]]), torch.ones(2, 2))
+    except RuntimeError:
+        return False
+    return True
+
+
+SENTINELS_SKIP = f"transformers {transformers.__version__}'s eager experts take no sentinel ids (one-hot over E)"
 
 
 def make_experts(
