@@ -165,9 +165,7 @@ class NF4Tensor(Tensor):
     def nf4_weight(self) -> NF4Weight:
         """The flat ``NF4Weight`` of the weight as stored (what ``moekit.quant.nf4`` and bitsandbytes read), with
         its double-quantized scales as held, if so."""
-        held = None
-        if self.double_quantized:
-            held = DoubleQuant(self.absmax_codes.reshape(-1), self.absmax_scales, self.absmax_offset)
+        held = self.scales._replace(codes=self.absmax_codes.reshape(-1)) if self.double_quantized else None
         return NF4Weight(self.packed.reshape(-1), self.absmax.reshape(-1), self.stored_shape, self.dtype, held)
 
     def dequantize_experts(self, first: int, last: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -312,8 +310,7 @@ def held_bytes(weight: Tensor) -> int:
     """The bytes a weight takes as held: an NF4 weight's codes and scales (half a byte an element, one fp32 per 64
     elements, or double-quantized one byte per 64 and one fp32 per 64·256), a dense weight's elements."""
     if isinstance(weight, NF4Tensor):
-        scales = weight.scales
-        return weight.packed.nbytes + sum(t.nbytes for t in (scales if isinstance(scales, DoubleQuant) else [scales]))
+        return sum(t.nbytes for t in weight._inner_tensors())
     return weight.numel() * weight.element_size()
 
 
