@@ -125,7 +125,7 @@ def test_module_behaviour():
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)["weight"]
+    saved = torch.load(buffer)["weight"]  # torch.load's default, weights_only=True
     assert isinstance(saved, NF4Tensor) and torch.equal(saved.packed, codes)
 
     dense = torch.randn(3, 16, 8)  # a dense checkpoint quantizes on load
@@ -145,6 +145,8 @@ def test_refusals():
         quantized.requires_grad_(True)
     with pytest.raises(NotImplementedError, match=r"aten\.add\.Tensor.*moekit"):
         quantized + 1
+    with pytest.raises(NotImplementedError, match=r"aten\.add_\.Tensor would change .* in place.*merge"):
+        quantized.data += 1  # what PEFT's merge does
     with pytest.raises(NotImplementedError, match=r"aten\.mm|aten\.matmul|aten\.bmm"):
         torch.bmm(torch.randn(2, 4, 16), quantized)
     with pytest.raises(ValueError, match="multiple of the NF4 block size"):
@@ -352,3 +354,26 @@ def test_saved_adapter_applies_to_the_dense_model(tmp_path):
         on_quantized = quantized(input_ids).logits
     assert tm.rel_err(merged, unmerged) <= 1e-5
     assert tm.rel_err(on_quantized, on_dequantized) <= 1e-5
+
+
+def test_merge_and_save_on_a_quantized_model(tmp_path):
+    """PEFT's merge into NF4 experts is refused with the way to do it (dequantize first, or merge on the dense
+    model), and leaves the model as it was; after ``model.dequantize()`` the merge equals the unmerged model.
+    ``save_pretrained`` of the quantized model refuses instead of failing inside safetensors."""
+    base = quantize_experts(tm.build("qwen3_moe"), double_quant=True)
+    assert base.is_quantized and base.config.quantization_config.experts_double_quant
+    with pytest.warns(UserWarning, match="no checkpoint format"), pytest.raises(ValueError, match="not serializable"):
+        base.save_pretrained(tmp_path / "quantized")
+    peft_model = tm.add_lora(base)
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        before = peft_model(input_ids).logits
+        with pytest.raises(NotImplementedError, match="merge on a dense model"):
+            peft_model.merge_adapter()
+        assert torch.equal(peft_model(input_ids).logits, before)
+
+        dense = peft_model.get_base_model().dequantize()
+        assert not dense.is_quantized and not any(isinstance(p, NF4Tensor) for p in dense.parameters())
+        merged = peft_model.merge_and_unload()
+        assert tm.rel_err(merged(input_ids).logits, before) <= 1e-5
+    merged.save_pretrained(tmp_path / "dense")

@@ -58,7 +58,9 @@ def quantize_experts(
     Everything outside the experts (attention, router, shared experts, embeddings) and the expert biases are
     untouched. Quantized experts only run on moekit, so this
     also does ``moekit.enable(model)``. The quantized weights are frozen: train LoRA adapters on them (PEFT
-    ``target_parameters``); the adapters PEFT saves apply to the original bf16 model.
+    ``target_parameters``); the adapters PEFT saves apply to the original bf16 model. A transformers model is then
+    marked quantized as a ``MoekitQuantConfig`` load marks it: ``model.dequantize()`` gives the dense model back,
+    and ``save_pretrained`` refuses (NF4 experts have no checkpoint format; save the adapters).
     """
     if method not in METHODS:
         raise ValueError(f"quantize_experts: method must be one of {METHODS}, got {method!r}")
@@ -72,4 +74,7 @@ def quantize_experts(
         )
     for module in modules:
         quantize_module(module, dtype, double_quant)
+    from .hf import mark_quantized  # hf.py builds on this module
+
+    mark_quantized(model, dtype, double_quant)
     return enable(model)

@@ -42,7 +42,7 @@ import warnings
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import auto as _auto
-from transformers.quantizers.base import HfQuantizer, get_keys_to_not_convert
+from transformers.quantizers.base import HfQuantizer, _assign_is_quantized, get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -417,6 +417,25 @@ class MoekitHfQuantizer(HfQuantizer):
                 if hasattr(model, attribute):
                     delattr(model, attribute)
         return model
+
+
+def mark_quantized(model: torch.nn.Module, dtype: torch.dtype | None, double_quant: bool) -> None:
+    """After ``quantize_experts``: the transformers model in ``model`` (itself, or the base of a PEFT model) is
+    marked quantized as a ``MoekitQuantConfig`` load marks it (``hf_quantizer``, ``is_quantized``,
+    ``config.quantization_config``), so ``save_pretrained`` refuses with the reason instead of failing inside
+    safetensors, ``model.dequantize()`` gives the dense model back and the Trainer asks for adapters. A model that
+    already has a quantizer (e.g. bitsandbytes' for its linears) keeps it."""
+    from transformers import PreTrainedModel
+
+    target = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
+    if target is None or getattr(target, "hf_quantizer", None) is not None:
+        return
+    config = MoekitQuantConfig(compute_dtype=dtype, experts_double_quant=double_quant)
+    target.hf_quantizer = MoekitHfQuantizer(config)
+    target.is_quantized = True
+    target.quantization_method = QUANT_METHOD
+    target.config.quantization_config = config
+    _assign_is_quantized(target)
 
 
 def _register(mapping: dict, register, name: str, cls) -> None:

@@ -290,12 +290,18 @@ class NF4Tensor(Tensor):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         if handler is None:
+            if func._schema.is_mutable:  # e.g. PEFT's merge_adapter / merge_and_unload: weight.data += ΔW
+                raise NotImplementedError(IN_PLACE_MESSAGE.format(func=func))
             raise NotImplementedError(
                 f"{func} is not defined on NF4 expert weights (moekit.quant.NF4Tensor): they are frozen NF4 codes "
                 "that only moekit's engines compute with. Run the experts on moekit (moekit.enable(model) or "
                 "experts_implementation='moekit'), or take tensor.dequantize() for a dense copy."
             )
         return handler(func, *args, **kwargs)
+
+
+# torch.load's default (weights_only=True) may rebuild a state dict holding NF4 weights.
+torch.serialization.add_safe_globals([NF4Tensor])
 
 
 def _param_name(module: torch.nn.Module, weight: NF4Tensor) -> str:
@@ -317,6 +323,13 @@ def held_bytes(weight: Tensor) -> int:
 FROZEN_MESSAGE = (
     "NF4 expert weights are a frozen base (QLoRA): they cannot require a gradient. Train LoRA adapters on them "
     "(peft LoraConfig(target_parameters=[...])), or train the bf16 model instead."
+)
+
+IN_PLACE_MESSAGE = (
+    "{func} would change NF4 expert weights (moekit.quant.NF4Tensor) in place: they are frozen NF4 codes, and a "
+    "LoRA update merged into them would be rounded away. To merge adapters, merge on a dense model: apply the "
+    "saved adapter to the original bf16 model (PeftModel.from_pretrained(dense, path).merge_and_unload()), or "
+    "dequantize first (model.dequantize() on the transformers model, then merge_and_unload())."
 )
 
 _HANDLERS = {}
