@@ -8,7 +8,9 @@
 (b) ``linear="nf4"``: the nn.Linear layers become bitsandbytes ``Linear4bit`` with bitsandbytes' own codes (lm_head
     and routers stay dense) and the model runs on the CPU; without bitsandbytes, a clear error.
 (c) PEFT LoRA on the experts trains a step on the loaded model; the adapter it saves is a plain PEFT adapter of the
-    dense model; the quantized model itself refuses to be saved; ``dequantize`` gives the dense model back.
+    dense model; ``dequantize`` gives the dense model back.
+(e) The NF4 model saves (``save_pretrained``) as held and loads back as it was; with bitsandbytes linears it
+    refuses; a checkpoint that does not fit fails to load.
 (d) The config: registered with transformers, serializable, bad values refused with clear errors.
 """
 
@@ -309,10 +311,92 @@ def test_qlora_on_linear_nf4_and_nf4_experts(checkpoint, device):
     assert not still, still
 
 
-def test_quantized_model_is_not_saved(checkpoint, tmp_path):
+def _parts(model) -> dict[str, torch.Tensor]:
+    """Every tensor the model holds: an NF4 weight's inner tensors (name.part) and every other parameter."""
+    parts = {}
+    for name, param in model.named_parameters():
+        if isinstance(param, NF4Tensor):
+            parts.update((f"{name}.{part}", t) for part, t in param.serialized().items())
+        else:
+            parts[name] = param
+    return parts
+
+
+@pytest.mark.parametrize("model_type, double_quant", [(m, False) for m in MODEL_TYPES] + [("qwen3_moe", True)])
+def test_quantized_model_saves_and_loads_back(model_type, double_quant, checkpoint, tmp_path):
+    """``save_pretrained`` writes the NF4 experts as held (no dense expert weight in the files, which the model's
+    own conversions leave alone), and ``from_pretrained`` of that checkpoint gives the same model: the same codes and
+    scales, parameters and logits (fp32, to the bit); saved again, the same files."""
+    from safetensors.torch import load_file
+
+    options = {"experts_double_quant": double_quant}
+    model = _load(
+        checkpoint(model_type, torch.float32), torch.float32, quantization_config=MoekitQuantConfig(**options)
+    )
+    model.save_pretrained(tmp_path / "nf4", max_shard_size="100KB")  # several files
+    files = sorted((tmp_path / "nf4").glob("*.safetensors"))
+    saved = {k: v for f in files for k, v in load_file(f).items()}
+    expert_names = list(_expert_weights(model))
+    assert len(files) > 1 and not any(key.endswith(name.rpartition(".")[2]) for key in saved for name in expert_names)
+    assert sum("nf4_" in key for key in saved) == len(expert_names) * (4 if double_quant else 2)
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "moekit" and config["experts_double_quant"] == double_quant
+
+    again = _load(tmp_path / "nf4", torch.float32)
+    assert again.is_quantized and isinstance(again.hf_quantizer, moekit_hf.MoekitHfQuantizer)
+    ours, theirs = _parts(model), _parts(again)
+    assert list(ours) == list(theirs)
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == tensor.dtype and torch.equal(theirs[name], tensor), name
+    assert all(m.config._experts_implementation == moekit.BACKEND_NAME for m in experts_modules(again))
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids).logits, model(input_ids).logits)
+
+    again.save_pretrained(tmp_path / "again")
+    resaved = load_file(tmp_path / "again" / "model.safetensors")
+    assert set(resaved) == set(saved) and all(torch.equal(resaved[k], saved[k]) for k in saved)
+
+
+def test_saved_bf16_model_keeps_its_scales(checkpoint, tmp_path):
+    """A bf16 model's NF4 scales stay fp32 through saving and loading (the loader casts float tensors to the model
+    dtype unless they are a quantizer's), and the NF4 weights stand for the dtype loaded in; a model quantized by
+    ``quantize_experts`` saves the same way; the reloaded model trains LoRA."""
+    plain = _load(checkpoint("nemotron_h"))
+    quantize_experts(plain)
+    plain.save_pretrained(tmp_path)
+    again = _load(tmp_path)
+    for name, param in _expert_weights(again).items():
+        assert isinstance(param, NF4Tensor) and param.dtype == torch.bfloat16 and param.absmax.dtype == torch.float32
+        assert torch.equal(param.absmax, plain.get_parameter(name).absmax), name
+    as_fp32 = _load(tmp_path, torch.float32)
+    assert all(p.dtype == torch.float32 for p in _expert_weights(as_fp32).values())
+
+    peft_model = tm.add_lora(again)
+    input_ids = tm.sample_batch()
+    peft_model(input_ids, labels=input_ids).loss.backward()
+    grads = [p.grad for name, p in peft_model.named_parameters() if "lora_" in name]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_save_refusals_and_bad_checkpoints(checkpoint, tmp_path):
+    """With bitsandbytes linears (linear="nf4") the model is not saved, and says why; a checkpoint whose NF4 parts
+    do not fit the model fails to load, naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    if moekit_hf._bitsandbytes_installed():
+        model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig(linear="nf4"))
+        with pytest.warns(UserWarning, match="bitsandbytes linears"), pytest.raises(ValueError, match="not serial"):
+            model.save_pretrained(tmp_path / "linear")
+
     model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig())
-    with pytest.warns(UserWarning, match="cannot be saved"), pytest.raises(ValueError, match="not serializable"):
-        model.save_pretrained(tmp_path / "quantized")
+    model.save_pretrained(tmp_path / "nf4")
+    state = load_file(tmp_path / "nf4" / "model.safetensors")
+    key = next(k for k in state if k.endswith("nf4_down_proj.packed"))
+    state[key] = state[key][:, :-1].contiguous()
+    save_file(state, tmp_path / "nf4" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="conversion"):
+        _load(tmp_path / "nf4")
 
 
 def test_dequantize(checkpoint):

@@ -23,10 +23,12 @@ def expert_weight_names(module: torch.nn.Module) -> tuple[str, str]:
     return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"), "down_proj"
 
 
-def quantize_module(module: torch.nn.Module, dtype: torch.dtype | None = None, double_quant: bool = False) -> None:
-    """An experts module's up and down weights to frozen ``NF4Tensor`` parameters (on their device), each dense
-    weight freed as soon as it is replaced; biases stay as they are. Already quantized weights are left alone.
-    ``double_quant``: their scales in 8 bits (``NF4Tensor.quantize``)."""
+def quantize_module(
+    module: torch.nn.Module, dtype: torch.dtype | None = None, double_quant: bool = False, device=None
+) -> None:
+    """An experts module's up and down weights to frozen ``NF4Tensor`` parameters on ``device`` (default: their
+    own), each dense weight freed as soon as it is replaced; biases stay as they are. Already quantized weights are
+    left alone. ``double_quant``: their scales in 8 bits (``NF4Tensor.quantize``)."""
     for name in expert_weight_names(module):
         weight = getattr(module, name)
         if isinstance(getattr(weight, "_local_tensor", weight), NF4Tensor):  # a DTensor's shard too (FSDP2, EP)
@@ -42,7 +44,7 @@ def quantize_module(module: torch.nn.Module, dtype: torch.dtype | None = None, d
                 f"{type(module).__name__}.{name} is on the meta device (not loaded yet): quantize after loading, or "
                 "load with from_pretrained(..., quantization_config=moekit.quant.MoekitQuantConfig())"
             )
-        quantized = NF4Tensor.quantize(weight.detach(), dtype, double_quant=double_quant)
+        quantized = NF4Tensor.quantize(weight.detach(), dtype, device, double_quant)
         setattr(module, name, torch.nn.Parameter(quantized, requires_grad=False))
 
 
@@ -59,8 +61,8 @@ def quantize_experts(
     untouched. Quantized experts only run on moekit, so this
     also does ``moekit.enable(model)``. The quantized weights are frozen: train LoRA adapters on them (PEFT
     ``target_parameters``); the adapters PEFT saves apply to the original bf16 model. A transformers model is then
-    marked quantized as a ``MoekitQuantConfig`` load marks it: ``model.dequantize()`` gives the dense model back,
-    and ``save_pretrained`` refuses (NF4 experts have no checkpoint format; save the adapters).
+    marked quantized as a ``MoekitQuantConfig`` load marks it: ``save_pretrained`` writes the NF4 experts, which
+    ``from_pretrained`` loads back as they are, and ``model.dequantize()`` gives the dense model back.
     """
     if method not in METHODS:
         raise ValueError(f"quantize_experts: method must be one of {METHODS}, got {method!r}")

@@ -1,8 +1,11 @@
-"""Load a dense (bf16) checkpoint straight into NF4 experts, through transformers' quantizer registry.
+"""Load a dense (bf16) checkpoint straight into NF4 experts, through transformers' quantizer registry; save and
+load the NF4 model itself.
 
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=moekit.quant.MoekitQuantConfig(), dtype=torch.bfloat16, device_map="cuda"
     )
+    model.save_pretrained(quantized_path)          # NF4 experts as they are held
+    model = AutoModelForCausalLM.from_pretrained(quantized_path, dtype=torch.bfloat16, device_map="cuda")
 
 Each expert weight (the 3-D ``gate_up_proj`` / ``up_proj`` and ``down_proj`` of every experts module decorated with
 transformers' ``@use_experts_implementation``) becomes a frozen ``NF4Tensor`` parameter as it is loaded: the dense
@@ -10,7 +13,7 @@ weight of the whole model never exists on the device. ``linear="nf4"`` also turn
 (attention, dense and shared MLPs, Mamba projections; not ``lm_head``, the tied or output embeddings, nor the
 routers) into bitsandbytes ``Linear4bit`` in the same load, through transformers' own bitsandbytes 4-bit quantizer.
 
-How it hooks into transformers (the same in 5.17 and 5.24, which both load through ``core_model_loading``):
+How it hooks into transformers (the same in 5.17 and 5.25, which both load through ``core_model_loading``):
 
 - ``MoekitQuantConfig`` is registered as quant_method "moekit" (``register_quantization_config``) and
   ``MoekitHfQuantizer`` as its quantizer (``register_quantizer``), when ``moekit`` is imported.
@@ -25,11 +28,16 @@ How it hooks into transformers (the same in 5.17 and 5.24, which both load throu
   device and quantizes them there. Device memory during loading stays at the final footprint plus a few experts'
   temporaries (a checkpoint that already stores fused weights is read onto the device one weight at a time: at most
   one projection of one layer in the dense dtype). transformers 5.17 calls this hook with the conversions only,
-  5.24 with the model too; the model is also kept from ``preprocess_model`` for 5.17.
+  5.25 with the model too; the model is also kept from ``preprocess_model`` for 5.17.
 - After loading, the experts run on moekit (``moekit.enable``), ``model.is_quantized`` is true and
   ``model.hf_quantizer`` is this quantizer (``is_trainable``: train PEFT adapters on it; the adapters PEFT saves
-  are plain adapters of the original model). The quantized model itself cannot be saved (``is_serializable`` is
-  false: transformers' ``save_pretrained`` raises); ``model.dequantize()`` gives the dense model back.
+  are plain adapters of the original model); ``model.dequantize()`` gives the dense model back.
+- Saving (``get_state_dict_and_metadata``) writes each NF4 weight as its parts under names the model's own
+  conversions leave alone (``serialized_key``: ``experts.down_proj`` -> ``experts.nf4_down_proj.packed``, ...), and
+  config.json names this config. Loading such a checkpoint (``pre_quantized``) adds one converter a projection
+  (``get_weight_conversions``) whose op (``MoekitDeserialize``) builds the ``NF4Tensor`` from its parts on the target
+  device: the codes and scales are read as saved, never dense. A model with bitsandbytes linears
+  (``linear="nf4"``) is not saved (``is_serializable`` is false, with the reason).
 """
 
 from __future__ import annotations
@@ -59,10 +67,20 @@ NF4_ELEMENT_SIZE = 0.5 + 4 / BLOCKSIZE
 NF4_DOUBLE_QUANT_ELEMENT_SIZE = 0.5 + (1 + 4 / ABSMAX_BLOCKSIZE) / BLOCKSIZE  # scales in 8 bits
 
 NOT_SERIALIZABLE = (
-    "moekit: a model loaded with MoekitQuantConfig cannot be saved: its NF4 experts have no checkpoint format. "
-    "Save the PEFT adapters instead (peft_model.save_pretrained(...): plain adapters that apply to the original "
-    "checkpoint), or call model.dequantize() first."
+    "moekit: a model loaded with MoekitQuantConfig(linear='nf4') cannot be saved: its bitsandbytes linears and NF4 "
+    "experts would need two quantizers to load them back. Save the PEFT adapters instead (peft_model."
+    "save_pretrained(...): plain adapters that apply to the original checkpoint), or call model.dequantize() first."
 )
+# A checkpoint holds an NF4 expert weight `...experts.down_proj` as the tensors `...experts.nf4_down_proj.<part>`
+# (NF4Tensor.serialized: packed, and absmax or its double-quantized parts), names the model's own conversions (which
+# merge or split `experts.down_proj`) do not match, so they pass through saving and loading untouched.
+SERIALIZED_PARTS = ("packed", "absmax", "absmax_codes", "absmax_scales", "absmax_offset")
+
+
+def serialized_key(name: str, part: str) -> str:
+    """The checkpoint key of ``part`` of the expert weight named ``name``."""
+    prefix, _, leaf = name.rpartition(".")
+    return f"{prefix + '.' if prefix else ''}nf4_{leaf}.{part}"
 
 
 def _bitsandbytes_installed() -> bool:
@@ -252,6 +270,40 @@ class MoekitQuantize(ConversionOps):
         return result
 
 
+class MoekitDeserialize(ConversionOps):
+    """The load op of a checkpoint moekit saved: an expert weight's parts (``serialized_key``) to its frozen
+    ``NF4Tensor`` parameter on its target device, standing for the compute dtype (default: the model's)."""
+
+    def __init__(self, hf_quantizer: MoekitHfQuantizer, parts: dict[str, str]):
+        self.hf_quantizer = hf_quantizer
+        self.parts = parts  # source pattern -> part
+
+    @torch.no_grad()
+    def convert(
+        self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs
+    ):
+        module, leaf = get_module_from_name(model, full_layer_name)
+        empty = getattr(module, leaf)
+        if hasattr(empty, "_local_tensor"):
+            raise NotImplementedError(
+                f"{full_layer_name}: a checkpoint of NF4 experts cannot be loaded sharded (tp_plan / expert "
+                "parallelism): load the dense checkpoint with quantization_config=MoekitQuantConfig() instead"
+            )
+        device = self.hf_quantizer.target_device(full_layer_name)
+        parts = {}
+        for pattern, value in input_dict.items():
+            parts[self.parts[pattern]] = (value[0] if isinstance(value, list) else value).to(device)
+        dtype = self.hf_quantizer.quantization_config.torch_compute_dtype or empty.dtype
+        weight = NF4Tensor.deserialized(parts, empty.shape, dtype, full_layer_name)
+        return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
+
+
+def _is_deserializer(conversion) -> bool:
+    return isinstance(conversion, WeightConverter) and any(
+        isinstance(op, MoekitDeserialize) for op in conversion.operations
+    )
+
+
 class MoekitHfQuantizer(HfQuantizer):
     """transformers' quantizer for ``MoekitQuantConfig`` (see the module docstring for the hooks it uses)."""
 
@@ -260,9 +312,10 @@ class MoekitHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: MoekitQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        # moekit never writes a quantized checkpoint, so a checkpoint whose config names quant_method "moekit" holds
-        # dense weights: quantize them as they load, as for a plain checkpoint.
-        self.pre_quantized = False
+        # A checkpoint whose config names quant_method "moekit" may hold NF4 experts (a moekit save: loaded by
+        # MoekitDeserialize); a dense expert weight in it loads dense and is quantized after loading. moekit writes
+        # no checkpoint with bitsandbytes linears, so with linear="nf4" the weights are dense.
+        self.pre_quantized = self.pre_quantized and quantization_config.linear is None
         self.device_map: dict | None = None
         self.dtype: torch.dtype | None = None
         self.model = None
@@ -358,6 +411,16 @@ class MoekitHfQuantizer(HfQuantizer):
             updated.append(conversion)
         return updated + self.get_weight_conversions()
 
+    def get_weight_conversions(self):
+        """A checkpoint moekit saved: each expert weight's parts (``serialized_key``) load into its NF4Tensor."""
+        if not self.pre_quantized:
+            return []
+        conversions = []
+        for leaf in ("gate_up_proj", "up_proj", "down_proj"):
+            parts = {rf"{re.escape(serialized_key(leaf, part))}$": part for part in SERIALIZED_PARTS}
+            conversions.append(WeightConverter(list(parts), leaf, [MoekitDeserialize(self, parts)]))
+        return conversions
+
     # ------------------------------------------------------------------------------------------ while loading
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, leaf = get_module_from_name(model, param_name)
@@ -380,10 +443,16 @@ class MoekitHfQuantizer(HfQuantizer):
     # ------------------------------------------------------------------------------------------ after loading
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
-        for module in experts_modules(model):
-            # weights the checkpoint lacked (initialised dense); the rest is NF4
-            quantize_module(module, config.torch_compute_dtype, config.experts_double_quant)
+        experts = {id(module) for module in experts_modules(model)}
+        for prefix, module in model.named_modules():
+            if id(module) in experts:
+                # weights the checkpoint lacked (initialised dense) or held dense under a moekit config (loaded dense
+                # where force_cpu put them): quantized onto their target device; the rest is NF4 already
+                device = self.target_device(f"{prefix}.{expert_weight_names(module)[0]}")
+                quantize_module(module, config.torch_compute_dtype, config.experts_double_quant, device)
         enable(model)
+        if getattr(model, "_weight_conversions", None):  # saving writes the NF4 parts as they are: nothing to revert
+            model._weight_conversions = [c for c in model._weight_conversions if not _is_deserializer(c)]
         if self.bnb is not None:
             self.bnb._process_model_after_weight_loading(model, **kwargs)
             if hasattr(model, "is_4bit_serializable"):  # set by transformers 5.17's bitsandbytes quantizer
@@ -392,8 +461,25 @@ class MoekitHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
-        warnings.warn(NOT_SERIALIZABLE, stacklevel=2)
-        return False
+        if self.bnb is not None:
+            warnings.warn(NOT_SERIALIZABLE, stacklevel=2)
+            return False
+        return True
+
+    def get_state_dict_and_metadata(self, model):
+        """What ``save_pretrained`` writes: the state dict with each NF4 expert weight as its parts
+        (``serialized_key``), which a load with this config in config.json reads back (``MoekitDeserialize``)."""
+        state = {}
+        for name, tensor in model.state_dict().items():
+            if hasattr(tensor, "_local_tensor"):
+                raise NotImplementedError(
+                    f"{name} is sharded (a DTensor): save NF4 experts from an unsharded model, or save the adapters"
+                )
+            if isinstance(tensor, NF4Tensor):
+                state.update((serialized_key(name, part), t) for part, t in tensor.serialized().items())
+            else:
+                state[name] = tensor
+        return state, {}
 
     @property
     def is_trainable(self) -> bool:
@@ -422,8 +508,8 @@ class MoekitHfQuantizer(HfQuantizer):
 def mark_quantized(model: torch.nn.Module, dtype: torch.dtype | None, double_quant: bool) -> None:
     """After ``quantize_experts``: the transformers model in ``model`` (itself, or the base of a PEFT model) is
     marked quantized as a ``MoekitQuantConfig`` load marks it (``hf_quantizer``, ``is_quantized``,
-    ``config.quantization_config``), so ``save_pretrained`` refuses with the reason instead of failing inside
-    safetensors, ``model.dequantize()`` gives the dense model back and the Trainer asks for adapters. A model that
+    ``config.quantization_config``), so ``save_pretrained`` writes its NF4 experts (and the config that loads them
+    back), ``model.dequantize()`` gives the dense model back and the Trainer asks for adapters. A model that
     already has a quantizer (e.g. bitsandbytes' for its linears) keeps it."""
     from transformers import PreTrainedModel
 

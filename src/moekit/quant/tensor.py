@@ -182,6 +182,42 @@ class NF4Tensor(Tensor):
         """The whole dense weight (all experts at once: for tests and tools, never the engines' path)."""
         return self.dequantize_experts(0, self.shape[0], dtype)
 
+    # ------------------------------------------------------------------------------------ in a checkpoint
+    def serialized(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint holds for this weight, by part: ``packed`` and the scales as held (``absmax``,
+        or ``absmax_codes``, ``absmax_scales`` and ``absmax_offset``). The dense shape and dtype are the model's."""
+        if self.is_transposed_view:
+            raise ValueError("a transposed view of NF4 expert weights cannot be saved: save the weight itself")
+        return {name.lstrip("_"): getattr(self, name) for name in self.__tensor_flatten__()[0]}
+
+    @classmethod
+    def deserialized(cls, parts: dict[str, Tensor], shape, dtype: torch.dtype, name: str = "weight") -> NF4Tensor:
+        """The weight of dense ``shape`` [E, a, b] and compute ``dtype`` from the tensors ``serialized`` gave; a
+        missing, extra or misshapen part raises, naming ``name`` (its parameter) and what was expected."""
+        num_experts, per_expert = shape[0], shape[1] * shape[2]
+        expected = {"packed": (torch.uint8, (num_experts, per_expert // 2))}
+        scales = (num_experts, per_expert // BLOCKSIZE)
+        if "absmax" in parts:
+            expected["absmax"] = (torch.float32, scales)
+        else:
+            blocks = -(-num_experts * scales[1] // ABSMAX_BLOCKSIZE)
+            expected.update(absmax_codes=(torch.uint8, scales), absmax_scales=(torch.float32, (blocks,)),
+                            absmax_offset=(torch.float32, (1,)))  # fmt: skip
+        if set(parts) != set(expected):
+            raise ValueError(
+                f"NF4 expert weights {name} of shape {tuple(shape)}: the checkpoint holds the parts {sorted(parts)}, "
+                f"expected {sorted(expected)}"
+            )
+        for part, (part_dtype, part_shape) in expected.items():
+            tensor = parts[part]
+            if tensor.dtype != part_dtype or tuple(tensor.shape) != part_shape:
+                raise ValueError(
+                    f"NF4 expert weights {name} of shape {tuple(shape)}: {part} is {tensor.dtype} "
+                    f"{tuple(tensor.shape)} in the checkpoint, expected {part_dtype} {part_shape}"
+                )
+        held = parts["absmax"] if "absmax" in parts else DoubleQuant(*(parts[n] for n in _DOUBLE_QUANT_NAMES))
+        return cls(parts["packed"], held, shape, dtype)
+
     def requires_grad_(self, requires_grad: bool = True) -> NF4Tensor:
         if requires_grad:
             raise RuntimeError(FROZEN_MESSAGE)
