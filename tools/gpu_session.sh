@@ -126,7 +126,7 @@ quant)
   #   cold     first calls (cold cache) of the NF4 paths at the four shapes, T = 2048 then 8192
   #   bench    the NF4 LoRA step beside bf16 LoRA and grouped_mm + PEFT, T = 8192 and 32768 (tuned by cold)
   #   real     Qwen3-30B-A3B at full size (tools/qlora_real_size.py)
-  #   loading  the loading path (tools/measure_loading.py; LOAD_ARGS, e.g. --double-quant)
+  #   loading  the loading path, and reloading the saved NF4 model (tools/measure_loading.py; LOAD_ARGS, e.g. --double-quant)
   #   linear   linear="nf4" (bitsandbytes 4-bit linears) with NF4 experts, LoRA on both, on CUDA (not in the default)
   #   operand  tools/nf4_operand_bench.py: one NF4 GEMM per wgmma operand form and the engine's gluon kernel (not in
   #            the default)
@@ -175,7 +175,7 @@ quant)
       timeout "${LOAD_TIMEOUT:-240}" python tools/measure_loading.py --layers 4 ${LOAD_ARGS:-} --out "$out/loading.json" \
         > "$out/loading.log" 2>&1
       echo "loading: exit $?" | tee -a "$out/card.txt"
-      tail -12 "$out/loading.log"
+      tail -14 "$out/loading.log"
       ;;
     linear)  # needs bitsandbytes (carry its wheel: the device README's wheel recipe)
       timeout "${LINEAR_TIMEOUT:-120}" python -m pytest -q -p no:cacheprovider tests/test_quant_loading.py \

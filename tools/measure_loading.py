@@ -15,7 +15,10 @@
    (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), the final footprint
    (``torch.cuda.memory_allocated``), one layer's bf16 expert bytes, and whether peak <= final + one layer.
    A forward of a few tokens checks the loaded model runs (after the measurement).
-3. Loads the same checkpoint plainly in bf16 for its footprint and peak beside it.
+3. Saves the NF4 model (``save_pretrained``: its codes and scales as held) and loads that checkpoint back
+   (``from_pretrained(nf4_path, dtype=torch.bfloat16, device_map=DEVICE)``: nothing dense is read), with the
+   same measurements, and checks it holds the same codes and scales.
+4. Loads the bf16 checkpoint plainly in bf16 for its footprint and peak beside it.
 
 Prints a short table and writes the JSON to ``--out``. The checkpoint goes to a temporary directory (``--workdir``)
 that is deleted at the end (``--keep`` keeps it). On the CPU there are no allocator statistics: the peaks are
@@ -254,7 +257,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             quantized["peak_minus_final_bytes"] = quantized["peak_ok"] = None
         record["quantized"] = quantized
-        del model, nf4
+
+        model.save_pretrained(workdir / "nf4")
+        record["nf4_checkpoint_bytes"] = sum(f.stat().st_size for f in (workdir / "nf4").glob("*.safetensors"))
+        reloaded, again = measure_load(workdir / "nf4", device)
+        held = {name: p._inner_tensors() for name, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+        again["same_nf4"] = held.keys() == {
+            n for n, p in reloaded.named_parameters() if isinstance(p, NF4Tensor)
+        } and all(
+            all(torch.equal(a, b) for a, b in zip(held[name], reloaded.get_parameter(name)._inner_tensors()))
+            for name in held
+        )
+        if again["peak_bytes"] is not None:
+            again["peak_minus_final_bytes"] = again["peak_bytes"] - again["final_bytes"]
+        record["nf4_reload"] = again
+        del model, nf4, reloaded, held
 
         model, plain = measure_load(workdir, device)
         record["bf16"] = plain
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             record["checkpoint"] = str(workdir)
     record["total_s"] = round(time.perf_counter() - started, 2)
 
-    q, p = record["quantized"], record["bf16"]
+    q, r, p = record["quantized"], record["nf4_reload"], record["bf16"]
     rows = [
         ("checkpoint (bf16 tensors)", gib(record["checkpoint_bytes"]), f"written in {record['write_s']} s"),
         ("one layer's bf16 experts", gib(layer_expert_bytes), ""),
@@ -275,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         ("NF4 load: peak - final", gib(q["peak_minus_final_bytes"]),
          {True: "ok: peak <= final + one layer", False: "OVER: peak > final + one layer", None: "n/a (no CUDA)"}[
              q["peak_ok"]]),
+        ("NF4 checkpoint reloaded: peak", gib(r["peak_bytes"]),
+         f"load {r['load_s']} s, files {gib(record['nf4_checkpoint_bytes'])}, same codes: {r['same_nf4']}"),
+        ("NF4 checkpoint reloaded: final", gib(r["final_bytes"]), f"params {gib(r['param_bytes'])}"),
         ("bf16 load: peak during load", gib(p["peak_bytes"]), f"load {p['load_s']} s"),
         ("bf16 load: final footprint", gib(p["final_bytes"]), f"params {gib(p['param_bytes'])}"),
     ]  # fmt: skip
@@ -287,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2))
-    ok = q["all_experts_nf4"] and q["forward_finite"] and q["peak_ok"] is not False
+    ok = q["all_experts_nf4"] and q["forward_finite"] and q["peak_ok"] is not False and r["same_nf4"]
     return 0 if ok else 1
 
 
