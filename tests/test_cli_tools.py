@@ -498,6 +498,20 @@ def test_check_model_already_nf4():
     assert all(layer.grad_error > 0 for layer in report.layers)  # LoRA and input gradients were compared
 
 
+def test_check_saved_nf4_model_and_adapter(tmp_path, capsys):
+    """A saved NF4 model (``save_pretrained`` of quantized experts) loads as such and is checked on its NF4 codes."""
+    from moekit.quant import quantize_experts
+
+    base = quantize_experts(build("qwen3_moe"), double_quant=True)
+    base.save_pretrained(tmp_path / "base")
+    add_lora(base).save_pretrained(tmp_path / "adapter")
+    argv = ["check", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--tokens", "16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "on the 4 NF4 expert weights dequantized (moekit on the NF4 codes)" in out
+    assert out.strip().splitlines()[-1] == "OK: 2 MoE layers match and the adapters are live."
+
+
 def test_check_nf4_catches_a_wrong_engine(monkeypatch, capsys):
     _wrong_on_nf4(monkeypatch)
     assert main(["check", "--tiny", "olmoe", "--quant", "nf4", "--tokens", "16"]) == 1
