@@ -373,6 +373,8 @@ def test_saved_bf16_model_keeps_its_scales(checkpoint, tmp_path):
         assert torch.equal(param.absmax, plain.get_parameter(name).absmax), name
     as_fp32 = _load(tmp_path, torch.float32)
     assert all(p.dtype == torch.float32 for p in _expert_weights(as_fp32).values())
+    dense = plain.dequantize()  # in config.dtype, which saving left a name ("bfloat16")
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.bfloat16 for p in _expert_weights(dense).values())
 
     peft_model = tm.add_lora(again)
     input_ids = tm.sample_batch()
@@ -382,14 +384,28 @@ def test_saved_bf16_model_keeps_its_scales(checkpoint, tmp_path):
 
 
 def test_save_refusals_and_bad_checkpoints(checkpoint, tmp_path):
-    """With bitsandbytes linears (linear="nf4") the model is not saved, and says why; a checkpoint whose NF4 parts
-    do not fit the model fails to load, naming the weight."""
+    """With bitsandbytes linears (linear="nf4", or bitsandbytes' own 4-bit load and then ``quantize_experts``) the
+    model is not saved, and says why (``dequantize`` gives it back dense); a checkpoint whose NF4 parts do not fit
+    the model fails to load."""
     from safetensors.torch import load_file, save_file
 
     if moekit_hf._bitsandbytes_installed():
         model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig(linear="nf4"))
         with pytest.warns(UserWarning, match="bitsandbytes linears"), pytest.raises(ValueError, match="not serial"):
             model.save_pretrained(tmp_path / "linear")
+
+        # bitsandbytes' own 4-bit load, then NF4 experts: marked as linear="nf4" loads it
+        from transformers import BitsAndBytesConfig
+
+        bnb_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        model = quantize_experts(_load(checkpoint("qwen3_moe"), quantization_config=bnb_config))
+        assert model.quantization_method == "moekit" and model.config.quantization_config.linear == "nf4"
+        with pytest.warns(UserWarning, match="bitsandbytes linears"), pytest.raises(ValueError, match="not serial"):
+            model.save_pretrained(tmp_path / "bnb")
+        dense = model.dequantize()
+        assert not any(isinstance(p, NF4Tensor) or type(p) is not torch.nn.Parameter for p in dense.parameters())
 
     model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig())
     model.save_pretrained(tmp_path / "nf4")

@@ -491,6 +491,8 @@ class MoekitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """The experts' NF4 weights back to dense parameters (and the Linear4bit layers to nn.Linear)."""
+        if isinstance(dtype, str):  # transformers' default, config.dtype, is a name once the model has been saved
+            dtype = getattr(torch, _dtype_name(dtype))
         for module in experts_modules(model):
             for name in expert_weight_names(module):
                 weight = getattr(module, name)
@@ -509,15 +511,32 @@ def mark_quantized(model: torch.nn.Module, dtype: torch.dtype | None, double_qua
     """After ``quantize_experts``: the transformers model in ``model`` (itself, or the base of a PEFT model) is
     marked quantized as a ``MoekitQuantConfig`` load marks it (``hf_quantizer``, ``is_quantized``,
     ``config.quantization_config``), so ``save_pretrained`` writes its NF4 experts (and the config that loads them
-    back), ``model.dequantize()`` gives the dense model back and the Trainer asks for adapters. A model that
-    already has a quantizer (e.g. bitsandbytes' for its linears) keeps it."""
+    back), ``model.dequantize()`` gives the dense model back and the Trainer asks for adapters. A model loaded with
+    bitsandbytes 4-bit linears is marked as ``linear="nf4"`` would load it (its bitsandbytes quantizer kept for the
+    linears); a model of another quantizer keeps that quantizer."""
     from transformers import PreTrainedModel
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     target = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
-    if target is None or getattr(target, "hf_quantizer", None) is not None:
+    existing = getattr(target, "hf_quantizer", None)
+    if target is None or isinstance(existing, MoekitHfQuantizer):
         return
-    config = MoekitQuantConfig(compute_dtype=dtype, experts_double_quant=double_quant)
-    target.hf_quantizer = MoekitHfQuantizer(config)
+    if isinstance(existing, Bnb4BitHfQuantizer):  # loaded with BitsAndBytesConfig(load_in_4bit=True): linear="nf4"
+        bnb_config = existing.quantization_config
+        config = MoekitQuantConfig(
+            linear="nf4",
+            compute_dtype=dtype or bnb_config.bnb_4bit_compute_dtype,
+            linear_double_quant=bnb_config.bnb_4bit_use_double_quant,
+            experts_double_quant=double_quant,
+        )
+        quantizer = MoekitHfQuantizer(config)
+        quantizer.bnb = existing  # its linears as loaded: saving refuses with the reason, dequantize does both
+    elif existing is not None:
+        return  # another quantizer's model: left as it is
+    else:
+        quantizer = MoekitHfQuantizer(MoekitQuantConfig(compute_dtype=dtype, experts_double_quant=double_quant))
+    target.hf_quantizer = quantizer
+    config = quantizer.quantization_config
     target.is_quantized = True
     target.quantization_method = QUANT_METHOD
     target.config.quantization_config = config
