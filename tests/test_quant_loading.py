@@ -9,8 +9,8 @@
     and routers stay dense) and the model runs on the CPU; without bitsandbytes, a clear error.
 (c) PEFT LoRA on the experts trains a step on the loaded model; the adapter it saves is a plain PEFT adapter of the
     dense model; ``dequantize`` gives the dense model back.
-(e) The NF4 model saves (``save_pretrained``) as held and loads back as it was; with bitsandbytes linears it
-    refuses; a checkpoint that does not fit fails to load.
+(e) The NF4 model saves (``save_pretrained``) as held and loads back as it was, with bitsandbytes linears too;
+    a model bitsandbytes loaded before its experts were quantized refuses; a checkpoint that does not fit fails.
 (d) The config: registered with transformers, serializable, bad values refused with clear errors.
 """
 
@@ -383,18 +383,36 @@ def test_saved_bf16_model_keeps_its_scales(checkpoint, tmp_path):
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("model_type, dtype", [("qwen3_moe", torch.float32), ("nemotron_h", torch.bfloat16)])
+def test_whole_qlora_model_saves_and_loads_back(model_type, dtype, checkpoint, tmp_path):
+    """linear="nf4": the bitsandbytes linears save as bitsandbytes saves them and the NF4 experts as held, double-
+    quantized scales included; loaded back, every tensor of the state dict (bitsandbytes' quant states too) and the
+    logits are the same to the bit. (bitsandbytes' CPU 4-bit GEMM runs NemotronH's projections in bf16 only.)"""
+    pytest.importorskip("bitsandbytes")
+    config = MoekitQuantConfig(linear="nf4", linear_double_quant=True, experts_double_quant=True)
+    model = _load(checkpoint(model_type, dtype), dtype, quantization_config=config)
+    model.save_pretrained(tmp_path)
+    again = _load(tmp_path, dtype)
+    assert again.is_loaded_in_4bit and isinstance(again.hf_quantizer, moekit_hf.MoekitHfQuantizer)
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert list(ours) == list(theirs)
+    for name, tensor in ours.items():
+        got = theirs[name]
+        if isinstance(tensor, NF4Tensor):
+            assert all(torch.equal(a, b) for a, b in zip(tensor._inner_tensors(), got._inner_tensors())), name
+        else:
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+    input_ids = tm.sample_batch()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids).logits, model(input_ids).logits)
+
+
 def test_save_refusals_and_bad_checkpoints(checkpoint, tmp_path):
-    """With bitsandbytes linears (linear="nf4", or bitsandbytes' own 4-bit load and then ``quantize_experts``) the
-    model is not saved, and says why (``dequantize`` gives it back dense); a checkpoint whose NF4 parts do not fit
-    the model fails to load."""
+    """bitsandbytes' own 4-bit load and then ``quantize_experts``: not saved, saying why (``dequantize`` gives it back
+    dense); a checkpoint whose NF4 parts do not fit the model fails to load."""
     from safetensors.torch import load_file, save_file
 
     if moekit_hf._bitsandbytes_installed():
-        model = _load(checkpoint("qwen3_moe"), quantization_config=MoekitQuantConfig(linear="nf4"))
-        with pytest.warns(UserWarning, match="bitsandbytes linears"), pytest.raises(ValueError, match="not serial"):
-            model.save_pretrained(tmp_path / "linear")
-
-        # bitsandbytes' own 4-bit load, then NF4 experts: marked as linear="nf4" loads it
         from transformers import BitsAndBytesConfig
 
         bnb_config = BitsAndBytesConfig(
@@ -402,7 +420,7 @@ def test_save_refusals_and_bad_checkpoints(checkpoint, tmp_path):
         )
         model = quantize_experts(_load(checkpoint("qwen3_moe"), quantization_config=bnb_config))
         assert model.quantization_method == "moekit" and model.config.quantization_config.linear == "nf4"
-        with pytest.warns(UserWarning, match="bitsandbytes linears"), pytest.raises(ValueError, match="not serial"):
+        with pytest.warns(UserWarning, match="BitsAndBytesConfig"), pytest.raises(ValueError, match="not serial"):
             model.save_pretrained(tmp_path / "bnb")
         dense = model.dequantize()
         assert not any(isinstance(p, NF4Tensor) or type(p) is not torch.nn.Parameter for p in dense.parameters())

@@ -36,8 +36,8 @@ How it hooks into transformers (the same in 5.17 and 5.25, which both load throu
   conversions leave alone (``serialized_key``: ``experts.down_proj`` -> ``experts.nf4_down_proj.packed``, ...), and
   config.json names this config. Loading such a checkpoint (``pre_quantized``) adds one converter a projection
   (``get_weight_conversions``) whose op (``MoekitDeserialize``) builds the ``NF4Tensor`` from its parts on the target
-  device: the codes and scales are read as saved, never dense. A model with bitsandbytes linears
-  (``linear="nf4"``) is not saved (``is_serializable`` is false, with the reason).
+  device: the codes and scales are read as saved, never dense. With ``linear="nf4"`` the bitsandbytes linears are
+  saved as bitsandbytes saves them, and its converters load them back.
 """
 
 from __future__ import annotations
@@ -67,9 +67,10 @@ NF4_ELEMENT_SIZE = 0.5 + 4 / BLOCKSIZE
 NF4_DOUBLE_QUANT_ELEMENT_SIZE = 0.5 + (1 + 4 / ABSMAX_BLOCKSIZE) / BLOCKSIZE  # scales in 8 bits
 
 NOT_SERIALIZABLE = (
-    "moekit: a model loaded with MoekitQuantConfig(linear='nf4') cannot be saved: its bitsandbytes linears and NF4 "
-    "experts would need two quantizers to load them back. Save the PEFT adapters instead (peft_model."
-    "save_pretrained(...): plain adapters that apply to the original checkpoint), or call model.dequantize() first."
+    "moekit: a model loaded with bitsandbytes' own BitsAndBytesConfig whose experts were then quantized "
+    "(quantize_experts) cannot be saved: which of its linears bitsandbytes quantized is not recorded in a form "
+    "MoekitQuantConfig loads back. Load with quantization_config=MoekitQuantConfig(linear='nf4') instead (it saves), "
+    "save the PEFT adapters (plain adapters of the original checkpoint), or call model.dequantize() first."
 )
 # A checkpoint holds an NF4 expert weight `...experts.down_proj` as the tensors `...experts.nf4_down_proj.<part>`
 # (NF4Tensor.serialized: packed, and absmax or its double-quantized parts), names the model's own conversions (which
@@ -278,6 +279,9 @@ class MoekitDeserialize(ConversionOps):
         self.hf_quantizer = hf_quantizer
         self.parts = parts  # source pattern -> part
 
+    def __deepcopy__(self, memo):  # the loader copies each converter: the op holds no state, and the quantizer (and
+        return self  # the model it keeps) must not be copied
+
     @torch.no_grad()
     def convert(
         self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs
@@ -312,14 +316,14 @@ class MoekitHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: MoekitQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        # A checkpoint whose config names quant_method "moekit" may hold NF4 experts (a moekit save: loaded by
-        # MoekitDeserialize); a dense expert weight in it loads dense and is quantized after loading. moekit writes
-        # no checkpoint with bitsandbytes linears, so with linear="nf4" the weights are dense.
-        self.pre_quantized = self.pre_quantized and quantization_config.linear is None
+        # pre_quantized: the checkpoint's config names quant_method "moekit", so it is a moekit save: NF4 experts
+        # (loaded by MoekitDeserialize; an expert weight held dense loads dense and is quantized after loading),
+        # and with linear="nf4" bitsandbytes linears as bitsandbytes saves them (its quantizer loads them).
         self.device_map: dict | None = None
         self.dtype: torch.dtype | None = None
         self.model = None
         self.bnb = None  # transformers' bitsandbytes 4-bit quantizer, for the nn.Linear layers (linear="nf4")
+        self.adopted_bnb = False  # the bnb quantizer is that of a BitsAndBytesConfig load (mark_quantized)
         if quantization_config.linear == "nf4":
             from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
             from transformers.utils.quantization_config import BitsAndBytesConfig
@@ -330,7 +334,7 @@ class MoekitHfQuantizer(HfQuantizer):
                 bnb_4bit_compute_dtype=quantization_config.torch_compute_dtype,
                 bnb_4bit_use_double_quant=quantization_config.linear_double_quant,
             )
-            self.bnb = Bnb4BitHfQuantizer(bnb_config, pre_quantized=False)
+            self.bnb = Bnb4BitHfQuantizer(bnb_config, pre_quantized=self.pre_quantized)
 
     # ------------------------------------------------------------------------------------------ before loading
     def validate_environment(self, *args, **kwargs):
@@ -412,10 +416,11 @@ class MoekitHfQuantizer(HfQuantizer):
         return updated + self.get_weight_conversions()
 
     def get_weight_conversions(self):
-        """A checkpoint moekit saved: each expert weight's parts (``serialized_key``) load into its NF4Tensor."""
+        """A checkpoint moekit saved: each expert weight's parts (``serialized_key``) load into its NF4Tensor, and
+        bitsandbytes' converters load its linears (linear="nf4")."""
         if not self.pre_quantized:
             return []
-        conversions = []
+        conversions = self.bnb.get_weight_conversions() if self.bnb is not None else []
         for leaf in ("gate_up_proj", "up_proj", "down_proj"):
             parts = {rf"{re.escape(serialized_key(leaf, part))}$": part for part in SERIALIZED_PARTS}
             conversions.append(WeightConverter(list(parts), leaf, [MoekitDeserialize(self, parts)]))
@@ -455,16 +460,13 @@ class MoekitHfQuantizer(HfQuantizer):
             model._weight_conversions = [c for c in model._weight_conversions if not _is_deserializer(c)]
         if self.bnb is not None:
             self.bnb._process_model_after_weight_loading(model, **kwargs)
-            if hasattr(model, "is_4bit_serializable"):  # set by transformers 5.17's bitsandbytes quantizer
-                model.is_4bit_serializable = False
         self.model = None
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
-        if self.bnb is not None:
+        if self.adopted_bnb:
             warnings.warn(NOT_SERIALIZABLE, stacklevel=2)
-            return False
-        return True
+        return not self.adopted_bnb
 
     def get_state_dict_and_metadata(self, model):
         """What ``save_pretrained`` writes: the state dict with each NF4 expert weight as its parts
@@ -512,8 +514,8 @@ def mark_quantized(model: torch.nn.Module, dtype: torch.dtype | None, double_qua
     marked quantized as a ``MoekitQuantConfig`` load marks it (``hf_quantizer``, ``is_quantized``,
     ``config.quantization_config``), so ``save_pretrained`` writes its NF4 experts (and the config that loads them
     back), ``model.dequantize()`` gives the dense model back and the Trainer asks for adapters. A model loaded with
-    bitsandbytes 4-bit linears is marked as ``linear="nf4"`` would load it (its bitsandbytes quantizer kept for the
-    linears); a model of another quantizer keeps that quantizer."""
+    bitsandbytes 4-bit linears is marked as ``linear="nf4"`` would load it, its bitsandbytes quantizer kept for the
+    linears (``save_pretrained`` refuses it, saying why); a model of another quantizer keeps that quantizer."""
     from transformers import PreTrainedModel
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
@@ -530,7 +532,7 @@ def mark_quantized(model: torch.nn.Module, dtype: torch.dtype | None, double_qua
             experts_double_quant=double_quant,
         )
         quantizer = MoekitHfQuantizer(config)
-        quantizer.bnb = existing  # its linears as loaded: saving refuses with the reason, dequantize does both
+        quantizer.bnb, quantizer.adopted_bnb = existing, True  # its linears as loaded; dequantize does both
     elif existing is not None:
         return  # another quantizer's model: left as it is
     else:
