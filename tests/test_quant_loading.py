@@ -405,6 +405,15 @@ def test_whole_qlora_model_saves_and_loads_back(model_type, dtype, checkpoint, t
     input_ids = tm.sample_batch()
     with torch.no_grad():
         assert torch.equal(again(input_ids).logits, model(input_ids).logits)
+    again.save_pretrained(tmp_path / "again")  # and saved again: the same files
+    assert _saved(tmp_path / "again").keys() == _saved(tmp_path).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_saved(tmp_path / "again").values(), _saved(tmp_path).values()))
+
+
+def _saved(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return dict(sorted((k, v) for f in path.glob("*.safetensors") for k, v in load_file(f).items()))
 
 
 def test_save_refusals_and_bad_checkpoints(checkpoint, tmp_path):

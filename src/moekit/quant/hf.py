@@ -303,8 +303,9 @@ class MoekitDeserialize(ConversionOps):
 
 
 def _is_deserializer(conversion) -> bool:
+    """A converter that loads a quantizer's saved tensors (MoekitDeserialize; bitsandbytes' with linear="nf4")."""
     return isinstance(conversion, WeightConverter) and any(
-        isinstance(op, MoekitDeserialize) for op in conversion.operations
+        getattr(op, "hf_quantizer", None) is not None for op in conversion.operations
     )
 
 
@@ -456,7 +457,7 @@ class MoekitHfQuantizer(HfQuantizer):
                 device = self.target_device(f"{prefix}.{expert_weight_names(module)[0]}")
                 quantize_module(module, config.torch_compute_dtype, config.experts_double_quant, device)
         enable(model)
-        if getattr(model, "_weight_conversions", None):  # saving writes the NF4 parts as they are: nothing to revert
+        if getattr(model, "_weight_conversions", None):  # saving writes the quantized tensors as held: no reverting
             model._weight_conversions = [c for c in model._weight_conversions if not _is_deserializer(c)]
         if self.bnb is not None:
             self.bnb._process_model_after_weight_loading(model, **kwargs)
