@@ -452,9 +452,11 @@ class MoekitHfQuantizer(HfQuantizer):
         experts = {id(module) for module in experts_modules(model)}
         for prefix, module in model.named_modules():
             if id(module) in experts:
-                # weights the checkpoint lacked (initialised dense) or held dense under a moekit config (loaded dense
-                # where force_cpu put them): quantized onto their target device; the rest is NF4 already
-                device = self.target_device(f"{prefix}.{expert_weight_names(module)[0]}")
+                # weights the checkpoint lacked (initialised dense) or held dense under a moekit config (loaded dense,
+                # on the host where force_cpu put them): quantized onto the device map's device (without one, where
+                # they are); the rest is NF4 already
+                name = f"{prefix}.{expert_weight_names(module)[0]}"
+                device = self.target_device(name) if self.device_map else None
                 quantize_module(module, config.torch_compute_dtype, config.experts_double_quant, device)
         enable(model)
         if getattr(model, "_weight_conversions", None):  # saving writes the quantized tensors as held: no reverting
