@@ -176,6 +176,9 @@ quant)
         > "$out/loading.log" 2>&1
       echo "loading: exit $?" | tee -a "$out/card.txt"
       tail -14 "$out/loading.log"
+      timeout "${LOAD_TIMEOUT:-240}" python -m pytest -q -p no:cacheprovider tests/test_quant_loading.py \
+        -k "onto_its_device and cuda" > "$out/saved_nf4.log" 2>&1
+      echo "saved NF4 model loads onto CUDA: exit $? ($(tail -1 "$out/saved_nf4.log"))" | tee -a "$out/card.txt"
       ;;
     linear)  # needs bitsandbytes (carry its wheel: the device README's wheel recipe)
       timeout "${LINEAR_TIMEOUT:-120}" python -m pytest -q -p no:cacheprovider tests/test_quant_loading.py \
