@@ -3,7 +3,8 @@
 nf4.py      the format: quantize / dequantize, per-expert ranges, conversion to and from bitsandbytes
 tensor.py   ``NF4Tensor``: the frozen expert parameter (dense shape and dtype outside, NF4 codes inside)
 experts.py  ``quantize_experts(model, "nf4")``: every experts module in place
-hf.py       ``MoekitQuantConfig``: from_pretrained quantizes expert weights as they load
+hf.py       ``MoekitQuantConfig``: from_pretrained quantizes expert weights as they load; save_pretrained / from_pretrained
+            of the NF4 model itself
 """
 
 from .experts import quantize_experts
