@@ -108,6 +108,8 @@ def _dtype_name(value) -> str | None:
 
 class MoekitQuantConfig(QuantizationConfigMixin):
     """Quantize a dense checkpoint as ``from_pretrained`` loads it (``quantization_config=MoekitQuantConfig()``).
+    ``save_pretrained`` of the quantized model writes this config into config.json beside the NF4 tensors, so
+    ``from_pretrained`` of that directory loads them as saved (no argument needed).
 
     experts              "nf4": every expert weight to NF4 (bitsandbytes' numerics, blocks of 64, fp32 absmax),
                          run on moekit's engines.
