@@ -28,7 +28,10 @@ layouts the installed transformers offers:
 TRAINING ``full`` (every parameter trains), ``lora_attn`` (PEFT LoRA on q/v, the experts frozen: their backward
 still runs, for the input gradients), ``lora`` (PEFT LoRA on the experts' ``target_parameters`` and q/v: moekit
 applies this rank's experts' rows of PEFT's all-experts factors, ``moekit.lora``) or ``qlora`` (the same on NF4
-experts, quantized as they load: ``quantization_config=MoekitQuantConfig()``; each rank holds its experts' codes).
+experts, quantized as they load: ``quantization_config=MoekitQuantConfig()``; each rank holds its experts' codes) or
+``qlora_saved`` (the same from a checkpoint of NF4 experts that ``save_pretrained`` wrote: each rank reads its experts'
+codes and scales as saved; ``qlora_saved_dq``: with double-quantized scales, which cannot be cut along experts as they
+load, so the load is refused).
 ENGINE ``reference`` (default) or ``triton`` (the Triton kernels through TRITON_INTERPRET=1).
 
 PEFT's adapters, added after ``from_pretrained`` sharded the model, stay plain tensors, one copy per rank: their
@@ -273,6 +276,20 @@ def save_checkpoint(model_type: str, root: str) -> str:
     return path
 
 
+def save_nf4_checkpoint(model_type: str, root: str, double_quant: bool = False) -> str:
+    """``save_checkpoint``'s model loaded with NF4 experts and saved by rank 0: a checkpoint of NF4 experts."""
+    from transformers import AutoModelForCausalLM
+
+    dense = save_checkpoint(model_type, root)
+    path = os.path.join(root, f"checkpoint-{model_type}-nf4{'-dq' if double_quant else ''}")
+    if dist.get_rank() == 0 and not os.path.exists(os.path.join(path, "config.json")):
+        config = MoekitQuantConfig(experts_double_quant=double_quant)
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, quantization_config=config)
+        model.save_pretrained(path)
+    dist.barrier()
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ ep cases
 def run_ep_case(case: str, root: str) -> dict:
     from transformers import AutoModelForCausalLM
@@ -281,7 +298,12 @@ def run_ep_case(case: str, root: str) -> dict:
     model_type, layout, training, *rest = case.split(":")
     engine = rest[0] if rest else "reference"
     rank, world = dist.get_rank(), dist.get_world_size()
-    checkpoint = save_checkpoint(model_type, root)
+    saved_nf4 = training.startswith("qlora_saved")  # QLoRA from a checkpoint of NF4 experts (save_pretrained's)
+    if saved_nf4:
+        checkpoint = save_nf4_checkpoint(model_type, root, double_quant=training == "qlora_saved_dq")
+        training = "qlora"
+    else:
+        checkpoint = save_checkpoint(model_type, root)
     input_ids = tm.sample_batch(batch=GLOBAL_BATCH, seq=SEQ).to(device())
     if layout in DATA_PARALLEL:
         per_rank = GLOBAL_BATCH // world
@@ -302,7 +324,7 @@ def run_ep_case(case: str, root: str) -> dict:
             experts_implementation="moekit",
             attn_implementation="eager",
             dtype=torch.float32,
-            **({"quantization_config": MoekitQuantConfig()} if training == "qlora" else {}),
+            **({"quantization_config": MoekitQuantConfig()} if training == "qlora" and not saved_nf4 else {}),
         )
         nf4_shards = sum(  # expert weights held as this rank's experts in NF4
             isinstance(local_of(p), NF4Tensor) and local_of(p).shape[0] * world == p.shape[0]

@@ -36,8 +36,10 @@ How it hooks into transformers (the same in 5.17 and 5.25, which both load throu
   conversions leave alone (``serialized_key``: ``experts.down_proj`` -> ``experts.nf4_down_proj.packed``, ...), and
   config.json names this config. Loading such a checkpoint (``pre_quantized``) adds one converter a projection
   (``get_weight_conversions``) whose op (``MoekitDeserialize``) builds the ``NF4Tensor`` from its parts on the target
-  device: the codes and scales are read as saved, never dense. With ``linear="nf4"`` the bitsandbytes linears are
-  saved as bitsandbytes saves them, and its converters load them back.
+  device: the codes and scales are read as saved, never dense; the per-expert parts are 3-D [E, 1, n], so a load
+  that shards the weights along their experts (expert parallelism) cuts them the same way and each rank builds its
+  experts' NF4Tensor (not double-quantized scales: blocks over the whole weight). With ``linear="nf4"`` the
+  bitsandbytes linears are saved as bitsandbytes saves them, and its converters load them back.
 """
 
 from __future__ import annotations
@@ -290,17 +292,24 @@ class MoekitDeserialize(ConversionOps):
     ):
         module, leaf = get_module_from_name(model, full_layer_name)
         empty = getattr(module, leaf)
-        if hasattr(empty, "_local_tensor"):
-            raise NotImplementedError(
-                f"{full_layer_name}: a checkpoint of NF4 experts cannot be loaded sharded (tp_plan / expert "
-                "parallelism): load the dense checkpoint with quantization_config=MoekitQuantConfig() instead"
-            )
         device = self.hf_quantizer.target_device(full_layer_name)
         parts = {}
         for pattern, value in input_dict.items():
             parts[self.parts[pattern]] = (value[0] if isinstance(value, list) else value).to(device)
+        shape = empty.shape
+        if hasattr(empty, "_local_tensor"):  # sharded as it loads (expert parallelism, FSDP in from_pretrained)
+            # The loader cut each part as the weight's placements say: right along the experts (dim 0, the parts'
+            # rows) with fp32 scales; double-quantized scales are blocks over the whole weight.
+            along_experts = all(p.is_replicate() or getattr(p, "dim", None) == 0 for p in empty.placements)
+            if not along_experts or "absmax" not in parts:
+                raise NotImplementedError(
+                    f"{full_layer_name}: this checkpoint of NF4 experts cannot be loaded sharded as "
+                    f"{tuple(empty.placements)}: only whole experts a rank (dim 0) with fp32 scales (not "
+                    "double-quantized) can. Load the dense checkpoint with quantization_config=MoekitQuantConfig()"
+                )
+            shape = empty._local_tensor.shape
         dtype = self.hf_quantizer.quantization_config.torch_compute_dtype or empty.dtype
-        weight = NF4Tensor.deserialized(parts, empty.shape, dtype, full_layer_name)
+        weight = NF4Tensor.deserialized(parts, shape, dtype, full_layer_name)
         return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
 
 

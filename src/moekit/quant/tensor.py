@@ -69,6 +69,7 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 Scales = Tensor | DoubleQuant  # an NF4Tensor's scales as held: fp32 [E, P / 64], or double-quantized
 _DOUBLE_QUANT_NAMES = ("absmax_codes", "absmax_scales", "absmax_offset")  # its inner tensors, DoubleQuant's order
+_PER_EXPERT_PARTS = ("packed", "absmax", "absmax_codes")  # the inner tensors with a row per expert
 
 
 class NF4Tensor(Tensor):
@@ -185,22 +186,25 @@ class NF4Tensor(Tensor):
     # ------------------------------------------------------------------------------------ in a checkpoint
     def serialized(self) -> dict[str, Tensor]:
         """The tensors a checkpoint holds for this weight, by part: ``packed`` and the scales as held (``absmax``,
-        or ``absmax_codes``, ``absmax_scales`` and ``absmax_offset``). The dense shape and dtype are the model's."""
+        or ``absmax_codes``, ``absmax_scales`` and ``absmax_offset``). The per-expert parts are 3-D, [E, 1, n], like
+        the weight, so that a loader which shards the weight along its experts cuts them the same way. The dense
+        shape and dtype are the model's."""
         if self.is_transposed_view:
             raise ValueError("a transposed view of NF4 expert weights cannot be saved: save the weight itself")
-        return {name.lstrip("_"): getattr(self, name) for name in self.__tensor_flatten__()[0]}
+        parts = {name.lstrip("_"): getattr(self, name) for name in self.__tensor_flatten__()[0]}
+        return {part: t.unsqueeze(1) if part in _PER_EXPERT_PARTS else t for part, t in parts.items()}
 
     @classmethod
     def deserialized(cls, parts: dict[str, Tensor], shape, dtype: torch.dtype, name: str = "weight") -> NF4Tensor:
         """The weight of dense ``shape`` [E, a, b] and compute ``dtype`` from the tensors ``serialized`` gave; a
         missing, extra or misshapen part raises, naming ``name`` (its parameter) and what was expected."""
         num_experts, per_expert = shape[0], shape[1] * shape[2]
-        expected = {"packed": (torch.uint8, (num_experts, per_expert // 2))}
-        scales = (num_experts, per_expert // BLOCKSIZE)
+        expected = {"packed": (torch.uint8, (num_experts, 1, per_expert // 2))}
+        scales = (num_experts, 1, per_expert // BLOCKSIZE)
         if "absmax" in parts:
             expected["absmax"] = (torch.float32, scales)
         else:
-            blocks = -(-num_experts * scales[1] // ABSMAX_BLOCKSIZE)
+            blocks = -(-num_experts * scales[2] // ABSMAX_BLOCKSIZE)
             expected.update(absmax_codes=(torch.uint8, scales), absmax_scales=(torch.float32, (blocks,)),
                             absmax_offset=(torch.float32, (1,)))  # fmt: skip
         if set(parts) != set(expected):
@@ -215,6 +219,7 @@ class NF4Tensor(Tensor):
                     f"NF4 expert weights {name} of shape {tuple(shape)}: {part} is {tensor.dtype} "
                     f"{tuple(tensor.shape)} in the checkpoint, expected {part_dtype} {part_shape}"
                 )
+        parts = {part: t.squeeze(1) if part in _PER_EXPERT_PARTS else t for part, t in parts.items()}
         held = parts["absmax"] if "absmax" in parts else DoubleQuant(*(parts[n] for n in _DOUBLE_QUANT_NAMES))
         return cls(parts["packed"], held, shape, dtype)
 
