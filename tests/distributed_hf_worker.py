@@ -12,6 +12,8 @@ on a GPU machine one rank per GPU).
 experts_implementation="moekit")``. A case is MODEL_TYPE:LAYOUT:TRAINING[:ENGINE]; ``layouts()`` lists the
 layouts the installed transformers offers:
 
+- ``fsdp`` (the same transformers): ``DistributedConfig(fsdp_size=W)`` — no expert parallelism: FSDP2 shards every
+  weight, the experts' 1/W a rank (NF4 codes too), all-gathered for compute; 1/W of the global batch a rank.
 - ``ep_fsdp`` (transformers with the ``ep_size`` API, 5.24 here): ``DistributedConfig(ep_size=W, fsdp_size=W)``
   — each rank holds 1/W of the experts whole and 1/W of the global batch; tokens reach their experts through
   transformers' all-to-all (``AllToAllEP``); the dense modules are FSDP2-sharded.
@@ -100,6 +102,7 @@ def layouts(world: int) -> dict[str, dict]:
         # (the deprecated enable_expert_parallel=True, tp_size=2 of these versions resolves to tp_plan={}, which
         # 5.24 rejects: "`tp_size=2` was requested, but ... has no `tp_plan`")
         return {
+            "fsdp": {"fsdp_size": world},  # (no expert parallelism: FSDP2 shards the experts, gathered for compute)
             "ep_fsdp": {"ep_size": world, "fsdp_size": world},
             "ep_tp": {"ep_size": world, "tp_size": world},
             "ep_tp_allreduce": {"ep_size": world, "tp_size": world, "ep_implementation": "all_reduce"},
@@ -111,7 +114,7 @@ def layouts(world: int) -> dict[str, dict]:
 
 # Layouts whose ranks each take their own slice of the global batch (the others all run the whole batch), and those
 # that hand moekit the other ranks' routes as sentinels.
-DATA_PARALLEL = {"ep_fsdp"}
+DATA_PARALLEL = {"fsdp", "ep_fsdp"}
 MASKED = {"ep_tp_allreduce", "ep_legacy"}
 
 

@@ -88,6 +88,7 @@ if "ep_fsdp" in LAYOUTS:
         + ([] if ON_GPU else ["qwen3_moe:ep_fsdp:full:triton"])
     )
     REFUSED_CASES = ["qwen3_moe:ep_fsdp:qlora_saved_dq"]
+    FSDP_CASES = [f"qwen3_moe:fsdp:{training}{ENGINE}" for training in ("qlora", "qlora_saved")]
 elif "ep_legacy" in LAYOUTS:
     CASES = (
         [f"{model_type}:ep_legacy:full{ENGINE}" for model_type in EXPERT_WEIGHTS]
@@ -99,9 +100,9 @@ elif "ep_legacy" in LAYOUTS:
         ]
         + ([] if ON_GPU else ["qwen3_moe:ep_legacy:full:triton"])
     )
-    REFUSED_CASES = ["qwen3_moe:ep_legacy:qlora_saved_dq"]
+    REFUSED_CASES, FSDP_CASES = ["qwen3_moe:ep_legacy:qlora_saved_dq"], []
 else:
-    CASES, REFUSED_CASES = [], []
+    CASES, REFUSED_CASES, FSDP_CASES = [], [], []
 
 
 def has_ep_plan(case: str) -> bool:
@@ -134,7 +135,7 @@ def ep_results(tmp_path_factory) -> dict[str, dict]:
     if not CASES:
         pytest.skip("this transformers has no expert parallelism in transformers.distributed.DistributedConfig")
     out = tmp_path_factory.mktemp("distributed_hf") / "ep.json"
-    torchrun("ep", str(out), *CASES, *REFUSED_CASES)
+    torchrun("ep", str(out), *CASES, *REFUSED_CASES, *FSDP_CASES)
     return {record["case"]: record for record in json.loads(out.read_text())}
 
 
@@ -180,6 +181,19 @@ def check_case(record: dict) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_expert_parallel_matches_one_process(ep_results, case):
     check_case(ep_results[case])
+
+
+@pytest.mark.parametrize("case", FSDP_CASES)
+def test_fsdp_at_load_qlora_matches_one_process(ep_results, case):
+    """``DistributedConfig(fsdp_size=W)``, NF4 experts quantized as they load or read from a saved checkpoint: each
+    rank holds its share of the experts' codes, FSDP2 gathers them for compute, and the data-parallel LoRA step equals
+    one process's on the whole batch."""
+    record = ep_results[case]
+    assert "error" not in record, record.get("traceback", record.get("error"))
+    assert record["missing_grads"] == [] and record["unexpected_grads"] == [] and record["grads"] > 0, record
+    assert max(record["loss_err"], record["dense_grad_err"]) <= TOL, record
+    assert record["nf4_expert_shards"] == WORLD * EXPERT_WEIGHTS["qwen3_moe"], record
+    assert record["engine_experts"] == [tm.NUM_EXPERTS] and record["routed_rows"] == record["pairs"], record
 
 
 @pytest.mark.parametrize("case", REFUSED_CASES)
