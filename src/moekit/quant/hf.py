@@ -283,8 +283,10 @@ class MoekitDeserialize(ConversionOps):
         self.hf_quantizer = hf_quantizer
         self.parts = parts  # source pattern -> part
 
-    def __deepcopy__(self, memo):  # the loader copies each converter: the op holds no state, and the quantizer (and
-        return self  # the model it keeps) must not be copied
+    def __deepcopy__(self, memo):
+        # The loader deep-copies each converter. The op holds no state of its own, and its quantizer (with the
+        # model it keeps while loading) must not be copied.
+        return self
 
     @torch.no_grad()
     def convert(
@@ -313,7 +315,7 @@ class MoekitDeserialize(ConversionOps):
         return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
 
 
-def _is_deserializer(conversion) -> bool:
+def _loads_saved_tensors(conversion) -> bool:
     """A converter that loads a quantizer's saved tensors (MoekitDeserialize; bitsandbytes' with linear="nf4")."""
     return isinstance(conversion, WeightConverter) and any(
         getattr(op, "hf_quantizer", None) is not None for op in conversion.operations
@@ -471,7 +473,7 @@ class MoekitHfQuantizer(HfQuantizer):
                 quantize_module(module, config.torch_compute_dtype, config.experts_double_quant, device)
         enable(model)
         if getattr(model, "_weight_conversions", None):  # saving writes the quantized tensors as held: no reverting
-            model._weight_conversions = [c for c in model._weight_conversions if not _is_deserializer(c)]
+            model._weight_conversions = [c for c in model._weight_conversions if not _loads_saved_tensors(c)]
         if self.bnb is not None:
             self.bnb._process_model_after_weight_loading(model, **kwargs)
         self.model = None
