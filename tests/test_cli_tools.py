@@ -512,6 +512,34 @@ def test_check_saved_nf4_model_and_adapter(tmp_path, capsys):
     assert out.strip().splitlines()[-1] == "OK: 2 MoE layers match and the adapters are live."
 
 
+def test_quantize_writes_a_checkpoint_of_nf4_experts(tmp_path, capsys):
+    """``moekit quantize SOURCE OUT``: OUT loads with NF4 experts (the codes the source quantizes to), beside the
+    source's other files; a source without config.json and a non-empty OUT are one-line errors naming them."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.quant import NF4Tensor
+
+    source, out = tmp_path / "dense", tmp_path / "nf4"
+    dense = build("qwen3_moe", dtype=torch.bfloat16)
+    dense.save_pretrained(source)
+    (source / "tokenizer_config.json").write_text("{}")
+    assert main(["quantize", str(source), str(out), "--quant", "nf4-dq", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("moekit quantize: 4 expert weights") and "copied tokenizer_config.json" in line
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    weights = {n: p for n, p in loaded.named_parameters() if isinstance(p, NF4Tensor)}
+    assert len(weights) == 4 and all(p.double_quantized and p.dtype == torch.bfloat16 for p in weights.values())
+    for name, weight in weights.items():
+        want = NF4Tensor.quantize(dense.get_parameter(name).detach(), double_quant=True)
+        assert torch.equal(weight.packed, want.packed) and torch.equal(weight.absmax, want.absmax), name
+
+    assert main(["quantize", str(source), str(out)]) == 2
+    assert "OUT" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
+    assert "SOURCE" in capsys.readouterr().err
+
+
 def test_check_nf4_catches_a_wrong_engine(monkeypatch, capsys):
     _wrong_on_nf4(monkeypatch)
     assert main(["check", "--tiny", "olmoe", "--quant", "nf4", "--tokens", "16"]) == 1

@@ -152,7 +152,7 @@ def test_lora_targets_follow_has_gate():
         (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required: COMMAND"),
-        ([], "COMMAND (choose from demo, bench, check)"),
+        ([], "COMMAND (choose from demo, bench, check, quantize)"),
     ],
 )
 def test_usage_errors(capsys, argv, message):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from .. import __version__, options
 
 # Module (relative to this package) of each subcommand, in the order `moekit --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = (".demo", ".bench", ".check")
+COMMAND_MODULES: tuple[str, ...] = (".demo", ".bench", ".check", ".quantize")
 
 # The width of a console that is not a terminal: wider than any table the commands print, so a table prints at its
 # natural width and a message stays on one line (rich cuts both to 80 columns by default).
