@@ -57,9 +57,10 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..enable import enable, experts_modules, is_experts_module
+from ..lora import DOWN_PARAMS, UP_PARAMS
 from .experts import METHODS, expert_weight_names, quantize_module
 from .nf4 import ABSMAX_BLOCKSIZE, BLOCKSIZE
-from .tensor import NF4Tensor
+from .tensor import SERIALIZED_PARTS, NF4Tensor
 
 QUANT_METHOD = "moekit"
 LINEAR_METHODS = (None, "nf4")
@@ -77,7 +78,6 @@ NOT_SERIALIZABLE = (
 # A checkpoint holds an NF4 expert weight `...experts.down_proj` as the tensors `...experts.nf4_down_proj.<part>`
 # (NF4Tensor.serialized: packed, and absmax or its double-quantized parts), names the model's own conversions (which
 # merge or split `experts.down_proj`) do not match, so they pass through saving and loading untouched.
-SERIALIZED_PARTS = ("packed", "absmax", "absmax_codes", "absmax_scales", "absmax_offset")
 
 
 def serialized_key(name: str, part: str) -> str:
@@ -435,7 +435,7 @@ class MoekitHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return []
         conversions = self.bnb.get_weight_conversions() if self.bnb is not None else []
-        for leaf in ("gate_up_proj", "up_proj", "down_proj"):
+        for leaf in (*UP_PARAMS, *DOWN_PARAMS):
             parts = {rf"{re.escape(serialized_key(leaf, part))}$": part for part in SERIALIZED_PARTS}
             conversions.append(WeightConverter(list(parts), leaf, [MoekitDeserialize(self, parts)]))
         return conversions

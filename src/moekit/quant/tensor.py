@@ -69,6 +69,7 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 Scales = Tensor | DoubleQuant  # an NF4Tensor's scales as held: fp32 [E, P / 64], or double-quantized
 _DOUBLE_QUANT_NAMES = ("absmax_codes", "absmax_scales", "absmax_offset")  # its inner tensors, DoubleQuant's order
+SERIALIZED_PARTS = ("packed", "absmax", *_DOUBLE_QUANT_NAMES)  # what ``serialized`` may give, by part
 _PER_EXPERT_PARTS = ("packed", "absmax", "absmax_codes")  # the inner tensors with a row per expert
 
 
