@@ -10,7 +10,7 @@ registers makes every MMA wait for its tile's stores (BENCHMARKS.md, "NF4 expert
     wait for tile k's A rows and code bytes (cp.async, STAGES - 1 tiles ahead)
     dequantize tile k into B buffer k % 2 (codebook shuffle, block scale, round)  <- MMA k - 1 runs meanwhile
     wait for MMA k - 1 in every warpgroup; start the copies of tile k + STAGES - 1 into the stage it freed
-    start MMA k on A stage k % STAGES and B buffer k % 2
+    start MMA k on A stage k % STAGES and B buffer k % 2 (pairs along N: before those copies)
 
 Steps of BLOCK_K = 64 (K a multiple of 64, so every block of 64 scales one step of a column or one row of 64
 columns). LoRA: after the main loop each rank chunk of u [BLOCK_M, BLOCK_R] and L [BLOCK_R, BLOCK_N] is rounded
@@ -359,8 +359,12 @@ def _grouped_nf4_kernel(
         scales = _tile_scales(scale_ptrs, k + 1, num_k, COLUMN_PAIRS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
         _cta_barrier()  # and every warpgroup's: its A stage and B buffer may be overwritten
-        _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 1, num_k, code_step, STAGES, BK)
-        acc = _mma(a_smem.index(k % STAGES), w_smem.index(k % 2), acc, COLUMN_PAIRS, True)
+        if COLUMN_PAIRS:  # MMA k before the copies: faster for pairs along N, slower for pairs along K (BENCHMARKS.md)
+            acc = _mma(a_smem.index(k % STAGES), w_smem.index(k % 2), acc, COLUMN_PAIRS, True)
+            _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 1, num_k, code_step, STAGES, BK)
+        else:
+            _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 1, num_k, code_step, STAGES, BK)
+            acc = _mma(a_smem.index(k % STAGES), w_smem.index(k % 2), acc, COLUMN_PAIRS, True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
