@@ -1,7 +1,8 @@
 """NaN and Inf reach exactly what they reach in transformers' eager experts, on both engines, forward and backward.
 
 A diverging run must stay visibly diverged, and a non-finite value must not spread where eager keeps it out
-(other tokens, other experts, sentinel slots). Compared with eager: the NaN / +Inf / -Inf / finite pattern of the
+(other tokens, other experts, sentinel slots) — on NF4 expert weights too (QLoRA: eager on their dequantized
+values; NaN and Inf in the activations, routing weights and LoRA factors, since NF4 weights are finite). Compared with eager: the NaN / +Inf / -Inf / finite pattern of the
 layer output and of every gradient (dX, routing weights, expert weights and biases, LoRA factors), and the finite
 values (max|a - b| / max|b| <= 1e-5 in fp32).
 
@@ -38,6 +39,7 @@ from moekit.engines.triton import experts_triton
 from moekit.layout import ExpertsLayout
 from moekit.options import OPTIONS
 from moekit.plan import build_plan
+from moekit.quant import NF4Tensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAN, INF = float("nan"), float("inf")
@@ -212,13 +214,18 @@ def _loose(scenario: str, lora: bool) -> set[str] | None:
 
 
 def run(fn, case):
-    """Output and every gradient, by the engine ``fn`` or by ``eager``."""
+    """Output and every gradient, by the engine ``fn`` or by ``eager``. A case on NF4 weights (``on_nf4``) gives
+    the engines its expert weights as frozen NF4Tensors and eager their dense values (no weight gradients)."""
+    frozen = ("up", "down") if case.get("nf4") else ()
     leaves = {
-        key: None if t is None else t.detach().to(DEVICE, case["dtype"], copy=True).requires_grad_(True)
+        key: None if t is None else t.detach().to(DEVICE, case["dtype"], copy=True).requires_grad_(key not in frozen)
         for key, t in case["tensors"].items()
     }
     index = case["index"].to(DEVICE)
     base = [leaves[key] for key in TENSORS]
+    if frozen and fn is not eager:
+        for key in frozen:
+            base[TENSORS.index(key)] = NF4Tensor.quantize(case["tensors"][key], case["dtype"], DEVICE)
     lora = {}
     if "up_a" in leaves:
         lora = {"up_lora": (leaves["up_a"], leaves["up_b"]), "down_lora": (leaves["down_a"], leaves["down_b"])}
@@ -228,8 +235,17 @@ def run(fn, case):
         out = call_engine(fn, case["layout"], build_plan(index, base[2].shape[0]), *base, **lora)
     out.backward(case["grad_out"].to(DEVICE, out.dtype))
     results = {"out": out.detach()}
-    results.update({key: t.grad for key, t in leaves.items() if t is not None})
+    results.update({key: t.grad for key, t in leaves.items() if t is not None and key not in frozen})
     return results
+
+
+def on_nf4(case):
+    """``case`` on NF4 expert weights (QLoRA: frozen, quantized as moekit.quantize_experts does): its weights
+    replaced by their NF4 values, which ``run`` quantizes again for the engines (the same codes and scales: every
+    value is a codebook entry times its block's absmax, the block's largest magnitude)."""
+    for key in ("up", "down"):
+        case["tensors"][key] = NF4Tensor.quantize(case["tensors"][key]).dequantize()
+    return {**case, "nf4": True}
 
 
 def _classes(t: torch.Tensor) -> torch.Tensor:
@@ -264,11 +280,12 @@ def assert_nonfinite_like(ours: dict, theirs: dict, tol=TOL, loose: set[str] | N
             assert err <= tol, f"{what} {key}: finite values rel. err {err:.3g} > {tol}"
 
 
-def check(fn, name, scenarios, lora=False, dtype=torch.float32, tol=TOL):
+def check(fn, name, scenarios, lora=False, dtype=torch.float32, tol=TOL, nf4=False):
     """Every scenario on layout ``name``: engine ``fn`` against eager, in fp32 on the same inputs (fp32 eager
-    for a 16-bit dtype, whose finite values are then held to ``tol``)."""
+    for a 16-bit dtype, whose finite values are then held to ``tol``); ``nf4``: on NF4 expert weights."""
     for scenario, apply in scenarios.items():
         case = make_case(name, lora=lora, seed=_seed(name, scenario), dtype=dtype)
+        case = on_nf4(case) if nf4 else case
         apply(case)
         theirs = run(eager, {**case, "dtype": torch.float32})
         ours = {key: t.float() for key, t in run(fn, case).items()}
@@ -290,6 +307,23 @@ def test_reference_lora_like_eager(name):
 
 def test_reference_bf16_keeps_nan():
     check(experts_reference, "relu2", {"nan_token": _nan_token}, dtype=torch.bfloat16, tol=3e-2)
+
+
+# NF4 expert weights are finite (quantizing a non-finite weight is refused): what remains are the activations,
+# routing weights, sentinels and the LoRA factors trained on top
+NF4_SCENARIOS = {
+    key: LORA_SCENARIOS[key]
+    for key in ("finite", "nan_token", "inf_token", "neg_inf_token", "nan_routing_weight", "sentinels_next_to_nan",
+                "nan_lora_factor")
+}  # fmt: skip
+NF4_LAYOUTS = ("relu2", "silu_glu", "clamped_glu")
+
+
+@pytest.mark.parametrize("name", NF4_LAYOUTS)
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "qlora"])
+def test_reference_nf4_like_eager(name, lora):
+    scenarios = NF4_SCENARIOS if lora else {k: v for k, v in NF4_SCENARIOS.items() if k != "nan_lora_factor"}
+    check(experts_reference, name, scenarios, lora=lora, nf4=True)
 
 
 def test_issue_repro_sentinel_does_not_read_a_nan_row():
@@ -354,6 +388,16 @@ def test_triton_lora_like_eager(monkeypatch, name, lora_gemm):
     """LoRA fused into the GEMMs, or split (base product on grouped_mm where it runs, LoRA added in place)."""
     monkeypatch.setattr(OPTIONS, "lora_gemm", lora_gemm)
     check(experts_triton, name, _LORA_SCENARIOS, lora=True)
+
+
+@pytest.mark.parametrize("name", NF4_LAYOUTS)
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "qlora"])
+@pytest.mark.triton
+@needs_triton
+def test_triton_nf4_like_eager(name, lora):
+    """The NF4 kernels (dequantizing in the operand loads), LoRA fused."""
+    scenarios = NF4_SCENARIOS if lora else {k: v for k, v in NF4_SCENARIOS.items() if k != "nan_lora_factor"}
+    check(experts_triton, name, scenarios, lora=lora, nf4=True)
 
 
 @pytest.mark.triton
