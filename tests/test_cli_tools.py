@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
+import sys
 
 import pytest
 import torch
@@ -213,6 +215,23 @@ def test_nf4_operand_bench_checks_every_kernel(capsys):
     register_a = [config for config in tool.CHECK_CONFIGS if config[0].startswith("register A")]
     rows = tool.run([(64, 64, 128)], register_a, "cpu", torch.float16)
     assert rows and not any(row["ok"] for row in rows)
+
+
+def test_nf4_kernel_ab_loads_a_variant_and_needs_hopper(tmp_path, monkeypatch):
+    """tools/nf4_kernel_ab.py: a copy of nf4_hopper.py loads as a module of moekit.kernels (its relative imports
+    resolved, its kernels gluon's), and without a Hopper GPU the tool says so instead of failing in a launch."""
+    import moekit.kernels.nf4_hopper as engine_kernels
+
+    tool = _tool("nf4_kernel_ab")
+    copy = tmp_path / "variant.py"
+    copy.write_text(pathlib.Path(engine_kernels.__file__).read_text().replace("STAGES = 3", "STAGES = 4"))
+    variant = tool.load_variant(copy)
+    assert variant.__name__ == "moekit.kernels._ab_variant" and variant.STAGES == 4 and engine_kernels.STAGES == 3
+    assert type(variant._register_nf4_kernel) is type(engine_kernels._register_nf4_kernel)
+    monkeypatch.setattr(sys, "argv", ["nf4_kernel_ab.py", str(copy)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="sm_90 GPU"):
+        tool.main()
 
 
 def test_ab_bench_summary_and_variant_check(tmp_path):
