@@ -8,9 +8,11 @@ nf4_hopper.py > old.py`` for older code: the device copies the working tree, not
 beside the engine's (its relative imports resolve to this checkout's kernels) and launched through its own
 ``grouped_gemm_nf4`` at the engine's row-tile plans, on tools/nf4_row_tile_bench.py's GEMMs (random top-k routing;
 the forward's read with byte pairs along K, dX's with pairs along N). Per GEMM: the engine's µs, each variant's µs
-and ratio (median of ``--rounds`` runs, variants alternated so that drift spreads over all), and whether its output
-has the engine's bits (a reordering must; a change of the summation may not, and then its max relative difference
-shows instead); last, each variant's geometric mean of the ratios. What BENCHMARKS.md's loop-order A/B used.
+and ratio (median of ``--rounds`` runs), and whether its output has the engine's bits (a reordering must; a change
+of the summation may not, and then its max relative difference shows instead); last, each variant's geometric
+mean of the ratios. A kernel timed later in a round reads slower (the card warms: 1-4 % on an H200), so each round
+starts one kernel later than the one before, and a ``control`` (the engine's own file, loaded as a variant) shows
+what a change that does nothing reads. Grew out of BENCHMARKS.md's loop-order A/B.
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ def load_variant(path: pathlib.Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+", type=pathlib.Path, help="copies of nf4_hopper.py with a change")
-    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each kernel, alternated (median)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed runs of each kernel, rotated (median)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("nf4_kernel_ab: the gluon kernels run on an sm_90 GPU (Hopper) only")
-    kernels = {"engine": nf4_hopper} | {path.stem: load_variant(path) for path in args.variants}
+    control = pathlib.Path(nf4_hopper.__file__)
+    kernels = {"engine": nf4_hopper, "control": load_variant(control)}
+    kernels |= {path.stem: load_variant(path) for path in args.variants}
     table = code_table(torch.device("cuda"))
     ratios = {name: [] for name in kernels if name != "engine"}
     for label, gemm, plan, view, mode, rows in grouped_gemms(CASES):
@@ -65,9 +69,11 @@ def main() -> None:
                                                plan.num_rows, out, mode, table)  # fmt: skip
             outs[name] = launches[name]().clone()  # compiles
         times = {name: [] for name in kernels}
-        for _ in range(args.rounds):
-            for name, launch in launches.items():
-                times[name].append(triton.testing.do_bench(launch, warmup=5, rep=40) * 1e3)
+        names = list(kernels)
+        for round_ in range(args.rounds):
+            start = round_ % len(names)
+            for name in names[start:] + names[:start]:
+                times[name].append(triton.testing.do_bench(launches[name], warmup=5, rep=40) * 1e3)
         base = statistics.median(times["engine"])
         line = f"{label:12s} {gemm:28s} engine {base:8.1f} us"
         routed = slice(0, int(plan.offsets[-1]))  # rows past the routed ones are never written
