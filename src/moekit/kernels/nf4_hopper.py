@@ -359,7 +359,7 @@ def _grouped_nf4_kernel(
         scales = _tile_scales(scale_ptrs, k + 1, num_k, COLUMN_PAIRS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))  # this warpgroup's MMA k - 1 is done
         _cta_barrier()  # and every warpgroup's: its A stage and B buffer may be overwritten
-        if COLUMN_PAIRS:  # MMA k before the copies: faster for pairs along N, slower for pairs along K (BENCHMARKS.md)
+        if COLUMN_PAIRS:  # MMA k before the copies: measured faster for pairs along N only (BENCHMARKS.md)
             acc = _mma(a_smem.index(k % STAGES), w_smem.index(k % 2), acc, COLUMN_PAIRS, True)
             _copy_tile(a_smem, code_smem, a_ptrs, code_ptrs, code_in, k + STAGES - 1, num_k, code_step, STAGES, BK)
         else:
